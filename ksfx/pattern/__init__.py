@@ -11,3 +11,7 @@ __all__ = [
     "as_digit_perm", "compose", "evaluate", "fuse", "fuse_values", "permutation_matrix",
     "simplify", "step_shape", "to_code",
 ]
+
+from ksfx.pattern.plan import FactorStep, PermStep, split_chain  # noqa: E402
+
+__all__ += ["FactorStep", "PermStep", "split_chain"]

@@ -1,0 +1,14 @@
+"""ksfx: a torch.compile backend that runs Kronecker-sparse chains as fused Triton kernels.
+
+Layers, each importing only those before it: ``pattern`` (symbolic descriptors) →
+``codegen`` (Triton kernel generation) → ``ops`` (the torch op) → ``passes`` (FX
+detection and rewrite) → ``backend`` (torch.compile glue).
+"""
+
+from ksfx.nn import KSLinear
+from ksfx.ops import ks_matmul, stats
+from ksfx.pattern import Chain, DigitPerm, IndexPerm, KSPattern
+
+__version__ = "0.1.0"
+
+__all__ = ["Chain", "DigitPerm", "IndexPerm", "KSLinear", "KSPattern", "ks_matmul", "stats"]

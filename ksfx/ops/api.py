@@ -1,0 +1,66 @@
+"""``ks_matmul``: the user-facing functional form of the KS chain op."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from ksfx.ops.chain_op import validate
+from ksfx.pattern import Chain, KSPattern
+
+
+def chain_of(factors: Sequence[torch.Tensor]) -> Chain:
+    """The chain of factors given by their value tensors, checking that widths match."""
+    if isinstance(factors, torch.Tensor) or len(factors) == 0:
+        raise TypeError("factors must be a non-empty list of value tensors of shapes (a, b, c, d)")
+    patterns = []
+    for k, values in enumerate(factors):
+        if not isinstance(values, torch.Tensor):
+            raise TypeError(f"factor {k} must be a torch.Tensor of shape (a, b, c, d), got {type(values).__name__}")
+        if values.ndim != 4:
+            raise ValueError(f"factor {k} must have 4 dims (a, b, c, d), got shape {tuple(values.shape)}")
+        patterns.append(KSPattern(*(int(s) for s in values.shape)))
+    for k in range(len(patterns) - 1):
+        left, right = patterns[k], patterns[k + 1]
+        if left.in_features != right.out_features:
+            raise ValueError(
+                f"factors {k} and {k + 1} do not chain: factor {k} {left} takes a*c*d = {left.in_features} "
+                f"features but factor {k + 1} {right} produces a*b*d = {right.out_features}"
+            )
+    return Chain(tuple(patterns))
+
+
+def ks_matmul(
+    x: torch.Tensor,
+    factors: Sequence[torch.Tensor],
+    *,
+    batch_last: bool = False,
+    bias: torch.Tensor | None = None,
+    chain: Chain | None = None,
+) -> torch.Tensor:
+    """Multiply by ``W = K_1 @ … @ K_L`` (``factors[0]`` is ``K_1``, leftmost first).
+
+    Batch-first (default): ``y = x @ W.T`` over the last dimension of ``x`` (any leading
+    shape). Batch-last: ``y = W @ x`` for ``x`` of shape ``(in_features, n)``.
+    ``chain`` may describe permutations between the factors; by default it is the plain
+    product of the factors. Differentiable in ``x``, every factor and ``bias``.
+    """
+    factors = list(factors)
+    chain = chain_of(factors) if chain is None else chain
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if batch_last:
+        if x.ndim != 2:
+            raise ValueError(f"batch-last input must have shape (in_features={chain.in_features}, n), got {tuple(x.shape)}")
+        x2d = x
+    else:
+        if x.ndim < 1 or x.shape[-1] != chain.in_features:
+            raise ValueError(
+                f"input of shape {tuple(x.shape)} has {x.shape[-1] if x.ndim else 'no'} features; "
+                f"the chain {chain} takes {chain.in_features} (batch-first: last dimension)"
+            )
+        x2d = x.reshape(-1, chain.in_features)
+    validate(x2d, factors, chain, batch_last, bias)
+    y = torch.ops.ksfx.ks_chain(x2d, factors, chain.to_spec(), batch_last, bias)
+    return y if batch_last else y.reshape(*x.shape[:-1], chain.out_features)

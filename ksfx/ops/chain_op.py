@@ -1,0 +1,150 @@
+"""The ``ksfx::ks_chain`` torch op: runtime dispatch, fake kernel and autograd.
+
+Registered with ``torch.library.custom_op`` so compiled graphs keep it as one opaque
+call (Inductor compiles everything around it), its fake kernel propagates symbolic
+batch sizes, and ``register_autograd`` gives it a backward made of the same kernels.
+
+Dispatch per call: CUDA tensors run the generated Triton kernels; CPU tensors run the
+plain-torch path, or the Triton kernels through the interpreter when
+``TRITON_INTERPRET=1`` (that is how CI tests the kernels).
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+import torch
+
+from ksfx.config import config
+from ksfx.ops import stats, torch_path
+from ksfx.pattern import Chain, FactorStep, PermStep, split_chain
+
+TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+# ----------------------------------------------------------------------------- validation
+def validate(x: torch.Tensor, factors: list[torch.Tensor], chain: Chain, batch_last: bool, bias) -> None:
+    """Check sizes and dtypes; every message names the factor and the expected sizes."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.ndim != 2:
+        raise ValueError(f"the ks_chain op takes a 2-D input, got shape {tuple(x.shape)}")
+    features = x.shape[0] if batch_last else x.shape[1]
+    layout = "batch-last (in_features, n)" if batch_last else "batch-first (n, in_features)"
+    if features != chain.in_features:
+        raise ValueError(f"input has {features} features but the chain {chain} takes {chain.in_features} ({layout})")
+    patterns = chain.patterns
+    if len(factors) != len(patterns):
+        raise ValueError(f"chain {chain} has {len(patterns)} factors but {len(factors)} value tensors were given")
+    for k, (pattern, values) in enumerate(zip(patterns, factors, strict=True)):
+        pattern.check_values(values, name=f"factor {k}")
+        if values.dtype != x.dtype:
+            raise TypeError(f"factor {k} {pattern} has dtype {values.dtype} but the input has dtype {x.dtype}")
+        if values.device != x.device:
+            raise ValueError(f"factor {k} {pattern} is on {values.device} but the input is on {x.device}")
+    if bias is not None and (tuple(bias.shape) != (chain.out_features,) or bias.dtype != x.dtype):
+        raise ValueError(
+            f"bias must have shape ({chain.out_features},) and dtype {x.dtype}, "
+            f"got {tuple(bias.shape)} and {bias.dtype}"
+        )
+
+
+# ----------------------------------------------------------------------------- dispatch
+def implementation(x: torch.Tensor) -> tuple[str, ModuleType]:
+    """Name and module (``torch_path`` or ``triton_path``) that runs on ``x``."""
+    if x.dtype in TRITON_DTYPES and (x.is_cuda or (config.interpret and x.device.type == "cpu")):
+        from ksfx.ops import triton_path
+
+        return ("triton" if x.is_cuda else "triton-interpret"), triton_path
+    return ("cpu" if x.device.type == "cpu" else f"torch-{x.device.type}"), torch_path
+
+
+def run_forward(x, factors, chain: Chain, batch_last: bool, bias=None) -> torch.Tensor:
+    name, impl = implementation(x)
+    plan = split_chain(chain)
+    if isinstance(plan, PermStep):
+        stats.record(f"{name}.perm")
+        y = impl.apply_perm(x, plan.perm, batch_last)
+        if bias is not None:
+            return y + (bias[:, None] if batch_last else bias)
+        return y.clone()  # op outputs must never alias the input
+    values = list(reversed(factors))  # plan runs in application order
+    for k, step in enumerate(plan):
+        last = k == len(plan) - 1
+        stats.record(f"{name}.forward")
+        x = impl.factor_forward(x, values[k], step, batch_last, bias if last else None)
+    return x
+
+
+def run_backward(grad, x, factors, chain: Chain, batch_last: bool, need_x: bool):
+    """``(dx, [dvalues...])`` with factor gradients in chain order (leftmost first)."""
+    name, impl = implementation(grad)
+    plan = split_chain(chain)
+    if isinstance(plan, PermStep):
+        stats.record(f"{name}.perm")
+        return impl.apply_perm(grad, plan.perm.inverse(), batch_last), []
+    values = list(reversed(factors))
+    inputs = [x]
+    for k, step in enumerate(plan[:-1]):  # recompute the intermediates instead of saving them
+        stats.record(f"{name}.forward")
+        inputs.append(impl.factor_forward(inputs[-1], values[k], step, batch_last, None))
+    grads = [None] * len(plan)
+    for k in reversed(range(len(plan))):
+        step: FactorStep = plan[k]
+        stats.record(f"{name}.grad_values")
+        grads[k] = impl.factor_grad_values(grad, inputs[k], step, batch_last)
+        if k > 0 or need_x:
+            stats.record(f"{name}.forward")
+            grad = impl.factor_forward(grad, values[k].permute(0, 2, 1, 3), step.transpose(), batch_last, None)
+    dx = grad if need_x else grad.new_empty(0)
+    return dx, list(reversed(grads))
+
+
+# ----------------------------------------------------------------------------- the ops
+@torch.library.custom_op("ksfx::ks_chain", mutates_args=())
+def ks_chain(x: torch.Tensor, factors: list[torch.Tensor], spec: str, batch_last: bool, bias: torch.Tensor | None) -> torch.Tensor:
+    """``y = x @ W.T`` (batch-first) or ``y = W @ x`` (batch-last), ``W`` given by ``spec``."""
+    chain = Chain.from_spec(spec)
+    validate(x, factors, chain, batch_last, bias)
+    return run_forward(x, factors, chain, batch_last, bias)
+
+
+@ks_chain.register_fake
+def _(x, factors, spec, batch_last, bias):
+    chain = Chain.from_spec(spec)
+    validate(x, factors, chain, batch_last, bias)
+    n = x.shape[1] if batch_last else x.shape[0]
+    shape = (chain.out_features, n) if batch_last else (n, chain.out_features)
+    return x.new_empty(shape)
+
+
+@torch.library.custom_op("ksfx::ks_chain_backward", mutates_args=())
+def ks_chain_backward(
+    grad: torch.Tensor, x: torch.Tensor, factors: list[torch.Tensor], spec: str, batch_last: bool, need_x: bool
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    return run_backward(grad.contiguous(), x, factors, Chain.from_spec(spec), batch_last, need_x)
+
+
+@ks_chain_backward.register_fake
+def _(grad, x, factors, spec, batch_last, need_x):
+    dx = x.new_empty(x.shape) if need_x else x.new_empty(0)
+    return dx, [f.new_empty(f.shape) for f in factors]
+
+
+def _setup_context(ctx, inputs, output):
+    x, factors, spec, batch_last, bias = inputs
+    ctx.save_for_backward(x, *factors)
+    ctx.spec, ctx.batch_last, ctx.has_bias = spec, batch_last, bias is not None
+
+
+def _backward(ctx, grad):
+    x, *factors = ctx.saved_tensors
+    need_x = ctx.needs_input_grad[0]
+    dx, dfactors = torch.ops.ksfx.ks_chain_backward(grad, x, factors, ctx.spec, ctx.batch_last, need_x)
+    dbias = None
+    if ctx.has_bias and ctx.needs_input_grad[4]:
+        dbias = grad.sum(dim=1 if ctx.batch_last else 0)
+    return (dx if need_x else None), list(dfactors), None, None, dbias
+
+
+ks_chain.register_autograd(_backward, setup_context=_setup_context)

@@ -1,0 +1,27 @@
+"""Launch counters, so users and tests can see which implementation actually ran."""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+
+_lock = threading.Lock()
+_counts: Counter[str] = Counter()
+
+
+def record(name: str, launches: int = 1) -> None:
+    with _lock:
+        _counts[name] += launches
+
+
+def stats(reset: bool = False) -> dict[str, int]:
+    """Launches per implementation since the last reset (e.g. ``{"triton.forward": 2}``).
+
+    Names contain ``triton`` for generated kernels (``triton-interpret`` under the
+    interpreter) and ``cpu`` for the CPU path. ``reset=True`` clears after reading.
+    """
+    with _lock:
+        snapshot = dict(_counts)
+        if reset:
+            _counts.clear()
+    return snapshot
