@@ -24,18 +24,30 @@ def step_shape(step: Step) -> tuple[int, int]:
 
 
 def fuse(left: KSPattern, right: KSPattern) -> KSPattern | None:
-    """Pattern of ``left @ right`` when the product is again a KS factor, else None.
+    """Pattern of ``left @ right`` when the product (for generic values) is KS, else None.
 
-    Rule (derived by refining the middle index): with ``q = a2/a1`` and ``r = d1/d2``,
-    the product is KS iff ``a1 | a2``, ``d2 | d1``, ``q | c1`` and ``b2 == (c1/q)*r``.
-    The middle index then reads ``(α1, q, s, r, δ2)`` with ``s = c1/q`` summed over, and
-    the product has pattern ``(a1, b1*r, q*c2, d2)``. Example: the first two factors of
-    a size-8 butterfly, ``(1,2,2,4) @ (2,2,2,2) = (1,4,4,2)``.
+    Structural rule (derived by refining the middle index): with ``q = a2/a1`` and
+    ``r = d1/d2``, if ``a1 | a2``, ``d2 | d1``, ``q | c1`` and ``b2 == (c1/q)*r``, the
+    middle index reads ``(α1, q, s, r, δ2)`` with ``s = c1/q`` summed over, and the product
+    has pattern ``(a1, b1*r, q*c2, d2)``. Example: the first two factors of a size-8
+    butterfly, ``(1,2,2,4) @ (2,2,2,2) = (1,4,4,2)``.
+
+    Outside that rule a product can still be KS by saturation (e.g.
+    ``(2,3,4,1) @ (1,4,2,2)`` is dense, ``(1,6,4,1)``); those are found by checking the
+    product's support, built from which ``(α1, δ1)`` row groups reach which ``(α2, δ2)``
+    column groups.
     """
     if left.in_features != right.out_features:
         raise ValueError(
             f"cannot multiply {left} (in_features={left.in_features}) by {right} (out_features={right.out_features})"
         )
+    structural = _structural_fuse(left, right)
+    if structural is not None:
+        return structural
+    return KSPattern.from_support(product_support(left, right))
+
+
+def _structural_fuse(left: KSPattern, right: KSPattern) -> KSPattern | None:
     a1, b1, c1, d1 = left.as_tuple()
     a2, b2, c2, d2 = right.as_tuple()
     if a2 % a1 or d1 % d2:
@@ -46,11 +58,18 @@ def fuse(left: KSPattern, right: KSPattern) -> KSPattern | None:
     return KSPattern(a1, b1 * r, q * c2, d2)
 
 
+def product_support(left: KSPattern, right: KSPattern) -> torch.Tensor:
+    """Support of ``left @ right`` for generic values (a boolean matrix product)."""
+    return (left.support().to(torch.float32) @ right.support().to(torch.float32)) > 0
+
+
 def fuse_values(left: KSPattern, right: KSPattern, v1: torch.Tensor, v2: torch.Tensor) -> torch.Tensor:
-    """Values of ``left @ right`` in the fused pattern (see :func:`fuse`)."""
+    """Values of ``left @ right`` in the pattern :func:`fuse` returns."""
     fused = fuse(left, right)
     if fused is None:
         raise ValueError(f"{left} @ {right} is not a KS factor")
+    if _structural_fuse(left, right) is None:
+        return fused.values_from_dense(left.to_dense(v1) @ right.to_dense(v2))
     a1, b1, c1, d1 = left.as_tuple()
     a2, b2, c2, d2 = right.as_tuple()
     q, r = a2 // a1, d1 // d2
