@@ -12,6 +12,11 @@ class Config:
     interpret: bool = os.environ.get("TRITON_INTERPRET", "0") == "1"
     #: Log every decision of the pass (also reachable through the ``ksfx`` logger).
     debug: bool = os.environ.get("KSFX_DEBUG", "0") == "1"
+    #: Autotune the forward kernels' tiles (per pattern, layout, dtype and batch size)
+    #: instead of using the heuristic config. GPU only; costs a few seconds per new shape.
+    autotune: bool = os.environ.get("KSFX_AUTOTUNE", "0") == "1"
+    #: Where generated kernel sources are written (``triton.jit`` needs real files).
+    cache_dir: str = os.environ.get("KSFX_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "ksfx", "kernels"))
 
 
 config = Config()
