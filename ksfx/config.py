@@ -16,7 +16,9 @@ class Config:
     #: instead of using the heuristic config. GPU only; costs a few seconds per new shape.
     autotune: bool = os.environ.get("KSFX_AUTOTUNE", "0") == "1"
     #: Where generated kernel sources are written (``triton.jit`` needs real files).
-    cache_dir: str = os.environ.get("KSFX_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "ksfx", "kernels"))
+    cache_dir: str = os.environ.get(
+        "KSFX_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "ksfx", "kernels")
+    )
 
 
 config = Config()

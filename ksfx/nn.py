@@ -60,4 +60,7 @@ class KSLinear(nn.Module):
 
     def extra_repr(self) -> str:
         patterns = ", ".join(str(p.as_tuple()) for p in self.patterns)
-        return f"in_features={self.in_features}, out_features={self.out_features}, patterns=[{patterns}], bias={self.bias is not None}"
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"patterns=[{patterns}], bias={self.bias is not None}"
+        )

@@ -90,7 +90,13 @@ def test_non_contiguous_input_and_bias():
 
 def test_chain_with_permutations():
     perm_mid = IndexPerm(tuple(torch.randperm(8, generator=torch.Generator().manual_seed(1)).tolist()))
-    steps = (DigitPerm((2, 3), (1, 0)), KSPattern(2, 3, 4, 1), perm_mid, KSPattern(1, 4, 2, 2), DigitPerm((2, 2), (1, 0)))
+    steps = (
+        DigitPerm((2, 3), (1, 0)),
+        KSPattern(2, 3, 4, 1),
+        perm_mid,
+        KSPattern(1, 4, 2, 2),
+        DigitPerm((2, 2), (1, 0)),
+    )
     chain = Chain(steps)
     factors = random_factors([(2, 3, 4, 1), (1, 4, 2, 2)], torch.float64)
     x = torch.randn(6, 4, dtype=torch.float64)

@@ -21,7 +21,16 @@ from ksfx.pattern import (
     to_code,
 )
 
-PATTERNS = [(1, 1, 1, 1), (1, 3, 5, 1), (2, 3, 4, 5), (4, 1, 3, 2), (3, 2, 1, 4), (2, 2, 2, 2), (1, 6, 4, 3), (5, 1, 1, 1)]
+PATTERNS = [
+    (1, 1, 1, 1),
+    (1, 3, 5, 1),
+    (2, 3, 4, 5),
+    (4, 1, 3, 2),
+    (3, 2, 1, 4),
+    (2, 2, 2, 2),
+    (1, 6, 4, 3),
+    (5, 1, 1, 1),
+]
 
 
 def brute_force_dense(values: torch.Tensor) -> torch.Tensor:
@@ -180,7 +189,12 @@ def test_chain_validation_names_the_steps():
 
 
 def test_chain_dense_transpose_and_spec():
-    steps = (DigitPerm((2, 3), (1, 0)), KSPattern(2, 3, 4, 1), IndexPerm((1, 0, 3, 2, 5, 4, 7, 6)), KSPattern(1, 4, 2, 2))
+    steps = (
+        DigitPerm((2, 3), (1, 0)),
+        KSPattern(2, 3, 4, 1),
+        IndexPerm((1, 0, 3, 2, 5, 4, 7, 6)),
+        KSPattern(1, 4, 2, 2),
+    )
     chain = Chain(steps)
     v = [torch.randn(2, 3, 4, 1, dtype=torch.float64), torch.randn(1, 4, 2, 2, dtype=torch.float64)]
     expected = (

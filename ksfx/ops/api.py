@@ -52,7 +52,9 @@ def ks_matmul(
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
     if batch_last:
         if x.ndim != 2:
-            raise ValueError(f"batch-last input must have shape (in_features={chain.in_features}, n), got {tuple(x.shape)}")
+            raise ValueError(
+                f"batch-last input must have shape (in_features={chain.in_features}, n), got {tuple(x.shape)}"
+            )
         x2d = x
     else:
         if x.ndim < 1 or x.shape[-1] != chain.in_features:

@@ -102,7 +102,9 @@ def run_backward(grad, x, factors, chain: Chain, batch_last: bool, need_x: bool)
 
 # ----------------------------------------------------------------------------- the ops
 @torch.library.custom_op("ksfx::ks_chain", mutates_args=())
-def ks_chain(x: torch.Tensor, factors: list[torch.Tensor], spec: str, batch_last: bool, bias: torch.Tensor | None) -> torch.Tensor:
+def ks_chain(
+    x: torch.Tensor, factors: list[torch.Tensor], spec: str, batch_last: bool, bias: torch.Tensor | None
+) -> torch.Tensor:
     """``y = x @ W.T`` (batch-first) or ``y = W @ x`` (batch-last), ``W`` given by ``spec``."""
     chain = Chain.from_spec(spec)
     validate(x, factors, chain, batch_last, bias)

@@ -215,4 +215,3 @@ def _chain_from_spec(spec: str) -> Chain:
                 raise ValueError(f"unknown chain step kind {kind!r} in spec")
         chain = _SPEC_CACHE.setdefault(spec, Chain(tuple(steps)))
     return chain
-

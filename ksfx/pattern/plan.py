@@ -72,4 +72,3 @@ def split_chain(chain: Chain) -> list[FactorStep] | PermStep:
 
 def _non_identity(perm: Perm | None) -> Perm | None:
     return None if perm is None or perm.is_identity else perm
-
