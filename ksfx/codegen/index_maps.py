@@ -1,0 +1,105 @@
+"""Symbolic index maps of one factor step, derived from :mod:`ksfx.pattern` descriptors.
+
+Every address a generated kernel computes is one of the expressions below, printed with
+:func:`ksfx.pattern.to_code`. Nothing here is written per pattern: the maps are
+substitutions into ``KSPattern.row_expr`` / ``col_expr`` / ``row_digits`` /
+``value_offset_expr`` and the permutations' ``source_expr``.
+
+Conventions (``x' = in_perm(x)``, ``y = out_perm(y')``, both gathers on the feature index):
+
+* the kernel reads ``x'[m, col]`` at feature ``in_perm.source(col)`` of ``x``;
+* it computes ``y'[m, row]`` and stores it at the feature ``j`` of ``y`` with
+  ``out_perm.source(j) == row``, i.e. at ``out_perm.inverse().source(row)``;
+* an :class:`~ksfx.pattern.IndexPerm` is a table lookup, printed as a load from the
+  int32 table pointer (``in_table_ptr`` / ``out_table_ptr``); a
+  :class:`~ksfx.pattern.DigitPerm` is pure div/mod arithmetic.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import sympy
+
+from ksfx.pattern import BETA, GAMMA, DigitPerm, FactorStep, IndexPerm, J, Perm, to_code
+from ksfx.pattern.ks import mixed_radix_digits
+
+#: Runtime strides of the values tensor (it may be a strided view, e.g. a transpose).
+VALUE_STRIDES = sympy.symbols("stride_v0 stride_v1 stride_v2 stride_v3", integer=True, nonnegative=True)
+#: Flat index of one stored value in radix (a, b, c, d) (the FMA weight-gradient kernel).
+FLAT = sympy.Symbol("flat", integer=True, nonnegative=True)
+#: 2-D views of the β / γ vectors, broadcast to a ``[γ, β]`` tile of the values.
+BETA_TILE, GAMMA_TILE = sympy.symbols("beta_tile gamma_tile", integer=True, nonnegative=True)
+
+
+@dataclass(frozen=True)
+class TableLookup:
+    """A feature index read from an int32 table: ``tl.load(pointer + index)``."""
+
+    pointer: str
+    index: sympy.Expr
+
+
+FeatureExpr = sympy.Expr | TableLookup
+
+
+def through(perm: Perm | None, index: sympy.Expr, table_pointer: str) -> FeatureExpr:
+    """Feature read by ``perm`` (a gather) at position ``index``."""
+    if perm is None:
+        return index
+    if isinstance(perm, DigitPerm):
+        return perm.source_expr.subs(J, index)
+    if isinstance(perm, IndexPerm):
+        return TableLookup(table_pointer, index)
+    raise TypeError(f"unsupported permutation {type(perm).__name__}")
+
+
+def store_perm(step: FactorStep) -> Perm | None:
+    """The gather taking ``y'`` positions to ``y`` positions (inverse of ``out_perm``)."""
+    return None if step.out_perm is None else step.out_perm.inverse()
+
+
+def x_feature(step: FactorStep) -> FeatureExpr:
+    """Feature of ``x`` holding ``x'[col(α, γ, δ)]``."""
+    return through(step.in_perm, step.pattern.col_expr, "in_table_ptr")
+
+
+def y_feature(step: FactorStep, row: sympy.Expr | None = None) -> FeatureExpr:
+    """Feature of ``y`` receiving ``y'[row]`` (also where ``dy'`` is read).
+
+    ``row`` defaults to ``row(α, β, δ)``; kernels that tile flat rows pass ``ROW``.
+    """
+    return through(store_perm(step), step.pattern.row_expr if row is None else row, "out_table_ptr")
+
+
+def value_offset(step: FactorStep, strided: bool = True, tile: bool = False) -> sympy.Expr:
+    """Offset of ``values[α, β, γ, δ]``: runtime strides, or contiguous when not ``strided``.
+
+    ``tile`` renames β, γ to ``beta_tile`` / ``gamma_tile``, which the kernel binds to
+    2-D broadcasts of the β and γ vectors so that the offset is a whole tile.
+    """
+    expr = step.pattern.value_offset_expr(VALUE_STRIDES if strided else None)
+    return expr.subs({BETA: BETA_TILE, GAMMA: GAMMA_TILE}) if tile else expr
+
+
+def group_digits(step: FactorStep, group: sympy.Symbol) -> tuple[sympy.Expr, sympy.Expr]:
+    """``(α, δ)`` of a group index in radix ``(a, d)`` (one ``b×c`` block per group)."""
+    return mixed_radix_digits(group, (step.pattern.a, step.pattern.d))
+
+
+def row_digits(step: FactorStep) -> tuple[sympy.Expr, sympy.Expr, sympy.Expr]:
+    """``(α, β, δ)`` of output row ``ROW``."""
+    return step.pattern.row_digits
+
+
+def flat_value_digits(step: FactorStep) -> tuple[sympy.Expr, ...]:
+    """``(α, β, γ, δ)`` of the flat value index ``FLAT``."""
+    return mixed_radix_digits(FLAT, step.pattern.as_tuple())
+
+
+def code(expr: FeatureExpr, mask: str | None = None) -> str:
+    """Triton source for an index expression (a masked table load for lookups)."""
+    if isinstance(expr, TableLookup):
+        masked = f", mask={mask}, other=0" if mask else ""
+        return f"tl.load({expr.pointer} + {code(expr.index)}{masked})"
+    return to_code(expr)

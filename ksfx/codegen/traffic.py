@@ -1,0 +1,133 @@
+"""Analytic global-memory traffic of a forward launch, next to the lower bound.
+
+The model counts, for every program of the grid, the distinct elements it loads or
+stores (a program that reads the same address twice is assumed to hit in L1), summed
+over programs (re-reads by *different* programs count again, even if L2 serves them).
+So it sees what the tiling costs: ``x`` re-read once per β tile, the values re-read
+once per batch tile, index tables read per program, ``y`` written once. The lower
+bound is ``|X| + |W| + |Y|`` (:meth:`KSPattern.min_bytes`).
+
+With ``sector=32`` the count is in 32-byte sectors along the contiguous axis, which is
+where the layout matters: batch-first reads of ``x'[:, col(α, γ, δ)]`` with ``d > 1``
+are strided and waste most of each sector; batch-last reads run along the batch.
+
+Feature sets are evaluated from the same index maps the kernels print
+(:mod:`ksfx.codegen.index_maps`), permutations included.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import sympy
+import torch
+
+from ksfx.codegen import index_maps as im
+from ksfx.codegen.tiling import TileConfig, cdiv, kernel_mode
+from ksfx.pattern import ALPHA, BETA, DELTA, GAMMA, ROW, FactorStep, evaluate
+
+TABLE_ITEMSIZE = 4  # int32 index tables
+
+
+@dataclass(frozen=True)
+class Traffic:
+    """Bytes moved by one forward launch, per operand."""
+
+    x: int
+    values: int
+    y: int
+    tables: int
+    lower_bound: int
+
+    @property
+    def total(self) -> int:
+        return self.x + self.values + self.y + self.tables
+
+    @property
+    def ratio(self) -> float:
+        """``total / lower_bound`` (1.0 is optimal)."""
+        return self.total / self.lower_bound
+
+
+def _features(expr: im.FeatureExpr, step: FactorStep, env: dict) -> torch.Tensor:
+    """Evaluate a feature expression (table lookups through the permutation's table)."""
+    if isinstance(expr, im.TableLookup):
+        perm = step.in_perm if expr.pointer == "in_table_ptr" else im.store_perm(step)
+        return perm.indices()[evaluate(expr.index, env)]
+    return evaluate(expr, env)
+
+
+def _distinct(keys: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Number of distinct valid entries in each row of ``keys``."""
+    keys = torch.where(valid, keys, keys[:, :1])
+    ordered = keys.sort(dim=1).values
+    return 1 + (ordered[:, 1:] != ordered[:, :-1]).sum(dim=1)
+
+
+def _units(features: torch.Tensor, valid: torch.Tensor, itemsize: int, sector: int, batch_last: bool) -> torch.Tensor:
+    """Per program: distinct features (batch-last or element count) or sectors (batch-first)."""
+    if sector and not batch_last:
+        return _distinct((features * itemsize) // sector, valid)
+    return _distinct(features, valid)
+
+
+def _batch_bytes(n: int, block_m: int, itemsize: int, sector: int, batch_last: bool) -> int:
+    """Bytes one feature-unit costs over all batch tiles."""
+    if not sector:
+        return n * itemsize
+    if not batch_last:
+        return n * sector  # one sector per row per unit
+    full, rest = divmod(n, block_m)
+    per_tile = cdiv(block_m * itemsize, sector) * sector
+    return full * per_tile + (cdiv(rest * itemsize, sector) * sector if rest else 0)
+
+
+def bytes_moved(step: FactorStep, n: int, batch_last: bool, cfg: TileConfig, itemsize: int, sector: int = 0) -> Traffic:
+    """Global bytes the forward kernel moves with tile config ``cfg`` (see module doc)."""
+    p = step.pattern
+    mode = kernel_mode(p)
+    tiles_m = cdiv(n, cfg.block_m)
+    if mode == "dot":
+        groups = torch.arange(p.groups)
+        alpha, delta = (groups // p.d)[:, None], (groups % p.d)[:, None]
+        tiles_b = cdiv(p.b, cfg.block_n)
+        gamma = torch.arange(p.c)[None, :]
+        x_feat = _features(im.x_feature(step), step, {ALPHA: alpha, GAMMA: gamma, DELTA: delta}).expand(-1, p.c)
+        x_units = _units(x_feat, torch.ones_like(x_feat, dtype=torch.bool), itemsize, sector, batch_last)
+        x_units = x_units.repeat_interleave(tiles_b)  # one program per (group, β tile)
+        beta = torch.arange(tiles_b * cfg.block_n)
+        y_feat = _features(im.y_feature(step), step, {ALPHA: alpha, BETA: beta[None, :] % p.b, DELTA: delta})
+        y_feat = y_feat.expand(p.groups, -1).reshape(p.groups * tiles_b, cfg.block_n)
+        y_valid = (beta < p.b).reshape(tiles_b, cfg.block_n).repeat(p.groups, 1)
+        per_program_values = p.c * y_valid.sum(dim=1)
+        x_lookups = p.c * p.groups * tiles_b
+    else:
+        tiles_r = cdiv(p.out_features, cfg.block_n)
+        rows = torch.arange(tiles_r * cfg.block_n)
+        valid = rows < p.out_features
+        safe = torch.where(valid, rows, 0)
+        alpha, beta, delta = (evaluate(e, {ROW: safe}) for e in im.row_digits(step))
+        gamma = torch.arange(p.c)[:, None]
+        env = {ALPHA: alpha[None, :], BETA: beta[None, :], GAMMA: gamma, DELTA: delta[None, :]}
+        x_feat = _features(im.x_feature(step), step, env).expand(p.c, -1)
+        x_feat = x_feat.reshape(p.c, tiles_r, cfg.block_n).permute(1, 0, 2).reshape(tiles_r, -1)
+        x_valid = valid.reshape(tiles_r, 1, cfg.block_n).expand(-1, p.c, -1).reshape(tiles_r, -1)
+        x_units = _units(x_feat, x_valid, itemsize, sector, batch_last)
+        y_feat = _features(im.y_feature(step, ROW), step, {ROW: safe}).reshape(tiles_r, cfg.block_n)
+        y_valid = valid.reshape(tiles_r, cfg.block_n)
+        per_program_values = p.c * y_valid.sum(dim=1)
+        x_lookups = p.c * int(valid.sum())
+    y_units = _units(y_feat, y_valid, itemsize, sector, batch_last)
+    batch = _batch_bytes(n, cfg.block_m, itemsize, sector, batch_last)
+    tables = 0
+    if step.in_perm is not None and not isinstance(im.x_feature(step), sympy.Expr):
+        tables += tiles_m * x_lookups * TABLE_ITEMSIZE
+    if step.out_perm is not None and not isinstance(im.y_feature(step), sympy.Expr):
+        tables += tiles_m * int(y_valid.sum()) * TABLE_ITEMSIZE
+    return Traffic(
+        x=int(x_units.sum()) * batch,
+        values=tiles_m * int(per_program_values.sum()) * itemsize,
+        y=int(y_units.sum()) * batch,
+        tables=tables,
+        lower_bound=p.min_bytes(n, itemsize),
+    )

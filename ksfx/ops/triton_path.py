@@ -1,0 +1,185 @@
+"""Launchers of the generated Triton kernels: one factor step per launch.
+
+Same interface as :mod:`ksfx.ops.torch_path` (the reference semantics). CUDA tensors
+run compiled kernels; CPU tensors run them through Triton's interpreter when
+``ksfx.config.interpret`` is set (``TRITON_INTERPRET=1``). The kernels address ``x`` and
+``y`` through runtime strides, so non-contiguous inputs and both layouts need no copy;
+``values`` may be a strided view too (the backward passes a transposed one).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from ksfx.codegen import KernelKey, TileConfig, get_autotuned, get_kernel, kernel_mode
+from ksfx.codegen.tiling import (
+    cdiv,
+    forward_config_space,
+    forward_heuristic,
+    forward_programs,
+    grad_heuristic,
+    grad_programs_per_split,
+)
+from ksfx.config import config
+from ksfx.ops import torch_path
+from ksfx.pattern import FactorStep, IndexPerm, Perm
+
+#: Offsets beyond this need 64-bit index arithmetic in the kernels.
+INT32_LIMIT = 2**31 - 1
+#: Nominal SM count under the interpreter (only shapes the heuristic's grid).
+INTERPRETER_SMS = 4
+
+
+def apply_perm(x: torch.Tensor, perm: Perm | None, batch_last: bool) -> torch.Tensor:
+    """A lone permutation is a gather: torch indexing already moves it at bandwidth."""
+    return torch_path.apply_perm(x, perm, batch_last)
+
+
+# ----------------------------------------------------------------------------- helpers
+def _layout(t: torch.Tensor, batch_last: bool) -> tuple[int, int, int]:
+    """``(n, batch stride, feature stride)`` of a 2-D activation."""
+    if batch_last:
+        return t.shape[1], t.stride(1), t.stride(0)
+    return t.shape[0], t.stride(0), t.stride(1)
+
+
+def _needs_int64(*tensors: torch.Tensor) -> bool:
+    # Masked lanes may step up to one tile past the end: keep a margin below 2**31.
+    span = max(sum((s - 1) * st for s, st in zip(t.shape, t.stride(), strict=True)) + 1 for t in tensors)
+    return span + (1 << 20) > INT32_LIMIT
+
+
+@functools.lru_cache(maxsize=256)
+def _table(perm: IndexPerm, device: torch.device) -> torch.Tensor:
+    """Device copy of an index table (int32), made once per permutation and device."""
+    return perm.indices().to(device=device, dtype=torch.int32)
+
+
+def _tables(step: FactorStep, device: torch.device, dummy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    store = None if step.out_perm is None else step.out_perm.inverse()
+    in_table = _table(step.in_perm, device) if isinstance(step.in_perm, IndexPerm) else dummy
+    out_table = _table(store, device) if isinstance(store, IndexPerm) else dummy
+    return in_table, out_table
+
+
+def _precision(dtype: torch.dtype) -> str:
+    if dtype != torch.float32:
+        return "-"
+    return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+
+
+@functools.lru_cache(maxsize=16)
+def _device_info(device: torch.device) -> tuple[tuple[int, int] | None, int]:
+    """``(compute capability, SM count)``; nominal values under the interpreter."""
+    if device.type != "cuda":
+        return None, INTERPRETER_SMS
+    props = torch.cuda.get_device_properties(device)
+    return (props.major, props.minor), props.multi_processor_count
+
+
+def _key(kind: str, step: FactorStep, t: torch.Tensor, batch_last: bool) -> KernelKey:
+    capability, _ = _device_info(t.device)
+    return KernelKey(
+        kind=kind,
+        step=step,
+        mode=kernel_mode(step.pattern),
+        batch_last=batch_last,
+        dtype=str(t.dtype).removeprefix("torch."),
+        interpret=t.device.type != "cuda",
+        precision=_precision(t.dtype),
+        capability=capability,
+    )
+
+
+def _check(x: torch.Tensor, values: torch.Tensor, step: FactorStep, batch_last: bool) -> None:
+    if x.ndim != 2:
+        raise ValueError(f"{step}: the Triton path takes a 2-D input, got shape {tuple(x.shape)}")
+    features = x.shape[0] if batch_last else x.shape[1]
+    if features != step.pattern.in_features:
+        raise ValueError(f"{step}: input has {features} features, the factor takes {step.pattern.in_features}")
+    step.pattern.check_values(values)
+    if values.dtype != x.dtype or values.device != x.device:
+        raise TypeError(f"{step}: values ({values.dtype}, {values.device}) must match x ({x.dtype}, {x.device})")
+    if x.device.type != "cuda" and not config.interpret:
+        raise ValueError(f"{step}: Triton kernels need CUDA tensors or ksfx.config.interpret (TRITON_INTERPRET=1)")
+
+
+# ----------------------------------------------------------------------------- launches
+def factor_forward(
+    x: torch.Tensor,
+    values: torch.Tensor,
+    step: FactorStep,
+    batch_last: bool,
+    bias: torch.Tensor | None = None,
+    tile: TileConfig | None = None,
+) -> torch.Tensor:
+    """``out_perm(K(in_perm(x))) (+ bias)`` in one launch; a new contiguous tensor.
+
+    ``tile`` overrides the configuration (tests, benchmarks); by default the heuristic
+    picks it, or Triton's autotuner when ``ksfx.config.autotune`` is set on a GPU.
+    """
+    _check(x, values, step, batch_last)
+    pattern = step.pattern
+    n, stride_xm, stride_xf = _layout(x, batch_last)
+    shape = (pattern.out_features, n) if batch_last else (n, pattern.out_features)
+    y = torch.empty(shape, dtype=x.dtype, device=x.device)
+    if n == 0:
+        return y
+    _, stride_ym, stride_yf = _layout(y, batch_last)
+    key = _key("forward", step, x, batch_last)
+    in_table, out_table = _tables(step, x.device, y)
+    args = (
+        x, values, y, y if bias is None else bias, in_table, out_table,
+        n, stride_xm, stride_xf, stride_ym, stride_yf, *values.stride(),
+    )  # fmt: skip
+    flags = {"HAS_BIAS": bias is not None, "INT64": _needs_int64(x, y)}
+    if tile is None and config.autotune and not key.interpret:
+        configs = forward_config_space(pattern, n, x.element_size())
+        kernel = get_autotuned(key, config.cache_dir, configs)
+        kernel[lambda meta: (forward_programs(pattern, n, _meta_tile(meta), key.mode),)](*args, **flags)
+        return y
+    if tile is None:
+        tile = forward_heuristic(pattern, n, x.element_size(), batch_last, _device_info(x.device)[1])
+    kernel = get_kernel(key, config.cache_dir)
+    grid = (forward_programs(pattern, n, tile, key.mode),)
+    kernel[grid](*args, **flags, **tile.meta(), num_warps=tile.num_warps, num_stages=tile.num_stages)
+    return y
+
+
+def _meta_tile(meta: dict) -> TileConfig:
+    return TileConfig(meta["BLOCK_M"], meta["BLOCK_N"], meta["BLOCK_K"])
+
+
+def factor_grad_values(
+    dy: torch.Tensor, x: torch.Tensor, step: FactorStep, batch_last: bool, tile: TileConfig | None = None
+) -> torch.Tensor:
+    """``dvalues[α,β,γ,δ] = Σ_m dy'[m, row(α,β,δ)] · x'[m, col(α,γ,δ)]`` (fp32 accumulation).
+
+    The batch is cut into ``tile.splits`` chunks; each writes fp32 partials that are
+    summed afterwards, so large batches over few values still fill the GPU.
+    """
+    pattern = step.pattern
+    n, stride_xm, stride_xf = _layout(x, batch_last)
+    n_dy, stride_dm, stride_df = _layout(dy, batch_last)
+    out_features = dy.shape[0] if batch_last else dy.shape[1]
+    if dy.ndim != 2 or n_dy != n or out_features != pattern.out_features:
+        raise ValueError(f"{step}: dy of shape {tuple(dy.shape)} does not match x of shape {tuple(x.shape)}")
+    if n == 0:
+        return torch.zeros(pattern.as_tuple(), dtype=x.dtype, device=x.device)
+    key = _key("grad", step, x, batch_last)
+    if tile is None:
+        tile = grad_heuristic(pattern, n, x.element_size(), batch_last, _device_info(x.device)[1])
+    chunk = cdiv(cdiv(n, tile.splits), tile.block_m) * tile.block_m
+    splits = cdiv(n, chunk)
+    partials = torch.empty((splits, *pattern.as_tuple()), dtype=torch.float32, device=x.device)
+    in_table, out_table = _tables(step, x.device, partials)
+    kernel = get_kernel(key, config.cache_dir)
+    grid = (splits * grad_programs_per_split(pattern, tile, key.mode),)
+    kernel[grid](
+        dy, x, partials, in_table, out_table,
+        n, chunk, stride_dm, stride_df, stride_xm, stride_xf,
+        INT64=_needs_int64(dy, x), **tile.meta(), num_warps=tile.num_warps, num_stages=tile.num_stages,
+    )  # fmt: skip
+    return partials.sum(0).to(x.dtype)
