@@ -1,0 +1,1 @@
+"""Benchmark scripts for ksfx (outside the package): pattern sweep, end-to-end models, report."""

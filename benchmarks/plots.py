@@ -1,0 +1,64 @@
+"""Plots of saved results (matplotlib, Agg backend: no display needed)."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def plot_patterns(data: dict, path: Path) -> Path:
+    """ECDF of ksfx's speedup over the best baseline, one panel per dtype, a line per layout/batch.
+
+    Like the paper's figure: the fraction of patterns (y) whose speedup is at most x;
+    everything right of the vertical line at 1 is a pattern where ksfx wins.
+    """
+    series: dict[str, dict[tuple, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for case in data["cases"]:
+        if "speedup" in case:
+            series[case["dtype"]][(case["layout"], case["batch"])].append(case["speedup"])
+    dtypes = sorted(series) or ["fp32"]
+    fig, axes = plt.subplots(1, len(dtypes), figsize=(5.5 * len(dtypes), 4), squeeze=False)
+    for ax, dtype in zip(axes[0], dtypes, strict=True):
+        for (layout, batch), speedups in sorted(series[dtype].items()):
+            xs = sorted(speedups)
+            ys = [(i + 1) / len(xs) for i in range(len(xs))]
+            ax.step(xs, ys, where="post", label=f"{layout}, n={batch} ({len(xs)})")
+        ax.axvline(1.0, color="black", linewidth=0.8)
+        ax.set_xscale("log")
+        ax.set_xlabel("speedup of ksfx over the best baseline")
+        ax.set_ylabel("fraction of patterns")
+        ax.set_title(f"{dtype}")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"KS patterns — {data['environment']['device']}, torch {data['environment']['torch']}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_models(data: dict, path: Path) -> Path:
+    """Grouped bars: latency of each contender per model/dtype/mode, in ms."""
+    cases = [c for c in data["cases"] if c.get("times")]
+    contenders = ["eager", "inductor", "ksfx"]
+    fig, ax = plt.subplots(figsize=(max(5.0, 2.2 * len(cases)), 4))
+    width = 0.8 / len(contenders)
+    for k, name in enumerate(contenders):
+        xs = [i + (k - (len(contenders) - 1) / 2) * width for i in range(len(cases))]
+        ms = [1e3 * c["times"].get(name, float("nan")) for c in cases]
+        bars = ax.bar(xs, ms, width, label=name)
+        ax.bar_label(bars, fmt="%.1f", fontsize=7)
+    ax.set_xticks(range(len(cases)))
+    ax.set_xticklabels([f"{c['model']}\n{c['dtype']} {c['mode']} b={c['batch']}" for c in cases], fontsize=8)
+    ax.set_ylabel("latency (ms, lower is better)")
+    ax.set_title(f"End-to-end — {data['environment']['device']}, torch {data['environment']['torch']}", fontsize=10)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,1 @@
+"""Example KS models in plain PyTorch and the ksfx demo."""
