@@ -1,0 +1,372 @@
+"""Generated Triton kernels vs dense references (interpreter on CPU; CUDA when present).
+
+References are built independently of the kernels' index arithmetic: a factor's dense
+matrix by Kronecker products with identities, permutations by reshape/permute of an
+``arange`` (digits) or the table itself, all in float64.
+"""
+
+import threading
+
+import pytest
+import torch
+
+import ksfx
+from ksfx.codegen import KernelKey, TileConfig, cached_kernels, get_kernel, kernel_mode, traffic
+from ksfx.codegen.tiling import forward_config_space, forward_heuristic, grad_heuristic
+from ksfx.config import config
+from ksfx.ops import torch_path, triton_path
+from ksfx.pattern import Chain, DigitPerm, FactorStep, IndexPerm, KSPattern
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+#: Max abs error allowed, relative to the reference's max magnitude.
+TOL = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
+
+PATTERNS = [
+    (2, 16, 24, 3),  # dot: a, d > 1, b != c, c not a power of two
+    (1, 17, 33, 1),  # dot: odd sizes, masked tiles
+    (3, 2, 5, 2),  # fma: small blocks
+    (4, 2, 2, 8),  # fma: a butterfly factor
+    (2, 1, 4, 3),  # b = 1
+    (2, 5, 1, 3),  # c = 1
+    (1, 20, 6, 2),  # b >= 16 but c < 16: fma
+]
+
+
+@pytest.fixture(params=["interpret", pytest.param("cuda", marks=cuda)])
+def device(request):
+    if request.param == "interpret":
+        request.getfixturevalue("triton_interpret")
+        return torch.device("cpu")
+    return torch.device("cuda")
+
+
+# ----------------------------------------------------------------------------- references
+def dense_factor(values: torch.Tensor) -> torch.Tensor:
+    """``I_a ⊗ block ⊗ I_d`` entry layout, by an einsum with identities."""
+    a, b, c, d = values.shape
+    eye_a, eye_d = torch.eye(a, dtype=values.dtype), torch.eye(d, dtype=values.dtype)
+    return torch.einsum("abcd,ae,df->abdecf", values, eye_a, eye_d).reshape(a * b * d, a * c * d)
+
+
+def perm_matrix(perm) -> torch.Tensor:
+    """``P`` with ``(P @ v)[j] = v[source(j)]``, the source table built without sympy."""
+    if isinstance(perm, DigitPerm):
+        source = torch.arange(perm.size).reshape(perm.radices).permute(perm.order).reshape(-1)
+    else:
+        source = torch.tensor(perm.indices_)
+    return torch.eye(perm.size, dtype=torch.float64)[source]
+
+
+def dense_step(step: FactorStep, values: torch.Tensor) -> torch.Tensor:
+    """Dense ``P_out @ K @ P_in`` of a factor step (float64)."""
+    matrix = dense_factor(values.double())
+    if step.in_perm is not None:
+        matrix = matrix @ perm_matrix(step.in_perm)
+    if step.out_perm is not None:
+        matrix = perm_matrix(step.out_perm) @ matrix
+    return matrix
+
+
+def reference(step, x, values, batch_last, bias=None):
+    w = dense_step(step, values.cpu())
+    x64 = x.double().cpu()
+    y = w @ x64 if batch_last else x64 @ w.T
+    if bias is not None:
+        y = y + (bias.double().cpu()[:, None] if batch_last else bias.double().cpu())
+    return y
+
+
+def assert_close(actual, expected, dtype):
+    scale = expected.abs().max().clamp_min(1.0)
+    err = (actual.double().cpu() - expected).abs().max() / scale
+    assert err < TOL[dtype], f"max error {err:.3g} > {TOL[dtype]} ({dtype})"
+
+
+def make(pattern, n, batch_last, dtype, device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    p = KSPattern(*pattern)
+    x = torch.randn((p.in_features, n) if batch_last else (n, p.in_features), generator=g)
+    values = torch.randn(p.as_tuple(), generator=g) / p.c**0.5
+    return x.to(device, dtype), values.to(device, dtype)
+
+
+def random_index_perm(size, seed=1):
+    return IndexPerm(tuple(torch.randperm(size, generator=torch.Generator().manual_seed(seed)).tolist()))
+
+
+def digit_perm(size):
+    """A transposition of the two largest factors of ``size`` (identity for primes)."""
+    for r in range(int(size**0.5), 1, -1):
+        if size % r == 0:
+            return DigitPerm((r, size // r), (1, 0))
+    return None
+
+
+# ----------------------------------------------------------------------------- forward
+@pytest.mark.parametrize("pattern", PATTERNS, ids=str)
+@pytest.mark.parametrize("batch_last", [False, True], ids=["bfirst", "blast"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_forward_matches_dense(device, pattern, batch_last, dtype):
+    step = FactorStep(KSPattern(*pattern))
+    x, values = make(pattern, 37, batch_last, dtype, device)
+    y = triton_path.factor_forward(x, values, step, batch_last)
+    assert y.dtype == dtype and y.device == x.device
+    assert_close(y, reference(step, x, values, batch_last), dtype)
+
+
+PERMS = ["digit-in", "index-in", "digit-out", "index-out", "both"]
+
+
+def with_perms(pattern, kind):
+    p = KSPattern(*pattern)
+    in_perm = {"digit-in": digit_perm(p.in_features), "index-in": random_index_perm(p.in_features)}.get(kind)
+    out_perm = {"digit-out": digit_perm(p.out_features), "index-out": random_index_perm(p.out_features, 2)}.get(kind)
+    if kind == "both":
+        in_perm, out_perm = digit_perm(p.in_features), random_index_perm(p.out_features, 3)
+    return FactorStep(p, in_perm, out_perm)
+
+
+@pytest.mark.parametrize("pattern", [(2, 16, 24, 3), (3, 2, 5, 2)], ids=str)
+@pytest.mark.parametrize("kind", PERMS)
+@pytest.mark.parametrize("batch_last", [False, True], ids=["bfirst", "blast"])
+def test_forward_folds_permutations(device, pattern, kind, batch_last):
+    step = with_perms(pattern, kind)
+    x, values = make(pattern, 19, batch_last, torch.float32, device)
+    bias = torch.randn(step.pattern.out_features).to(device)
+    y = triton_path.factor_forward(x, values, step, batch_last, bias)
+    assert_close(y, reference(step, x, values, batch_last, bias), torch.float32)
+
+
+@pytest.mark.parametrize("pattern", [(2, 16, 24, 3), (3, 2, 5, 2)], ids=str)
+@pytest.mark.parametrize("batch_last", [False, True], ids=["bfirst", "blast"])
+def test_forward_batch_one_and_bias(device, pattern, batch_last):
+    step = FactorStep(KSPattern(*pattern))
+    x, values = make(pattern, 1, batch_last, torch.bfloat16, device)
+    bias = torch.randn(step.pattern.out_features).to(device, torch.bfloat16)
+    y = triton_path.factor_forward(x, values, step, batch_last, bias)
+    assert_close(y, reference(step, x, values, batch_last, bias), torch.bfloat16)
+
+
+@pytest.mark.parametrize("pattern", [(2, 16, 24, 3), (3, 2, 5, 2)], ids=str)
+@pytest.mark.parametrize("batch_last", [False, True], ids=["bfirst", "blast"])
+def test_forward_non_contiguous(device, pattern, batch_last):
+    """x transposed and strided in storage; values a transposed view, as the backward passes them."""
+    p = KSPattern(*pattern)
+    step = FactorStep(p.transpose())
+    _, values = make(pattern, 1, False, torch.float32, device)
+    values_t = values.permute(0, 2, 1, 3)
+    n, features = 23, p.out_features
+    if batch_last:
+        x = torch.randn(n, 2 * features, device=device).T[::2]
+    else:
+        x = torch.randn(2 * features, 2 * n, device=device).T[::2, ::2]
+    assert x.shape == ((features, n) if batch_last else (n, features))
+    assert 1 not in x.stride() and not values_t.is_contiguous()
+    y = triton_path.factor_forward(x, values_t, step, batch_last)
+    assert_close(y, reference(step, x, values_t, batch_last), torch.float32)
+
+
+def test_forward_every_config_of_the_space(device):
+    """Autotuning may pick any config of the pruned space: each must be correct."""
+    for pattern, n in [((1, 17, 33, 1), 37), ((3, 2, 5, 2), 37)]:
+        step = FactorStep(KSPattern(*pattern), digit_perm(KSPattern(*pattern).in_features))
+        x, values = make(pattern, n, False, torch.float16, device)
+        expected = reference(step, x, values, False)
+        space = forward_config_space(step.pattern, n, 2)
+        assert space
+        for tile in space[:: max(1, len(space) // 6)]:
+            y = triton_path.factor_forward(x, values, step, False, tile=tile)
+            assert_close(y, expected, torch.float16)
+
+
+# ----------------------------------------------------------------------------- dvalues
+def dense_grad_values(step, dy, x, values, batch_last):
+    """``dL/dvalues`` for ``L = <dy, y>`` by autograd through the dense reference."""
+    v = values.double().cpu().requires_grad_(True)
+    w = dense_step(step, v)
+    x64 = x.double().cpu()
+    y = w @ x64 if batch_last else x64 @ w.T
+    (y * dy.double().cpu()).sum().backward()
+    return v.grad
+
+
+@pytest.mark.parametrize("pattern", PATTERNS, ids=str)
+@pytest.mark.parametrize("batch_last", [False, True], ids=["bfirst", "blast"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_grad_values_matches_dense(device, pattern, batch_last, dtype):
+    step = with_perms(pattern, "both")
+    x, values = make(pattern, 37, batch_last, dtype, device)
+    dy = torch.randn((step.pattern.out_features, 37) if batch_last else (37, step.pattern.out_features))
+    dy = dy.to(device, dtype)
+    grad = triton_path.factor_grad_values(dy, x, step, batch_last)
+    assert grad.shape == values.shape and grad.dtype == dtype
+    assert_close(grad, dense_grad_values(step, dy, x, values, batch_last), dtype)
+
+
+@pytest.mark.parametrize("pattern", [(2, 16, 24, 3), (4, 2, 2, 8)], ids=str)
+@pytest.mark.parametrize("splits", [1, 3])
+def test_grad_values_batch_splits(device, pattern, splits):
+    """Batch chunks reduced separately, the last one ragged, sum to the full reduction."""
+    step = FactorStep(KSPattern(*pattern))
+    x, values = make(pattern, 70, False, torch.float32, device)
+    dy = torch.randn(70, step.pattern.out_features).to(device)
+    mode = kernel_mode(step.pattern)
+    tile = TileConfig(16, 16, 16 if mode == "dot" else 1, splits=splits)
+    grad = triton_path.factor_grad_values(dy, x, step, False, tile=tile)
+    assert_close(grad, dense_grad_values(step, dy, x, values, False), torch.float32)
+
+
+# ----------------------------------------------------------------------------- through the op
+@pytest.mark.parametrize("batch_last", [False, True], ids=["bfirst", "blast"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_ks_matmul_gradients_run_triton(device, batch_last, dtype):
+    """x, every factor and the bias get dense-reference gradients; launches are Triton."""
+    patterns = [(1, 4, 4, 4), (1, 16, 24, 1), (2, 3, 2, 4)]  # W = K1 @ P @ K2 @ K3
+    p1, p2, p3 = (KSPattern(*p) for p in patterns)
+    chain = Chain((p1, random_index_perm(p1.in_features), p2, p3))
+    g = torch.Generator().manual_seed(5)
+    factors = [(torch.randn(p.as_tuple(), generator=g) / p.c**0.5).to(device, dtype) for p in (p1, p2, p3)]
+    n = 11
+    x = torch.randn((chain.in_features, n) if batch_last else (n, chain.in_features), generator=g).to(device, dtype)
+    bias = torch.randn(chain.out_features, generator=g).to(device, dtype)
+    dy = torch.randn((chain.out_features, n) if batch_last else (n, chain.out_features), generator=g).to(device, dtype)
+    leaves = [t.clone().requires_grad_(True) for t in (x, *factors, bias)]
+    ksfx.stats(reset=True)
+    y = ksfx.ks_matmul(leaves[0], leaves[1:4], batch_last=batch_last, bias=leaves[4], chain=chain)
+    y.backward(dy)
+    counts = ksfx.stats()
+    assert counts.get("triton-interpret.forward" if device.type == "cpu" else "triton.forward", 0) >= 3
+    assert counts.get("triton-interpret.grad_values" if device.type == "cpu" else "triton.grad_values", 0) == 3
+    assert not any("cpu" in name for name in counts)
+
+    refs = [t.detach().double().cpu().requires_grad_(True) for t in (x, *factors, bias)]
+    w = chain.to_dense(refs[1:4])
+    y_ref = (w @ refs[0] + refs[4][:, None]) if batch_last else (refs[0] @ w.T + refs[4])
+    y_ref.backward(dy.double().cpu())
+    assert_close(y.detach(), y_ref.detach(), dtype)
+    for leaf, ref in zip(leaves, refs, strict=True):
+        assert_close(leaf.grad, ref.grad, dtype)
+
+
+def test_compile_dynamic_batch_propagates_fake_shapes(triton_interpret):
+    """aot_eager traces the op with fake tensors (symbolic batch) and runs the kernels."""
+    torch._dynamo.reset()
+    p1, p2 = KSPattern(2, 16, 16, 1), KSPattern(1, 4, 2, 8)
+    g = torch.Generator().manual_seed(0)
+    factors = [torch.randn(p.as_tuple(), generator=g) for p in (p1, p2)]
+    spec = Chain((p1, p2)).to_spec()
+
+    def layer(x):
+        y = torch.ops.ksfx.ks_chain(x.reshape(-1, p2.in_features), factors, spec, False, None)
+        return torch.relu(y.reshape(*x.shape[:-1], p1.out_features)) * 2
+
+    compiled = torch.compile(layer, backend="aot_eager", dynamic=True, fullgraph=True)
+    dense = Chain((p1, p2)).to_dense(factors)
+    ksfx.stats(reset=True)
+    for n in (5, 9, 1):
+        x = torch.randn(3, n, p2.in_features, generator=g)
+        y = compiled(x)
+        assert y.shape == (3, n, p1.out_features)
+        assert_close(y, torch.relu(x.double() @ dense.double().T) * 2, torch.float32)
+    assert ksfx.stats().get("triton-interpret.forward", 0) == 6
+
+
+def test_fake_tensor_shapes_with_symbolic_batch():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+    chain = Chain((KSPattern(2, 16, 24, 3),))
+    with FakeTensorMode(shape_env=ShapeEnv()) as mode:
+        x = mode.from_tensor(torch.empty(8, chain.in_features), static_shapes=False)
+        values = torch.empty(2, 16, 24, 3)
+        y = torch.ops.ksfx.ks_chain(x, [values], chain.to_spec(), False, None)
+        assert y.shape[1] == chain.out_features and y.shape[0] is x.shape[0]
+
+
+# ----------------------------------------------------------------------------- codegen
+def test_generated_index_maps_match_torch_path(triton_interpret):
+    """The kernel for an identity-valued step is a pure gather: it must equal the CPU path."""
+    p = KSPattern(3, 2, 5, 2)
+    step = FactorStep(p, random_index_perm(p.in_features), digit_perm(p.out_features))
+    x, values = make(p.as_tuple(), 4, False, torch.float32, "cpu")
+    expected = torch_path.factor_forward(x, values, step, False)
+    assert_close(triton_path.factor_forward(x, values, step, False), expected.double(), torch.float32)
+
+
+def test_kernel_cache_is_keyed_and_thread_safe(triton_interpret):
+    step = FactorStep(KSPattern(2, 3, 4, 5), digit_perm(40))
+    key = KernelKey("forward", step, "fma", False, "float16", True, "-", None)
+    kernels = []
+    threads = [threading.Thread(target=lambda: kernels.append(get_kernel(key, config.cache_dir))) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(kernels) == 4 and all(k is kernels[0] for k in kernels)
+    assert key in cached_kernels()
+    other = KernelKey("forward", step, "fma", True, "float16", True, "-", None)
+    assert get_kernel(other, config.cache_dir) is not kernels[0]
+    source = key.source()
+    assert "tl.static_range(4)" in source and "@triton.jit" in source
+
+
+def test_source_has_no_index_table_without_index_perm():
+    digit = KernelKey("forward", FactorStep(KSPattern(1, 16, 16, 4), digit_perm(64)), "dot", False, "float32", False,
+                      "ieee", None)  # fmt: skip
+    assert "in_table_ptr +" not in digit.source() and 'input_precision="ieee"' in digit.source()
+    index = KernelKey("grad", FactorStep(KSPattern(1, 16, 16, 4), random_index_perm(64)), "dot", True, "bfloat16",
+                      True, "-", None)  # fmt: skip
+    assert "tl.load(in_table_ptr +" in index.source() and ".to(tl.float32)" in index.source()
+
+
+def test_bad_inputs_raise_clear_errors(triton_interpret):
+    step = FactorStep(KSPattern(2, 3, 4, 5))
+    with pytest.raises(ValueError, match="features"):
+        triton_path.factor_forward(torch.randn(3, 39), torch.randn(2, 3, 4, 5), step, False)
+    with pytest.raises(ValueError, match=r"shape \(2, 3, 4, 5\)"):
+        triton_path.factor_forward(torch.randn(3, 40), torch.randn(2, 4, 3, 5), step, False)
+    with pytest.raises(ValueError, match="does not match"):
+        triton_path.factor_grad_values(torch.randn(3, 31), torch.randn(3, 40), step, False)
+    with pytest.raises(ValueError, match="power of two"):
+        TileConfig(24, 16)
+    with pytest.raises(ValueError, match="unknown kernel kind"):
+        KernelKey("sideways", step, "fma", False, "float32", True, "-", None).source()
+
+
+def test_empty_batch(triton_interpret):
+    step = FactorStep(KSPattern(2, 3, 4, 5))
+    y = triton_path.factor_forward(torch.randn(0, 40), torch.randn(2, 3, 4, 5), step, False)
+    assert y.shape == (0, 30)
+    grad = triton_path.factor_grad_values(torch.randn(0, 30), torch.randn(0, 40), step, False)
+    assert torch.equal(grad, torch.zeros(2, 3, 4, 5))
+
+
+# ----------------------------------------------------------------------------- tiling and traffic
+def test_heuristics_respect_the_kernel_constraints():
+    for pattern in [(2, 48, 192, 1), (1, 768, 192, 2), (256, 2, 2, 32), (1, 2, 2, 4096), (1, 20, 6, 2)]:
+        p = KSPattern(*pattern)
+        for n, itemsize, batch_last in [(25088, 4, False), (1, 2, True), (4096, 2, False)]:
+            fwd = forward_heuristic(p, n, itemsize, batch_last, 132)
+            grad = grad_heuristic(p, n, itemsize, batch_last, 132)
+            if kernel_mode(p) == "dot":
+                assert min(fwd.block_m, fwd.block_n, fwd.block_k) >= 16
+                assert min(grad.block_m, grad.block_n, grad.block_k) >= 16
+            assert 1 <= grad.splits <= max(1, n // grad.block_m)
+
+
+def test_traffic_model_hand_computed():
+    # KS(2,16,16,1), batch-last fp32, n = 64, one batch tile, one β tile: exactly optimal.
+    t = traffic.bytes_moved(FactorStep(KSPattern(2, 16, 16, 1)), 64, True, TileConfig(64, 16, 16), 4)
+    assert (t.x, t.values, t.y, t.tables) == (2 * 16 * 64 * 4, 2 * 16 * 16 * 4, 2 * 16 * 64 * 4, 0)
+    assert t.total == t.lower_bound == KSPattern(2, 16, 16, 1).min_bytes(64, 4)
+    # b = 32 with 16-wide β tiles: x read twice; two batch tiles: values read twice.
+    t = traffic.bytes_moved(FactorStep(KSPattern(2, 32, 16, 1)), 64, True, TileConfig(32, 16, 16), 4)
+    assert t.x == 2 * (2 * 16 * 64 * 4) and t.values == 2 * (2 * 32 * 16 * 4) and t.y == 2 * 32 * 64 * 4
+    # Batch-first d = 8 in 32-byte sectors: each fp32 x element of a group sits in its own sector.
+    t = traffic.bytes_moved(FactorStep(KSPattern(1, 16, 16, 8)), 32, False, TileConfig(32, 16, 16), 4, sector=32)
+    assert t.x == 8 * 32 * 16 * 32 and t.y == 8 * 32 * 16 * 32
+    # FMA rows tile = one α block of 16 rows; an index table costs one int32 per lookup.
+    step = FactorStep(KSPattern(4, 2, 2, 8), IndexPerm(tuple(reversed(range(64)))))
+    t = traffic.bytes_moved(step, 32, False, TileConfig(32, 16), 4)
+    assert (t.x, t.values, t.y, t.tables) == (64 * 32 * 4, 128 * 4, 64 * 32 * 4, 64 * 2 * 4)
