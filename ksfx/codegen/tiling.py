@@ -1,4 +1,4 @@
-"""Tile configurations: a no-tuning heuristic and a pruned space for Triton autotuning.
+"""Tile configurations and the no-tuning heuristic (the tuning space is in :mod:`.tuning`).
 
 Meaning of the block sizes per kernel (see :mod:`ksfx.codegen.source`):
 
@@ -17,15 +17,12 @@ large batch over few values still fills the GPU.
 
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass
 
 from ksfx.pattern import KSPattern
 
 #: ``tl.dot`` needs every tile dimension >= 16.
 MIN_DOT = 16
-#: Shared memory a dot config may use (bytes); conservative for sm_80 and later.
-SMEM_BUDGET = 160 * 1024
 
 
 @dataclass(frozen=True)
@@ -102,7 +99,7 @@ def forward_heuristic(pattern: KSPattern, n: int, itemsize: int, batch_last: boo
     if batch_last:
         block_m, block_n = 64, clamp_pow2(rows, 1, 32)
     else:
-        block_m, block_n = 16, clamp_pow2(rows, 1, 128)
+        block_m, block_n = 32, clamp_pow2(rows, 1, 128)
     block_m = min(block_m, clamp_pow2(n, 1, block_m))
     return TileConfig(block_m, block_n, 1, num_warps=4, num_stages=1)
 
@@ -124,30 +121,3 @@ def grad_heuristic(pattern: KSPattern, n: int, itemsize: int, batch_last: bool, 
     # Each split should still loop over several batch tiles, or partials dominate.
     splits = max(1, min(cdiv(4 * num_sms, per_split), cdiv(n, 4 * cfg.block_m)))
     return TileConfig(cfg.block_m, cfg.block_n, cfg.block_k, cfg.num_warps, cfg.num_stages, splits)
-
-
-def forward_config_space(pattern: KSPattern, n: int, itemsize: int) -> list[TileConfig]:
-    """Pruned autotuning space: tiles no larger than the problem, within shared memory."""
-    mode = kernel_mode(pattern)
-    configs = []
-    if mode == "dot":
-        for bm, bn, bk, warps, stages in itertools.product(
-            (32, 64, 128), (16, 32, 64, 128), (16, 32, 64), (4, 8), (2, 3, 4)
-        ):
-            if bn > clamp_pow2(pattern.b, MIN_DOT, 128) or bk > clamp_pow2(pattern.c, MIN_DOT, 64):
-                continue
-            if bm > clamp_pow2(n, 32, 128):
-                continue
-            if stages * (bm * bk + bk * bn) * itemsize > SMEM_BUDGET:
-                continue
-            if warps == 8 and bm * bn < 64 * 64:
-                continue
-            configs.append(TileConfig(bm, bn, bk, warps, stages))
-    else:
-        for bm, bn, warps in itertools.product((16, 32, 64, 128), (16, 32, 64, 128, 256), (2, 4, 8)):
-            if bn > clamp_pow2(pattern.out_features, 16, 256) or bm > clamp_pow2(n, 16, 128):
-                continue
-            if bm * bn > 64 * 256 or warps * 32 * 4 > bm * bn:
-                continue
-            configs.append(TileConfig(bm, bn, 1, warps, 1))
-    return configs

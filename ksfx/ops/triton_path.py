@@ -16,12 +16,12 @@ import torch
 from ksfx.codegen import KernelKey, TileConfig, get_autotuned, get_kernel, kernel_mode
 from ksfx.codegen.tiling import (
     cdiv,
-    forward_config_space,
     forward_heuristic,
     forward_programs,
     grad_heuristic,
     grad_programs_per_split,
 )
+from ksfx.codegen.tuning import forward_config_space
 from ksfx.config import config
 from ksfx.ops import torch_path
 from ksfx.pattern import FactorStep, IndexPerm, Perm
@@ -136,7 +136,7 @@ def factor_forward(
     )  # fmt: skip
     flags = {"HAS_BIAS": bias is not None, "INT64": _needs_int64(x, y)}
     if tile is None and config.autotune and not key.interpret:
-        configs = forward_config_space(pattern, n, x.element_size())
+        configs = forward_config_space(step, n, x.element_size(), batch_last, _device_info(x.device)[1])
         kernel = get_autotuned(key, config.cache_dir, configs)
         kernel[lambda meta: (forward_programs(pattern, n, _meta_tile(meta), key.mode),)](*args, **flags)
         return y

@@ -1,0 +1,76 @@
+"""The autotuning space: candidate tiles pruned by hardware limits and ranked by traffic.
+
+Triton's autotuner compiles and times every config it is given, so the space must be
+small. Candidates are the power-of-two tilings that fit the block shape and shared
+memory; the traffic model (:mod:`.traffic`) ranks them and only the best few tilings,
+each with two warp/stage variants, are kept, plus the heuristic's own choice.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+from ksfx.codegen.tiling import (
+    MIN_DOT,
+    TileConfig,
+    clamp_pow2,
+    forward_heuristic,
+    forward_programs,
+    kernel_mode,
+)
+from ksfx.codegen.traffic import bytes_moved
+from ksfx.pattern import FactorStep
+
+#: Shared memory a dot config may use (bytes); conservative for sm_80 and later.
+SMEM_BUDGET = 160 * 1024
+
+
+def _tilings(step: FactorStep, n: int, itemsize: int) -> list[tuple[int, int, int]]:
+    p = step.pattern
+    if kernel_mode(p) == "dot":
+        max_n, max_k = clamp_pow2(p.b, MIN_DOT, 128), clamp_pow2(p.c, MIN_DOT, 64)
+        max_m = clamp_pow2(n, 32, 128)
+        return [
+            (bm, bn, bk)
+            for bm, bn, bk in itertools.product((32, 64, 128), (16, 32, 64, 128), (16, 32, 64))
+            if bm <= max_m and bn <= max_n and bk <= max_k and 3 * (bm * bk + bk * bn) * itemsize <= SMEM_BUDGET
+        ]
+    max_n, max_m = clamp_pow2(p.out_features, 16, 256), clamp_pow2(n, 16, 128)
+    return [
+        (bm, bn, 1)
+        for bm, bn in itertools.product((16, 32, 64, 128), (16, 32, 64, 128, 256))
+        if bm <= max_m and bn <= max_n and bm * bn <= 64 * 256
+    ]
+
+
+def _variants(step: FactorStep, bm: int, bn: int, bk: int) -> list[TileConfig]:
+    if kernel_mode(step.pattern) == "dot":
+        warps = 8 if bm * bn >= 128 * 64 else 4
+        return [TileConfig(bm, bn, bk, warps, 3), TileConfig(bm, bn, bk, warps, 4)]
+    warps = max(1, min(8, bm * bn // 512))
+    return [TileConfig(bm, bn, 1, warps, 1), TileConfig(bm, bn, 1, max(1, warps // 2), 1)]
+
+
+def forward_config_space(
+    step: FactorStep, n: int, itemsize: int, batch_last: bool, num_sms: int, tilings: int = 6
+) -> list[TileConfig]:
+    """At most ``2 * tilings + 1`` configs: the least-traffic tilings that still fill the GPU."""
+    candidates = _tilings(step, n, itemsize)
+    mode = kernel_mode(step.pattern)
+    filling = [t for t in candidates if forward_programs(step.pattern, n, TileConfig(*t), mode) >= num_sms]
+    candidates = filling or candidates
+
+    deepest = {}  # the γ depth does not change traffic: keep the deepest per (block_m, block_n)
+    for bm, bn, bk in candidates:
+        deepest[bm, bn] = max(bk, deepest.get((bm, bn), 0))
+
+    def cost(tiling: tuple[int, int, int]) -> tuple[int, int]:
+        moved = bytes_moved(step, n, batch_last, TileConfig(*tiling), itemsize, sector=32).total
+        return moved, -tiling[0] * tiling[1]
+
+    best = sorted(((bm, bn, bk) for (bm, bn), bk in deepest.items()), key=cost)[:tilings]
+    configs = [forward_heuristic(step.pattern, n, itemsize, batch_last, num_sms)]
+    for config in (c for tiling in best for c in _variants(step, *tiling)):
+        if config not in configs:
+            configs.append(config)
+    return configs
