@@ -148,6 +148,18 @@ def factor_forward(
     return y
 
 
+def tuned_config(x: torch.Tensor, step: FactorStep, batch_last: bool) -> TileConfig | None:
+    """The config Triton's autotuner kept for ``x``'s shape (None before it tuned one)."""
+    n = _layout(x, batch_last)[0]
+    key = _key("forward", step, x, batch_last)
+    configs = forward_config_space(step, n, x.element_size(), batch_last, _device_info(x.device)[1])
+    best = getattr(get_autotuned(key, config.cache_dir, configs), "best_config", None)
+    if best is None:
+        return None
+    return TileConfig(**{name.lower(): v for name, v in best.kwargs.items()}, num_warps=best.num_warps,
+                      num_stages=best.num_stages)  # fmt: skip
+
+
 def _meta_tile(meta: dict) -> TileConfig:
     return TileConfig(meta["BLOCK_M"], meta["BLOCK_N"], meta["BLOCK_K"])
 
