@@ -113,6 +113,25 @@ def measure(
     return timer.blocked_autorange(min_run_time=cpu_min_time).median
 
 
+def measure_interleaved(
+    fns: dict[str, Callable[[], object]], device: torch.device, rounds: int, **kwargs
+) -> dict[str, float]:
+    """Best of ``rounds`` medians per contender, timing the contenders in turn each round.
+
+    Interleaving spreads background load (a shared CPU) over every contender instead of
+    penalising whichever ran while the machine was busy.
+    """
+    best: dict[str, float] = {}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            best[name] = min(best.get(name, float("inf")), measure(fn, device, **kwargs))
+    return best
+
+
+def default_rounds(device: torch.device) -> int:
+    return 1 if device.type == "cuda" else 3
+
+
 def copy_bandwidth(device: torch.device) -> float | None:
     """Achievable global-memory bandwidth in bytes/s (a large device-to-device copy), CUDA only."""
     if device.type != "cuda":
@@ -200,7 +219,8 @@ class ResultFile:
         return key in self.keys
 
     def add(self, case: dict) -> None:
-        self.data["cases"].append(case)
+        """Append ``case``, replacing an earlier case with the same key (a forced re-measure)."""
+        self.data["cases"] = [c for c in self.data["cases"] if c["key"] != case["key"]] + [case]
         self.keys.add(case["key"])
         self.save(force=False)
 

@@ -177,18 +177,23 @@ def run_case(pattern: Pattern, dtype_name: str, layout: str, batch: int, device:
     for name in [n for n in contenders if n != "ksfx" and n not in args.baselines]:
         del contenders[name]
 
+    working = {}
     for name, fn in contenders.items():
         try:
             y = fn()  # first call: compiles (Inductor) or autotunes (ksfx on GPU)
             case["errors"][name] = common.rel_error(y, ref)
+            working[name] = fn
             del y
-            case["times"][name] = common.measure(fn, device, rep_ms=args.rep_ms, cpu_min_time=args.cpu_min_time)
         except torch.cuda.OutOfMemoryError:
             case["skipped"][name] = "out of memory"
             torch.cuda.empty_cache()
         except Exception as exc:  # a failing contender is recorded, the sweep goes on
             case["skipped"][name] = f"error: {type(exc).__name__}: {exc}"[:500]
             traceback.print_exc(file=sys.stderr)
+    del ref
+    case["times"] = common.measure_interleaved(
+        working, device, args.rounds, rep_ms=args.rep_ms, cpu_min_time=args.cpu_min_time
+    )
     summarise(case, dtype_name, args.copy_bandwidth)
     return case
 
@@ -237,6 +242,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--time-budget", type=float, default=None, help="stop cleanly after this many seconds")
     p.add_argument("--rep-ms", type=float, default=40.0, help="do_bench repetition time per contender (GPU)")
     p.add_argument("--cpu-min-time", type=float, default=0.1, help="blocked_autorange min_run_time (CPU)")
+    p.add_argument("--rounds", type=int, default=None, help="timing rounds, best kept (default: 3 on CPU, 1 on GPU)")
     p.add_argument("--dense-limit-gb", type=float, default=2.0, help="skip the dense baseline above this size")
     p.add_argument("--out", type=Path, default=None, help="result file (default results/patterns_<device>_<date>.json)")
     p.add_argument("--no-plot", action="store_true", help="do not write the PNG next to the JSON")
@@ -267,6 +273,7 @@ def main(argv: list[str] | None = None) -> Path:
     args = parse_args(argv)
     device = common.pick_device(args.device)
     torch.set_float32_matmul_precision(args.precision)
+    args.rounds = args.rounds or common.default_rounds(device)
     cases = plan(args, device)
     env = common.environment(device)
     out = args.out or common.default_path("patterns", device)

@@ -9,6 +9,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import ScalarFormatter  # noqa: E402
 
 
 def plot_patterns(data: dict, path: Path) -> Path:
@@ -26,10 +27,13 @@ def plot_patterns(data: dict, path: Path) -> Path:
     for ax, dtype in zip(axes[0], dtypes, strict=True):
         for (layout, batch), speedups in sorted(series[dtype].items()):
             xs = sorted(speedups)
-            ys = [(i + 1) / len(xs) for i in range(len(xs))]
+            xs, ys = [xs[0], *xs], [0.0, *((i + 1) / len(xs) for i in range(len(xs)))]
             ax.step(xs, ys, where="post", label=f"{layout}, n={batch} ({len(xs)})")
         ax.axvline(1.0, color="black", linewidth=0.8)
         ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(ScalarFormatter())
+        ax.xaxis.set_minor_formatter(ScalarFormatter())
+        ax.tick_params(axis="x", which="minor", labelsize=7)
         ax.set_xlabel("speedup of ksfx over the best baseline")
         ax.set_ylabel("fraction of patterns")
         ax.set_title(f"{dtype}")
