@@ -329,6 +329,10 @@ def test_bad_inputs_raise_clear_errors(triton_interpret):
         triton_path.factor_forward(torch.randn(3, 40), torch.randn(2, 4, 3, 5), step, False)
     with pytest.raises(ValueError, match="does not match"):
         triton_path.factor_grad_values(torch.randn(3, 31), torch.randn(3, 40), step, False)
+    with pytest.raises(TypeError, match="Triton kernels take"):
+        triton_path.factor_forward(torch.randn(3, 40).double(), torch.randn(2, 3, 4, 5).double(), step, False)
+    with pytest.raises(TypeError, match="must match x"):
+        triton_path.factor_grad_values(torch.randn(3, 30).half(), torch.randn(3, 40), step, False)
     with pytest.raises(ValueError, match="power of two"):
         TileConfig(24, 16)
     with pytest.raises(ValueError, match="unknown kernel kind"):

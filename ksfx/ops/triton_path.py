@@ -28,6 +28,7 @@ from ksfx.pattern import FactorStep, IndexPerm, Perm
 
 #: Offsets beyond this need 64-bit index arithmetic in the kernels.
 INT32_LIMIT = 2**31 - 1
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 #: Nominal SM count under the interpreter (only shapes the heuristic's grid).
 INTERPRETER_SMS = 4
 
@@ -93,15 +94,19 @@ def _key(kind: str, step: FactorStep, t: torch.Tensor, batch_last: bool) -> Kern
     )
 
 
-def _check(x: torch.Tensor, values: torch.Tensor, step: FactorStep, batch_last: bool) -> None:
+def _check(x: torch.Tensor, values: torch.Tensor | None, step: FactorStep, batch_last: bool) -> None:
+    """Sizes, dtype and device of an activation (and of the values when given)."""
     if x.ndim != 2:
         raise ValueError(f"{step}: the Triton path takes a 2-D input, got shape {tuple(x.shape)}")
     features = x.shape[0] if batch_last else x.shape[1]
     if features != step.pattern.in_features:
         raise ValueError(f"{step}: input has {features} features, the factor takes {step.pattern.in_features}")
-    step.pattern.check_values(values)
-    if values.dtype != x.dtype or values.device != x.device:
-        raise TypeError(f"{step}: values ({values.dtype}, {values.device}) must match x ({x.dtype}, {x.device})")
+    if x.dtype not in KERNEL_DTYPES:
+        raise TypeError(f"{step}: the Triton kernels take {', '.join(map(str, KERNEL_DTYPES))}, got {x.dtype}")
+    if values is not None:
+        step.pattern.check_values(values)
+        if values.dtype != x.dtype or values.device != x.device:
+            raise TypeError(f"{step}: values ({values.dtype}, {values.device}) must match x ({x.dtype}, {x.device})")
     if x.device.type != "cuda" and not config.interpret:
         raise ValueError(f"{step}: Triton kernels need CUDA tensors or ksfx.config.interpret (TRITON_INTERPRET=1)")
 
@@ -122,6 +127,8 @@ def factor_forward(
     """
     _check(x, values, step, batch_last)
     pattern = step.pattern
+    if bias is not None:
+        bias = bias.contiguous()
     n, stride_xm, stride_xf = _layout(x, batch_last)
     shape = (pattern.out_features, n) if batch_last else (n, pattern.out_features)
     y = torch.empty(shape, dtype=x.dtype, device=x.device)
@@ -173,11 +180,14 @@ def factor_grad_values(
     summed afterwards, so large batches over few values still fill the GPU.
     """
     pattern = step.pattern
+    _check(x, None, step, batch_last)
     n, stride_xm, stride_xf = _layout(x, batch_last)
-    n_dy, stride_dm, stride_df = _layout(dy, batch_last)
-    out_features = dy.shape[0] if batch_last else dy.shape[1]
-    if dy.ndim != 2 or n_dy != n or out_features != pattern.out_features:
+    expected = (pattern.out_features, n) if batch_last else (n, pattern.out_features)
+    if tuple(dy.shape) != expected:
         raise ValueError(f"{step}: dy of shape {tuple(dy.shape)} does not match x of shape {tuple(x.shape)}")
+    if dy.dtype != x.dtype or dy.device != x.device:
+        raise TypeError(f"{step}: dy ({dy.dtype}, {dy.device}) must match x ({x.dtype}, {x.device})")
+    _, stride_dm, stride_df = _layout(dy, batch_last)
     if n == 0:
         return torch.zeros(pattern.as_tuple(), dtype=x.dtype, device=x.device)
     key = _key("grad", step, x, batch_last)
