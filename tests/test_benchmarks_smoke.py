@@ -1,0 +1,110 @@
+"""The example models and the benchmark scripts in their smallest settings (no timing asserted)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from benchmarks import models, patterns, report
+from examples import ks_models
+from ksfx import Chain, KSPattern
+
+GENERAL_CHAINS = [
+    ((2, 3, 4, 5), (5, 8, 6, 1)),  # general (a, b, c, d) factors, widths 30 -> 40 -> 30
+    ks_models.VIT_S16.qkv,
+    ks_models.VIT_S16.mlp_down,
+    ks_models.monarch_patterns(64, 256, 4),
+]
+
+
+def values_of(layer: ks_models.BmmKSLinear) -> list[torch.Tensor]:
+    """The ``(a, b, c, d)`` values of each bmm weight ``(a*d, b, c)``."""
+    return [
+        w.detach().reshape(a, d, b, c).permute(0, 2, 3, 1)
+        for (a, b, c, d), w in zip(layer.patterns, layer.weights, strict=True)
+    ]
+
+
+@pytest.mark.parametrize("patterns", GENERAL_CHAINS)
+def test_bmm_ks_linear_matches_dense_chain(patterns):
+    torch.manual_seed(0)
+    layer = ks_models.BmmKSLinear(patterns).double()
+    dense = Chain.of_factors(list(patterns)).to_dense(values_of(layer))
+    torch.testing.assert_close(ks_models.dense_weight(layer), dense)
+    x = torch.randn(2, 3, layer.in_features, dtype=torch.float64)
+    torch.testing.assert_close(layer(x), x @ dense.T + layer.bias)
+
+
+def test_paper_vit_chain_widths_and_bad_chains():
+    cfg = ks_models.VIT_S16
+    assert ks_models.chain_widths(cfg.qkv) == (384, 384)
+    assert ks_models.chain_widths(cfg.mlp_up) == (384, 1536)
+    assert ks_models.chain_widths(cfg.mlp_down) == (1536, 384)
+    assert ks_models.chain_widths(ks_models.GPT2_MEDIUM.mlp_up) == (1024, 4096)
+    # listed in application order, the Q/K/V factors make a different (96 -> 96) chain ...
+    assert ks_models.chain_widths(cfg.qkv[::-1]) == (96, 96)
+    # ... and the MLP up factors no chain at all
+    with pytest.raises(ValueError, match="do not chain"):
+        ks_models.chain_widths(cfg.mlp_up[::-1])
+    with pytest.raises(ValueError, match="do not fit"):
+        ks_models.ViTConfig(dim=192)
+
+
+@pytest.mark.parametrize("pattern", [(1, 4, 6, 1), (2, 3, 4, 5), (3, 8, 2, 2)])
+@pytest.mark.parametrize("batch_last", [False, True])
+def test_baseline_formulations_match_dense(pattern, batch_last):
+    torch.manual_seed(0)
+    a, b, c, d = pattern
+    values = torch.randn(pattern, dtype=torch.float64)
+    dense = KSPattern(*pattern).to_dense(values)
+    x = torch.randn((a * c * d, 7) if batch_last else (7, a * c * d), dtype=torch.float64)
+    expected = dense @ x if batch_last else x @ dense.T
+    w_bmm = values.permute(0, 3, 1, 2).reshape(a * d, b, c)
+    torch.testing.assert_close(patterns.bmm_formulation(x, w_bmm, pattern, batch_last), expected)
+    torch.testing.assert_close(patterns.einsum_formulation(x, values, pattern, batch_last), expected)
+
+
+def test_pattern_sweep_writes_valid_json_and_resumes(tmp_path):
+    out = tmp_path / "results" / "patterns.json"
+    argv = ["--quick", "--limit", "2", "--batch", "32", "--baselines", "bmm,einsum,dense", "--device", "cpu"]
+    argv += ["--cpu-min-time", "0.002", "--rounds", "1", "--out", str(out)]
+    patterns.main(argv)
+    data = json.loads(out.read_text())
+    assert data["environment"]["float32_matmul_precision"] == "highest"
+    assert len(data["cases"]) == 4  # 2 patterns x 2 layouts
+    assert {c["layout"] for c in data["cases"]} == {"batch-first", "batch-last"}
+    for case in data["cases"]:
+        assert set(case["times"]) == {"ksfx", "bmm", "einsum", "dense"}
+        assert all(t > 0 for t in case["times"].values())
+        assert case["errors"]["ksfx"] <= 1e-5 and case["correct"]
+        best = min(t for name, t in case["times"].items() if name != "ksfx")
+        assert case["speedup"] == pytest.approx(best / case["times"]["ksfx"])
+        a, b, c, d = case["pattern"]
+        assert case["min_bytes"] == 4 * (32 * (a * c * d + a * b * d) + a * b * c * d)
+    assert out.with_suffix(".png").stat().st_size > 0
+    patterns.main(argv)  # everything is already there: nothing is measured again
+    assert len(json.loads(out.read_text())["cases"]) == 4
+    assert len(json.loads(out.read_text())["runs"]) == 2
+
+
+def test_model_benchmark_and_report(tmp_path):
+    results = tmp_path / "results"
+    argv = ["--quick", "--model", "gpt2", "--batch", "1", "--contenders", "eager", "--train", "--device", "cpu"]
+    argv += ["--cpu-min-time", "0.01", "--rounds", "1", "--out", str(results / "models.json")]
+    models.main(argv)
+    data = json.loads((results / "models.json").read_text())
+    assert [c["mode"] for c in data["cases"]] == ["inference", "train"]
+    for case in data["cases"]:
+        assert case["times"]["eager"] > 0
+        assert case["errors"]["eager"] == 0.0  # eager against itself, gradients included when training
+        assert case["config"]["dim"] == ks_models.GPT2_SMALL.dim
+
+    readme = tmp_path / "README.md"
+    shutil.copy(report.README, readme)
+    text = report.main(["--results", str(results), "--readme", str(readme)])
+    models_table = text.split("<!-- report:models -->")[1].split("<!-- /report:models -->")[0]
+    assert models_table.count("| gpt2 | quick | fp32 |") == 2
+    assert "[models.json](results/models.json)" in text
