@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dis
 import inspect
+import linecache
 import logging
 import os
 import re
@@ -46,6 +47,7 @@ _OP_PATTERNS = (
     re.compile(r"<function (\w+) at 0x"),
 )
 _CALL_RE = re.compile(r"\b(\w+)\s*\(")
+_DATA_DEPENDENT = ("Data dependent operator", "torch.* op returned non-Tensor")
 
 
 @dataclass(frozen=True)
@@ -185,12 +187,12 @@ def _describe(message: str, stack: list, functions: dict) -> GraphBreak:
         op=op,
         autograd_function=fn_cls,
         hides_ks_work=hides,
-        hint=_hint(message, reason, source, op, fn_cls),
+        hint=_hint(message, reason, filename, lineno, op, fn_cls),
         message=message,
     )
 
 
-def _hint(message: str, reason: str, source: str, op: str | None, fn_cls: type | None) -> str:
+def _hint(message: str, reason: str, filename: str, lineno: int, op: str | None, fn_cls: type | None) -> str:
     parts = []
     if "out=" in reason:
         name = op or "the op"
@@ -198,9 +200,9 @@ def _hint(message: str, reason: str, source: str, op: str | None, fn_cls: type |
             f"Dynamo cannot trace {name}(..., out=<non-contiguous tensor>): call {name}(a, b) and use its result "
             "(then .transpose/.reshape it as the out= view did)"
         )
-    elif "np.prod" in source or "numpy.prod" in source:
+    elif reason.startswith(_DATA_DEPENDENT) and re.search(r"\b(np|numpy)\.prod\(", _preceding_lines(filename, lineno)):
         parts.append("np.prod of a shape is traced as an array and forces a tensor-to-int conversion: use math.prod")
-    elif reason.startswith(("Data dependent operator", "torch.* op returned non-Tensor")):
+    elif reason.startswith(_DATA_DEPENDENT):
         parts.append(
             "a Python number is read out of a tensor here (.item(), int(), numpy on sizes): keep sizes as ints"
         )
@@ -213,6 +215,11 @@ def _hint(message: str, reason: str, source: str, op: str | None, fn_cls: type |
             "before torch.compile so that AOTAutograd traces the whole autograd.Function (docs/graph_breaks.md)"
         )
     return "; ".join(parts)
+
+
+def _preceding_lines(filename: str, lineno: int, count: int = 6) -> str:
+    """The break's line and the few before it: a value traced as data often comes from just above."""
+    return "".join(linecache.getline(filename, k) for k in range(max(1, lineno - count + 1), lineno + 1))
 
 
 def _first_line(message: str) -> str:

@@ -66,6 +66,11 @@ def test_reports_out_bmm_breaks_with_source_line_and_hint():
         assert "BlockdiagButterflyOutFn" in str(b) and b.source in str(b)
     # np.prod(batch_shape) makes the batch size a traced value: reported inside the Function too.
     assert all(b.autograd_function is layers.BlockdiagButterflyOutFn for b in breaks)
+    traced_sizes = [b for b in breaks if "out=" not in b.reason]
+    assert traced_sizes, "the np.prod(batch_shape) break is missing"
+    for b in traced_sizes:
+        assert b.lineno in {_line_of(fwd, "np.prod("), _line_of(fwd, "x_blocks = x.reshape(")}
+        assert "math.prod" in b.hint
 
 
 def test_no_breaks_for_plain_bmm_monarch():
