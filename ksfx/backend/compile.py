@@ -1,0 +1,214 @@
+"""The torch.compile glue: lower Dynamo's graph to aten, run the pass, hand over.
+
+Dynamo gives the backend a torch-level graph whose parameters and buffers are
+placeholders and whose ``example_inputs`` are the real tensors. We trace that graph to
+aten with ``make_fx`` under Dynamo's own fake mode (symbolic batch sizes survive), run
+the pass on the aten graph, and give the rewritten graph to the inner compiler
+(Inductor by default), which runs AOT autograd on it: the KS op's registered autograd
+provides the backward, so training needs no pattern matching on backward graphs.
+
+When nothing is rewritten the *original* Dynamo graph goes to the inner compiler, so the
+backend is exactly the inner compiler on graphs without KS work. Supports that depend on
+tensor values (masks, index tables, frozen weights) are guarded at every call: if such a
+tensor changed in a way that invalidates the rewrite, the call falls back to the
+original graph (eagerly) and says so in a warning.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+from torch._guards import detect_fake_mode
+from torch.fx.experimental.proxy_tensor import make_fx
+
+from ksfx.passes import ChainReport, run_pass
+from ksfx.passes.cost import MODES
+
+log = logging.getLogger("ksfx.passes")
+
+INNER = ("inductor", "aot_eager", "eager")
+
+
+@dataclass
+class GraphReport:
+    """What the pass did to one graph Dynamo captured."""
+
+    index: int
+    chains: list[ChainReport] = field(default_factory=list)
+    code: str | None = None  # the rewritten aten graph, when something was rewritten
+    note: str = ""
+
+
+def _inner_compiler(inner) -> Callable:
+    if callable(inner):
+        return inner
+    if inner == "inductor":
+        from torch._inductor.compile_fx import compile_fx
+
+        return compile_fx
+    if inner == "aot_eager":
+        from torch._dynamo.backends.registry import lookup_backend
+
+        return lookup_backend("aot_eager")
+    if inner == "eager":
+        return lambda gm, example_inputs: gm.forward
+    raise ValueError(f"inner must be one of {INNER} or a callable (gm, example_inputs), got {inner!r}")
+
+
+def _classify(gm: fx.GraphModule, example_inputs):
+    """Placeholders that are weights, those whose values may shape supports, the learnable ones."""
+    weights, known, learnable = [], {}, []
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    for k, (node, value) in enumerate(zip(placeholders, example_inputs, strict=False)):
+        if not isinstance(value, torch.Tensor):
+            continue
+        grapharg = node.meta.get("grapharg")
+        source = getattr(grapharg, "source", None)
+        from_module = source is not None and "NN_MODULE" in str(getattr(source, "guard_source", ""))
+        is_param = isinstance(value, torch.nn.Parameter)
+        if not (is_param or from_module):
+            continue
+        weights.append(k)
+        if is_param and value.requires_grad:
+            learnable.append(k)
+        elif not isinstance(value, torch._subclasses.FakeTensor):
+            known[k] = value
+    return weights, known, learnable
+
+
+def lower(gm: fx.GraphModule, example_inputs) -> fx.GraphModule:
+    """``gm`` traced to aten (views, permutes, bmm…) with Dynamo's fake mode and metadata."""
+    fake_mode = detect_fake_mode(example_inputs)
+    if fake_mode is None:
+        from torch._subclasses.fake_tensor import FakeTensorMode
+
+        fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
+    fake_type = torch._subclasses.FakeTensor
+    fakes = [
+        fake_mode.from_tensor(x) if isinstance(x, torch.Tensor) and not isinstance(x, fake_type) else x
+        for x in example_inputs
+    ]
+    with fake_mode:
+        aten_gm = make_fx(gm, tracing_mode="real")(*fakes)
+    old = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    new = [n for n in aten_gm.graph.nodes if n.op == "placeholder"]
+    if len(old) != len(new):
+        raise RuntimeError(f"lowering changed the number of inputs ({len(old)} -> {len(new)})")
+    for before, after in zip(old, new, strict=True):
+        for key, value in before.meta.items():
+            after.meta.setdefault(key, value)
+        if hasattr(before, "_dynamo_source"):
+            after._dynamo_source = before._dynamo_source
+    aten_gm.meta.update(gm.meta)
+    return aten_gm
+
+
+def _device_type(example_inputs) -> str:
+    for x in example_inputs:
+        if isinstance(x, torch.Tensor) and x.device.type != "cpu":
+            return x.device.type
+    return "cpu"
+
+
+class KsfxCompiler:
+    """A torch.compile backend: ``KsfxCompiler(rewrite="auto", inner="inductor")(gm, example_inputs)``."""
+
+    def __init__(self, rewrite: str = "auto", inner="inductor", reports: list | None = None) -> None:
+        if rewrite not in MODES:
+            raise ValueError(f"rewrite must be one of {MODES}, got {rewrite!r}")
+        self.rewrite = rewrite
+        self.inner = _inner_compiler(inner)
+        self.reports = reports
+        self.count = 0
+
+    def __call__(self, gm: fx.GraphModule, example_inputs):
+        report = GraphReport(self.count)
+        self.count += 1
+        if self.reports is not None:
+            self.reports.append(report)
+        try:
+            aten_gm = lower(gm, example_inputs)
+        except Exception as err:  # noqa: BLE001 - any tracing failure means: leave this graph alone
+            report.note = f"not analysed: lowering to aten failed ({type(err).__name__}: {err})"
+            log.warning("ksfx: graph %d %s", report.index, report.note)
+            return self.inner(gm, example_inputs)
+        placeholders = [n for n in aten_gm.graph.nodes if n.op == "placeholder"]
+        weights, known, learnable = _classify(gm, example_inputs)
+        report.chains = run_pass(
+            aten_gm,
+            {placeholders[k] for k in weights},
+            {placeholders[k]: v for k, v in known.items()},
+            {placeholders[k] for k in learnable},
+            mode=self.rewrite,
+            device_type=_device_type(example_inputs),
+        )
+        rewritten = [c for c in report.chains if c.rewritten]
+        if not rewritten:
+            return self.inner(gm, example_inputs)
+        report.code = aten_gm.code
+        compiled = self.inner(aten_gm, example_inputs)
+        guards = sorted({placeholders.index(g) for c in rewritten for g in c.plan.guards})
+        if not guards:
+            return compiled
+        return _guarded(compiled, gm, [(k, example_inputs[k]) for k in guards])
+
+
+def _guarded(compiled, original: fx.GraphModule, guarded: list[tuple[int, torch.Tensor]]):
+    """Check, before each call, that the tensors whose values shaped supports still allow them."""
+    expected = {k: _support_signature(t) for k, t in guarded}
+    seen = {k: (t, _version(t)) for k, t in guarded}
+    state = {"fallback": False}
+
+    def still_valid(args) -> bool:
+        for k in expected:
+            tensor = args[k]
+            ref, version = seen[k]
+            if tensor is ref and version is not None and _version(tensor) == version:
+                continue
+            if not _compatible(expected[k], tensor):
+                return False
+            seen[k] = (tensor, _version(tensor))
+        return True
+
+    def run(*args):
+        if not state["fallback"] and not still_valid(args):
+            state["fallback"] = True
+            warnings.warn(
+                "ksfx: a mask, index table or frozen weight changed after compilation in a way that "
+                "invalidates a rewritten KS chain; running the original graph from now on "
+                "(call torch._dynamo.reset() to recompile)",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        if state["fallback"]:
+            return original(*args)
+        return compiled(*args)
+
+    return run
+
+
+def _version(tensor: torch.Tensor):
+    try:
+        return tensor._version
+    except RuntimeError:  # inference tensors have no version counter: always re-check
+        return None
+
+
+def _support_signature(tensor: torch.Tensor) -> torch.Tensor:
+    if tensor.is_floating_point() or tensor.dtype == torch.bool:
+        return (tensor.detach() != 0).clone()
+    return tensor.detach().clone()
+
+
+def _compatible(signature: torch.Tensor, tensor: torch.Tensor) -> bool:
+    """Same index table, or a support that did not grow (zeros that stay zeros)."""
+    if tensor.shape != signature.shape or tensor.device != signature.device:
+        return False
+    if signature.dtype == torch.bool:
+        return not bool(((tensor.detach() != 0) & ~signature).any())
+    return bool(torch.equal(tensor.detach(), signature))

@@ -1,0 +1,10 @@
+"""FX pass: detect Kronecker-sparse chains in aten graphs and rewrite them to the KS op.
+
+Layers inside: ``atoms`` (digit algebra) → ``weights`` / ``detect`` (abstract
+interpretation of the graph) → ``structure`` (chains, factors, permutations) →
+``verify`` / ``cost`` → ``rewrite`` (the pass). Imports ``pattern`` and ``ops`` only.
+"""
+
+from ksfx.passes.rewrite import ChainReport, find_chains, run_pass
+
+__all__ = ["ChainReport", "find_chains", "run_pass"]

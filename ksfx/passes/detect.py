@@ -1,0 +1,479 @@
+"""Abstract interpretation of an aten graph over index atoms.
+
+Every tensor node gets a state:
+
+* :class:`~ksfx.passes.weights.WeightT` — computed from parameters, buffers and
+  constants only (its element ids are known, its values are read at run time);
+* :class:`ActT` — a linear image of a *root* activation node through the ops the pass
+  understands: views, permutations by constant index tables, products with weights and
+  sums over digits (``bmm``/``mm``/``addmm``, broadcast ``mul`` then ``sum``, which is
+  what ``einsum``, ``matmul`` and ``F.linear`` lower to), and a final bias ``add``.
+  It records the steps (:class:`Factor`, :class:`PermRec`) between the root and itself.
+
+Any node the pass does not understand becomes a new root, so nothing is ever assumed.
+A node whose result is used more than once ends every chain through it (its users
+restart from it). Contractions between two activations (attention) are never factors.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import operator
+from dataclasses import dataclass, field, replace
+
+import torch
+import torch.fx as fx
+
+from ksfx.passes.atoms import Atom, AtomError, align, leafset, leaves, regroup, size_expr
+from ksfx.passes.weights import (
+    DATA_MOVEMENT,
+    ZERO_PRESERVING_UNARY,
+    ValueEvaluator,
+    WeightT,
+    fresh_dims,
+    from_ids,
+    new_source,
+)
+
+log = logging.getLogger("ksfx.passes")
+aten = torch.ops.aten
+_chain_ids = itertools.count()
+
+VIEW_OPS = {aten.view.default, aten._unsafe_view.default, aten.reshape.default}
+COPY_OPS = {aten.clone.default, aten.alias.default, aten.contiguous.default}
+
+
+@dataclass(frozen=True, eq=False)
+class Factor:
+    """One product with a weight: ``y = Σ_summed x · w`` (a KS factor up to permutations)."""
+
+    weight: WeightT  # a fresh copy whose atoms are unified with the activation's
+    live_before: tuple[Atom, ...]  # digits the activation depended on before the product
+    node: fx.Node
+    summed: tuple[Atom, ...] = ()
+    out_dims: tuple | None = None  # activation dims when the factor closed (orders new digits)
+
+
+@dataclass(frozen=True, eq=False)
+class PermRec:
+    """``y[.., j, ..] = x[.., table[j], ..]`` along one dimension (a constant index table)."""
+
+    src: tuple[Atom, ...]
+    table: torch.Tensor
+    new: Atom
+    node: fx.Node
+    guards: frozenset
+
+
+@dataclass(frozen=True, eq=False)
+class ActT:
+    dims: tuple[tuple[Atom, ...], ...]
+    root: fx.Node
+    root_dims: tuple[tuple[Atom, ...], ...]
+    live: tuple[Atom, ...]
+    chain_id: int
+    steps: tuple = ()
+    pending: Factor | None = None
+    bias: WeightT | None = None
+    nodes: tuple[fx.Node, ...] = ()
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.steps) or self.pending is not None
+
+    def closed(self) -> ActT:
+        if self.pending is None:
+            return self
+        factor = replace(self.pending, out_dims=self.dims)
+        return replace(self, steps=self.steps + (factor,), pending=None)
+
+
+class Unsupported(Exception):
+    """The op cannot continue this activation's chain."""
+
+
+def _root(node: fx.Node) -> ActT:
+    dims = fresh_dims(node.meta["val"], node)
+    return ActT(dims, node, dims, tuple(a for d in dims for a in d), next(_chain_ids))
+
+
+def _shape(node: fx.Node) -> list:
+    return [size_expr(s) for s in node.meta["val"].shape]
+
+
+def _norm(dim: int, ndim: int) -> int:
+    return dim + ndim if dim < 0 else dim
+
+
+@dataclass
+class Detection:
+    """States of every node after interpretation."""
+
+    states: dict[fx.Node, object] = field(default_factory=dict)
+    evaluator: ValueEvaluator | None = None
+
+
+class Interpreter:
+    def __init__(self, gm: fx.GraphModule, weights: set[fx.Node], known: dict[fx.Node, torch.Tensor]) -> None:
+        self.gm = gm
+        self.weights = weights
+        self.evaluator = ValueEvaluator(gm, known)
+        self.states: dict[fx.Node, object] = {}
+
+    # ------------------------------------------------------------------ driver
+    def run(self) -> dict[fx.Node, object]:
+        for node in self.gm.graph.nodes:
+            try:
+                self.states[node] = self._visit(node)
+            except (AtomError, Unsupported) as err:
+                log.debug("ksfx: %s starts a new chain root (%s)", node.name, err)
+                self.states[node] = self._fallback(node)
+        return self.states
+
+    def _fallback(self, node: fx.Node):
+        val = node.meta.get("val")
+        if isinstance(val, torch.Tensor) and node.op != "output":
+            return _root(node)
+        return None
+
+    def _visit(self, node: fx.Node):
+        if node.op == "placeholder":
+            val = node.meta.get("val")
+            if node in self.weights and isinstance(val, torch.Tensor):
+                value = self.evaluator.known.get(node)
+                if value is not None and (value.is_floating_point() or value.dtype == torch.bool):
+                    support = (value != 0).cpu()  # frozen weights and masks: guarded at run time
+                    if not bool(support.all()):
+                        return new_source(node, val, support, {node})
+                return new_source(node, val, None)
+            return self._fallback(node)
+        if node.op == "get_attr":
+            val = node.meta.get("val")
+            value = getattr(self.gm, node.target)
+            if isinstance(value, torch.Tensor):
+                return new_source(node, value if val is None else val, None)
+            return None
+        if node.op != "call_function":
+            return self._fallback(node)
+        if node.target is operator.getitem:
+            parent = self.states.get(node.args[0])
+            if isinstance(parent, list | tuple):
+                return parent[node.args[1]]
+            return self._fallback(node)
+        inputs = [self.states.get(n) for n in node.all_input_nodes]
+        if any(isinstance(s, ActT) for s in inputs):
+            return self._activation(node)
+        if inputs and all(isinstance(s, WeightT | list | tuple) for s in inputs):
+            return self._weight(node)
+        if not inputs and isinstance(node.meta.get("val"), torch.Tensor):
+            return self._weight(node)
+        return self._fallback(node)
+
+    # ------------------------------------------------------------------ weights
+    def _weight(self, node: fx.Node):
+        target, val = node.target, node.meta.get("val")
+        args = node.args
+        if target in VIEW_OPS | COPY_OPS or target in (
+            aten.permute.default,
+            aten.transpose.int,
+            aten.t.default,
+            aten.unsqueeze.default,
+            aten.squeeze.dim,
+            aten.squeeze.dims,
+            aten.squeeze.default,
+            aten.expand.default,
+        ):
+            w: WeightT = self.states[args[0]]
+            dims = self._view_dims(node, w.dims)
+            return replace(w, dims=dims)
+        if target in DATA_MOVEMENT:
+            return self._data_movement(node)
+        if not isinstance(val, torch.Tensor) or not all(isinstance(s, int) for s in val.shape):
+            raise Unsupported(f"{node.name}: weight op without a static tensor result")
+        if target in ZERO_PRESERVING_UNARY:
+            w = self.states[args[0]]
+            return new_source(node, val, w.dense_ids() != 0, w.guards)
+        if target is aten.mul.Tensor and len(node.all_input_nodes) == 2:
+            supports, guards = [], set()
+            for operand in args[:2]:
+                w = self.states[operand]
+                support = w.dense_ids() != 0
+                try:
+                    nonzero = (self.evaluator.value(operand) != 0).cpu()
+                except AtomError:  # not a constant: only its structural zeros count
+                    nonzero = None
+                if nonzero is not None and not bool(nonzero.all()):
+                    support = support & nonzero
+                    guards |= self.evaluator.guards_of(operand)
+                guards |= w.guards
+                supports.append(support)
+            support = torch.broadcast_to(supports[0] & supports[1], tuple(val.shape))
+            return new_source(node, val, support, guards)
+        if target in (aten.mul.Tensor, aten.div.Tensor) and len(node.all_input_nodes) == 1:
+            w = self.states[node.all_input_nodes[0]]
+            return new_source(node, val, w.dense_ids() != 0, w.guards)
+        return new_source(node, val, None)
+
+    def _data_movement(self, node: fx.Node):
+        """Run the op on id tensors (same source) or on supports (mixed sources)."""
+        sources, guards = set(), set()
+
+        def ids_of(arg):
+            state = self.states.get(arg)
+            if isinstance(state, WeightT):
+                sources.add(state.source)
+                guards.update(state.guards)
+                return state.dense_ids()
+            value = self.evaluator.value(arg)  # index tensors must be constants
+            guards.update(self.evaluator.guards_of(arg))
+            return value
+
+        args = fx.node.map_arg(node.args, ids_of)
+        kwargs = fx.node.map_arg(node.kwargs, ids_of)
+        if node.target is aten.constant_pad_nd.default and len(args) > 2 and args[2] != 0:
+            raise Unsupported("padding with a nonzero value")
+        out = node.target(*args, **kwargs)
+        vals = node.meta["val"]
+        if len(sources) == 1:
+            source = next(iter(sources))
+            if isinstance(out, list | tuple):
+                return [from_ids(node, v, o, source, guards) for v, o in zip(vals, out, strict=True)]
+            return from_ids(node, vals, out, source, guards)
+        if isinstance(out, list | tuple):
+            raise Unsupported("multi-output op over several weights")
+        return new_source(node, vals, out != 0, guards)
+
+    # ------------------------------------------------------------------ activations
+    def _act_input(self, arg: fx.Node, restart: bool) -> ActT:
+        state = self.states.get(arg)
+        if not isinstance(state, ActT):
+            raise Unsupported(f"{arg.name} is not an activation")
+        if restart or len(arg.users) > 1:
+            return _root(arg)
+        return state
+
+    def _activation(self, node: fx.Node):
+        last_error = None
+        for restart in (False, True):
+            try:
+                result = self._activation_op(node, restart)
+            except (AtomError, Unsupported) as err:
+                last_error = err
+                continue
+            if isinstance(result, ActT):
+                return replace(result, nodes=result.nodes + (node,))
+            return result
+        raise Unsupported(str(last_error))
+
+    def _activation_op(self, node: fx.Node, restart: bool):
+        target, args = node.target, node.args
+        acts = [n for n in node.all_input_nodes if isinstance(self.states.get(n), ActT)]
+        if len(set(acts)) != 1 or sum(1 for a in _flat_nodes(args) if a is acts[0]) != 1:
+            raise Unsupported("an op between two activations (or reusing one) is never a KS factor")
+        x = acts[0]
+        if target in VIEW_OPS | COPY_OPS or target in (
+            aten.permute.default,
+            aten.transpose.int,
+            aten.t.default,
+            aten.unsqueeze.default,
+            aten.squeeze.dim,
+            aten.squeeze.dims,
+            aten.squeeze.default,
+            aten.expand.default,
+        ):
+            if args[0] is not x:
+                raise Unsupported("view of a non-activation argument")
+            act = self._act_input(x, restart)
+            return replace(act, dims=self._view_dims(node, act.dims, act))
+        if target in (aten.index.Tensor, aten.index_select.default):
+            return self._index(node, self._act_input(x, restart))
+        if target in (aten.mm.default, aten.bmm.default):
+            return self._matmul(node, args[0], args[1], x, restart)
+        if target is aten.addmm.default:
+            if node.kwargs.get("beta", 1) != 1 or node.kwargs.get("alpha", 1) != 1:
+                raise Unsupported("addmm with beta/alpha")
+            act = self._matmul(node, args[1], args[2], x, restart)
+            return self._add_bias(node, act.closed(), args[0])
+        if target is aten.mul.Tensor:
+            other = args[1] if args[0] is x else args[0]
+            return self._mul(node, self._act_input(x, restart), other)
+        if target is aten.sum.dim_IntList:
+            return self._sum(node, self._act_input(x, restart))
+        if target is aten.add.Tensor:
+            if node.kwargs.get("alpha", 1) != 1:
+                raise Unsupported("add with alpha")
+            other = args[1] if args[0] is x else args[0]
+            return self._add_bias(node, self._act_input(x, restart).closed(), other)
+        raise Unsupported(f"{target} is not tracked")
+
+    def _weight_arg(self, arg) -> WeightT:
+        state = self.states.get(arg) if isinstance(arg, fx.Node) else None
+        if not isinstance(state, WeightT):
+            raise Unsupported(f"{arg} is not a weight")
+        return state.fresh()
+
+    def _view_dims(self, node: fx.Node, dims, act: ActT | None = None):
+        target, args = node.target, node.args
+        ndim = len(dims)
+        if target in VIEW_OPS:
+            flat = [a for d in dims for a in d]
+            return regroup(flat, _shape(node))
+        if target in COPY_OPS:
+            return dims
+        if target is aten.permute.default:
+            return tuple(dims[_norm(p, ndim)] for p in args[1])
+        if target is aten.transpose.int:
+            d0, d1 = _norm(args[1], ndim), _norm(args[2], ndim)
+            out = list(dims)
+            out[d0], out[d1] = out[d1], out[d0]
+            return tuple(out)
+        if target is aten.t.default:
+            return tuple(reversed(dims)) if ndim == 2 else dims
+        if target is aten.unsqueeze.default:
+            out = list(dims)
+            out.insert(_norm(args[1], ndim + 1), ())
+            return tuple(out)
+        if target in (aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default):
+            if target is aten.squeeze.default:
+                drop = {k for k, d in enumerate(dims) if not d}
+            else:
+                raw = args[1] if target is aten.squeeze.dims else [args[1]]
+                drop = {_norm(k, ndim) for k in raw if not dims[_norm(k, ndim)]}
+            return tuple(d for k, d in enumerate(dims) if k not in drop)
+        if target is aten.expand.default:
+            shape = _shape(node)
+            lead = len(shape) - ndim
+            out = []
+            for k, size in enumerate(shape):
+                old = dims[k - lead] if k >= lead else ()
+                if old or size == 1:
+                    out.append(old)
+                else:
+                    out.append((Atom(size, source=(node, k)),))
+            return tuple(out)
+        raise Unsupported(f"{target} is not a view")
+
+    def _index(self, node: fx.Node, act: ActT) -> ActT:
+        if act.bias is not None:
+            raise Unsupported("permutation after a bias")
+        if node.target is aten.index_select.default:
+            dim, index = _norm(node.args[1], len(act.dims)), node.args[2]
+        else:
+            indices = list(node.args[1])
+            used = [k for k, i in enumerate(indices) if i is not None]
+            if len(used) != 1:
+                raise Unsupported("indexing with several index tensors")
+            dim, index = used[0], indices[used[0]]
+        if not isinstance(index, fx.Node):
+            raise Unsupported("index is not a tensor")
+        table = self.evaluator.value(index)
+        size = act.dims[dim]
+        n = 1
+        for atom in leaves(size):
+            n *= atom.int_size()
+        table = table.detach().cpu().to(torch.long).reshape(-1) if table.ndim == 1 else None
+        if table is None or table.numel() != n or not torch.equal(table.sort().values, torch.arange(n)):
+            raise Unsupported("index table is not a permutation of its dimension")
+        if not leafset(size) <= leafset(act.live):
+            raise Unsupported("permutation of a broadcast dimension")
+        act = act.closed()
+        new = Atom(n)
+        rec = PermRec(tuple(leaves(size)), table, new, node, self.evaluator.guards_of(index))
+        dims = list(act.dims)
+        dims[dim] = (new,)
+        live = tuple(a for a in leaves(act.live) if a not in leafset(size)) + (new,)
+        return replace(act, dims=tuple(dims), steps=act.steps + (rec,), live=live)
+
+    def _matmul(self, node: fx.Node, left, right, x: fx.Node, restart: bool) -> ActT:
+        batched = node.target is aten.bmm.default
+        act_left = left is x
+        act = self._act_input(x, restart)
+        if act.bias is not None:
+            raise Unsupported("product after a bias")
+        act = act.closed()
+        w = self._weight_arg(right if act_left else left)
+        if act_left:  # (b, m, k) @ (b, k, n)
+            a_dims, w_dims = act.dims, w.dims
+            if batched:
+                align(a_dims[0], w_dims[0])
+            align(a_dims[-1], w_dims[-2])
+            summed = a_dims[-1]
+            out = (a_dims[0],) * batched + (a_dims[-2], w_dims[-1])
+        else:  # (b, m, k) @ (b, k, n) with the weight on the left
+            a_dims, w_dims = act.dims, w.dims
+            if batched:
+                align(w_dims[0], a_dims[0])
+            align(w_dims[-1], a_dims[-2])
+            summed = a_dims[-2]
+            out = (a_dims[0],) * batched + (w_dims[-2], a_dims[-1])
+        factor = Factor(w, tuple(act.live), node, summed=tuple(summed), out_dims=out)
+        live = _live_after(act.live, w, summed)
+        return replace(act, dims=out, steps=act.steps + (factor,), live=live)
+
+    def _broadcast(self, node: fx.Node, act_dims, w: WeightT):
+        shape = _shape(node)
+        n = len(shape)
+        a_dims = ((),) * (n - len(act_dims)) + tuple(act_dims)
+        w_dims = ((),) * (n - len(w.dims)) + tuple(w.dims)
+        out = []
+        for ad, wd in zip(a_dims, w_dims, strict=True):
+            if ad and wd:
+                align(ad, wd)
+                out.append(ad)
+            else:
+                out.append(ad or wd)
+        return tuple(out)
+
+    def _mul(self, node: fx.Node, act: ActT, other) -> ActT:
+        if act.bias is not None:
+            raise Unsupported("product after a bias")
+        act = act.closed()
+        w = self._weight_arg(other)
+        dims = self._broadcast(node, act.dims, w)
+        factor = Factor(w, tuple(act.live), node)
+        live = _live_after(act.live, w, ())
+        return replace(act, dims=dims, pending=factor, live=live)
+
+    def _sum(self, node: fx.Node, act: ActT) -> ActT:
+        if act.pending is None:
+            raise Unsupported("sum without a pending product")
+        args = node.args
+        if len(args) < 2 or args[1] is None or (len(args) > 3 and args[3] is not None) or node.kwargs.get("dtype"):
+            raise Unsupported("full reduction or dtype change")
+        ndim = len(act.dims)
+        reduced = {_norm(d, ndim) for d in args[1]}
+        keepdim = bool(args[2]) if len(args) > 2 else bool(node.kwargs.get("keepdim", False))
+        summed = tuple(a for k in sorted(reduced) for a in act.dims[k])
+        dims = tuple(() if k in reduced else d for k, d in enumerate(act.dims) if keepdim or k not in reduced)
+        factor = replace(act.pending, summed=act.pending.summed + summed, out_dims=dims)
+        summed_set = leafset(summed)
+        live = tuple(a for a in leaves(act.live) if a not in summed_set)
+        return replace(act, dims=dims, steps=act.steps + (factor,), pending=None, live=live)
+
+    def _add_bias(self, node: fx.Node, act: ActT, other) -> ActT:
+        if act.bias is not None or not act.steps:
+            raise Unsupported("bias without a preceding product")
+        w = self._weight_arg(other)
+        dims = self._broadcast(node, act.dims, w)
+        if len(dims) != len(act.dims):
+            raise Unsupported("bias broadcasts the activation")
+        return replace(act, dims=dims, bias=w)
+
+
+def _live_after(live, w: WeightT, summed) -> tuple[Atom, ...]:
+    live_leaves = leaves(live)
+    seen = set(live_leaves)
+    out = list(live_leaves)
+    for atom in leaves(w.core_atoms):
+        if atom not in seen:
+            out.append(atom)
+            seen.add(atom)
+    summed_set = leafset(summed)
+    return tuple(a for a in out if a not in summed_set)
+
+
+def _flat_nodes(args) -> list[fx.Node]:
+    out = []
+    fx.node.map_arg(args, out.append)
+    return out

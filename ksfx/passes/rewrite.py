@@ -1,0 +1,281 @@
+"""The pass: find chains in an aten graph, decide, verify, and replace them by the KS op.
+
+``run_pass`` is the whole pipeline on one graph and returns one :class:`ChainReport`
+per chain found (rewritten or not, always with a reason). Each rewritten chain becomes::
+
+    x2d    = aten.reshape(root, [-1, in])            # or [in, -1] batch-last
+    values = views (or constant-index gathers) of the weights' source tensors
+    y2d    = ksfx.ks_chain(x2d, values, spec, batch_last, bias)
+    y      = aten.reshape(y2d, end.shape)
+
+so parameters stay graph inputs (read at every call, gradients flow to them through the
+op's registered autograd) and everything around the chain is left to the inner compiler.
+"""
+
+from __future__ import annotations
+
+import logging
+import operator
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+
+import ksfx.ops  # noqa: F401  (registers torch.ops.ksfx)
+from ksfx.config import config
+from ksfx.passes.atoms import AtomError, leaves
+from ksfx.passes.cost import Estimate, decide, estimate
+from ksfx.passes.detect import ActT, Interpreter, Unsupported
+from ksfx.passes.structure import ChainPlan, ValueSource, plan_chain
+from ksfx.passes.verify import verify
+
+log = logging.getLogger("ksfx.passes")
+aten = torch.ops.aten
+
+
+@dataclass
+class ChainReport:
+    """One detected chain. ``patterns`` are ``(a, b, c, d)`` leftmost first in ``W``."""
+
+    patterns: list[tuple[int, int, int, int]]
+    permutations: list[str]
+    rewritten: bool
+    reason: str
+    nodes: list[str]
+    root: str
+    end: str
+    batch_last: bool | None = None
+    chain: str = ""
+    estimate: Estimate | None = None
+    verification: str = ""
+    plan: ChainPlan | None = field(default=None, repr=False)
+
+    @property
+    def in_features(self) -> int | None:
+        return self.plan.chain.in_features if self.plan else None
+
+    @property
+    def out_features(self) -> int | None:
+        return self.plan.chain.out_features if self.plan else None
+
+
+def _debug(message: str, *args) -> None:
+    if config.debug:
+        log.warning(message, *args)
+    else:
+        log.debug(message, *args)
+
+
+def find_chains(gm: fx.GraphModule, weights: set[fx.Node], known: dict[fx.Node, torch.Tensor]):
+    """``[(plan | None, reason, end_node, state)]`` for every maximal chain of the graph."""
+    states = Interpreter(gm, weights, known).run()
+    by_chain: dict[int, list[tuple[fx.Node, ActT]]] = {}
+    for node, state in states.items():
+        if isinstance(state, ActT) and state.has_work:
+            by_chain.setdefault(state.chain_id, []).append((node, state))
+    found = []
+    for candidates in by_chain.values():
+        reason = None
+        for node, state in reversed(candidates):
+            try:
+                found.append((plan_chain(state, node), "", node, state))
+                break
+            except (Unsupported, AtomError) as err:
+                reason = reason or f"{node.name}: {err}"
+        else:
+            node, state = candidates[-1]
+            found.append((None, reason, node, state))
+    return found
+
+
+def run_pass(
+    gm: fx.GraphModule,
+    weights: set[fx.Node],
+    known: dict[fx.Node, torch.Tensor],
+    learnable: set[fx.Node],
+    mode: str = "auto",
+    device_type: str = "cpu",
+) -> list[ChainReport]:
+    """Detect, decide, verify and rewrite ``gm`` in place; returns the reports."""
+    reports = []
+    accepted: list[ChainPlan] = []
+    for plan, reason, end, state in find_chains(gm, weights, known):
+        names = [n.name for n in state.nodes]
+        if plan is None:
+            report = ChainReport([], [], False, f"not a KS chain: {reason}", names, state.root.name, end.name)
+            _debug("ksfx: chain %s -> %s not rewritten: %s", state.root.name, end.name, report.reason)
+            reports.append(report)
+            continue
+        chain = plan.chain
+        est = estimate(chain, plan.source_flops)
+        ok, why = decide(chain, est, mode, device_type)
+        status, message = ("", "")
+        if ok:
+            status, message = verify(plan, learnable, known, gm)
+            if status == "failed":
+                ok, why = False, f"refused: {message}"
+        report = ChainReport(
+            patterns=[p.as_tuple() for p in chain.patterns],
+            permutations=[str(p) for p in chain.permutations],
+            rewritten=ok,
+            reason=why,
+            nodes=[n.name for n in plan.nodes],
+            root=plan.root.name,
+            end=plan.end.name,
+            batch_last=plan.batch_last,
+            chain=str(chain),
+            estimate=est,
+            verification=message,
+            plan=plan,
+        )
+        _debug(
+            "ksfx: chain %s -> %s = %s (%s): %s [%s]",
+            plan.root.name,
+            plan.end.name,
+            chain,
+            "batch-last" if plan.batch_last else "batch-first",
+            "REWRITTEN" if ok else "kept",
+            why,
+        )
+        reports.append(report)
+        if ok:
+            accepted.append(plan)
+    if accepted:
+        apply(gm, accepted)
+    return reports
+
+
+# ----------------------------------------------------------------------------- graph surgery
+def apply(gm: fx.GraphModule, plans: list[ChainPlan]) -> None:
+    graph = gm.graph
+    order = {node: k for k, node in enumerate(graph.nodes)}
+    replaced: dict[fx.Node, fx.Node] = {}
+    for plan in sorted(plans, key=lambda p: order[p.end]):
+        chain = plan.chain
+        root = replaced.get(plan.root, plan.root)
+        with graph.inserting_before(plan.end):
+            fin = chain.in_features
+            x2d = graph.call_function(aten.reshape.default, (root, [fin, -1] if plan.batch_last else [-1, fin]))
+            values = [
+                _build(gm, spec, pattern.as_tuple()) for spec, pattern in zip(plan.values, chain.patterns, strict=True)
+            ]
+            bias = _build(gm, plan.bias, (chain.out_features,)) if plan.bias is not None else None
+            y2d = graph.call_function(
+                torch.ops.ksfx.ks_chain.default, (x2d, values, chain.to_spec(), plan.batch_last, bias)
+            )
+            y = graph.call_function(aten.reshape.default, (y2d, _end_shape(graph, plan, root)))
+        plan.end.replace_all_uses_with(y)
+        replaced[plan.end] = y
+    graph.eliminate_dead_code()
+    graph.lint()
+    gm.recompile()
+
+
+def _end_shape(graph: fx.Graph, plan: ChainPlan, root: fx.Node) -> list:
+    """The end node's shape; symbolic sizes are read from the root at run time."""
+    root_dims = {}
+    for k, size in enumerate(plan.root.meta["val"].shape):
+        root_dims.setdefault(str(size), k)
+    shape = [size if isinstance(size, int) else None for size in plan.end.meta["val"].shape]
+    symbolic = [k for k, s in enumerate(shape) if s is None]
+    if len(symbolic) <= 1:
+        return [-1 if s is None else s for s in shape]
+    for k in symbolic:
+        factors = []
+        for atom in leaves(plan.end_dims[k]):
+            if atom.static:
+                factors.append(atom.int_size())
+                continue
+            dim = root_dims.get(str(_sym_of(plan.root, atom)))
+            if dim is None:
+                raise AtomError(f"cannot express the symbolic size {atom.size} at run time")
+            factors.append(graph.call_function(aten.sym_size.int, (root, dim)))
+        value = factors[0]
+        for f in factors[1:]:
+            value = graph.call_function(operator.mul, (value, f))
+        shape[k] = value
+    return shape
+
+
+def _sym_of(root: fx.Node, atom) -> object:
+    for size in root.meta["val"].shape:
+        if not isinstance(size, int) and str(size.node.expr) == str(atom.size):
+            return size
+    return None
+
+
+def _build(gm: fx.GraphModule, spec: ValueSource, shape: tuple[int, ...]) -> fx.Node:
+    """Values as a view of the source when the ids allow it, else a constant-index gather."""
+    graph = gm.graph
+    ids = spec.ids.reshape(shape)
+    source = spec.source
+    numel = 1
+    for s in source.meta["val"].shape:
+        numel *= int(s)
+    if bool((ids > 0).all()):
+        view = _as_view(ids - 1, numel)
+        if view is not None:
+            base_shape, order, expand = view
+            node = graph.call_function(aten.reshape.default, (source, base_shape))
+            if order != list(range(len(order))):
+                node = graph.call_function(aten.permute.default, (node, order))
+            if expand:
+                node = graph.call_function(aten.expand.default, (node, list(shape)))
+            return node
+    flat = graph.call_function(aten.reshape.default, (source, [-1]))
+    index = ids - 1
+    if not bool((ids > 0).all()):
+        flat = graph.call_function(aten.constant_pad_nd.default, (flat, [1, 0], 0.0))
+        index = ids
+    name = _constant(gm, index.to(source.meta["val"].device))
+    return graph.call_function(aten.index.Tensor, (flat, [graph.get_attr(name)]))
+
+
+def _constant(gm: fx.GraphModule, tensor: torch.Tensor) -> str:
+    k = 0
+    while hasattr(gm, f"_ksfx_index_{k}"):
+        k += 1
+    name = f"_ksfx_index_{k}"
+    gm.register_buffer(name, tensor)
+    return name
+
+
+def _as_view(index: torch.Tensor, numel: int):
+    """``(base_shape, permutation, needs_expand)`` when ``index`` is a dense strided view.
+
+    ``index[i] = Σ stride_k · i_k`` with the nonzero strides forming a row-major layout
+    of the whole source (any order); stride-0 axes are broadcasts (tied values).
+    """
+    shape = list(index.shape)
+    flat = index.reshape(-1)
+    if flat.numel() == 0 or int(flat[0]) != 0:
+        return None
+    strides = []
+    for k, size in enumerate(shape):
+        if size == 1:
+            strides.append(0)
+            continue
+        unit = [0] * len(shape)
+        unit[k] = 1
+        strides.append(int(index[tuple(unit)]))
+    grid = torch.zeros(shape, dtype=torch.long)
+    for k, (size, stride) in enumerate(zip(shape, strides, strict=True)):
+        view = [1] * len(shape)
+        view[k] = size
+        grid = grid + stride * torch.arange(size).reshape(view)
+    if not torch.equal(grid, index):
+        return None
+    moving = sorted((k for k in range(len(shape)) if strides[k] > 0), key=lambda k: -strides[k])
+    expected = 1
+    for k in reversed(moving):
+        if strides[k] != expected:
+            return None
+        expected *= shape[k]
+    if expected != numel:
+        return None
+    still = [k for k in range(len(shape)) if strides[k] == 0]
+    base_shape = [shape[k] for k in moving] + [1] * len(still)
+    position = {k: p for p, k in enumerate(moving + still)}
+    order = [position[k] for k in range(len(shape))]
+    expand = any(strides[k] == 0 and shape[k] > 1 for k in range(len(shape)))
+    return base_shape, order, expand

@@ -1,0 +1,285 @@
+"""From a tracked activation to a KS chain: feature spaces, factors, permutations, values.
+
+Given the steps between a root and a chain end (see :mod:`ksfx.passes.detect`):
+
+* digits of the root that no step touches are *batch* digits; the others are features.
+  Batch digits must come before all features (batch-first) or after (batch-last), in the
+  same order at the root and at the end, so the op can see the tensors as 2-D.
+* each product with a weight, seen on the feature space ``S`` it reads, keeps some
+  digits (``P``), contracts some (``K``) and creates some (``N``): that is the factor
+  ``(a, b, c, d) = (|P_hi|, |N|, |K|, |P_lo|)`` after the digit permutation that brings
+  ``S`` to ``(P_hi, K, P_lo)``. Its values are the weight's ids on the grid
+  ``(P_hi, N, K, P_lo)``; a weight that does not depend on a kept digit is tied along it.
+* when the weight has structural zeros inside that factor (a ``block_diag`` weight, a
+  masked dense weight) the factor's support is analysed again: it must be a disjoint
+  union of equal complete ``b×c`` blocks, which is a KS factor up to row and column
+  permutations (:func:`factor_from_support`).
+* constant index tables become :class:`~ksfx.pattern.IndexPerm` steps; every
+  permutation is finally simplified to digit arithmetic where possible.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+
+from ksfx.passes.atoms import Atom, leafset, leaves
+from ksfx.passes.detect import ActT, Factor, PermRec, Unsupported
+from ksfx.passes.weights import MAX_DENSE, read_core
+from ksfx.pattern import Chain, DigitPerm, IndexPerm, KSPattern, Perm, simplify
+
+
+@dataclass(frozen=True, eq=False)
+class ValueSource:
+    """A tensor built at run time as ``source.flatten()[ids - 1]`` (id 0: a zero)."""
+
+    source: fx.Node
+    ids: torch.Tensor
+
+
+@dataclass(frozen=True, eq=False)
+class ChainPlan:
+    """Everything the rewrite needs for one chain (``chain`` is leftmost first)."""
+
+    root: fx.Node
+    end: fx.Node
+    chain: Chain
+    values: tuple[ValueSource, ...]  # in the order of chain.patterns
+    bias: ValueSource | None
+    batch_last: bool
+    end_dims: tuple[tuple[Atom, ...], ...]
+    nodes: tuple[fx.Node, ...]
+    guards: frozenset
+    source_flops: int  # per batch row, as the original ops compute it
+
+
+def _sizes(atoms) -> list[int]:
+    return [a.int_size() for a in atoms]
+
+
+def _prod(atoms) -> int:
+    return math.prod(_sizes(atoms))
+
+
+def digit_perm(current: list[Atom], target: list[Atom]) -> DigitPerm | None:
+    """The gather taking a vector indexed by ``current`` digits to ``target`` digits."""
+    if current == target:
+        return None
+    order = tuple(current.index(a) for a in target)
+    return DigitPerm(tuple(_sizes(current)), order)
+
+
+def plan_chain(act: ActT, end: fx.Node) -> ChainPlan:
+    act = act.closed()
+    if not any(isinstance(step, Factor) for step in act.steps):
+        raise Unsupported("no product with a weight (permutations only)")
+    root_leaves = leaves([a for d in act.root_dims for a in d])
+    touched: set[Atom] = set()
+    for step in act.steps:
+        if isinstance(step, Factor):
+            touched |= leafset(step.weight.core_atoms) | leafset(step.summed)
+        else:
+            touched |= leafset(step.src)
+    batch = [a for a in root_leaves if a not in touched]
+    batch_set = set(batch)
+    features = [a for a in root_leaves if a in touched]
+    if not features:
+        raise Unsupported("the products do not act on the root's features")
+    batch_last = _layout(root_leaves, batch_set, "input")
+    end_leaves = leaves([a for d in act.dims for a in d])
+    if set(end_leaves) != leafset(act.live):
+        raise Unsupported("the output is broadcast along a digit it does not depend on")
+    end_batch = [a for a in end_leaves if a in batch_set]
+    if end_batch != batch:
+        raise Unsupported("batch digits are reordered between input and output")
+    if batch and _layout(end_leaves, batch_set, "output") != batch_last:
+        raise Unsupported("input and output layouts differ (batch-first vs batch-last)")
+    out_features = [a for a in end_leaves if a not in batch_set]
+    for atom in features + out_features:
+        if not atom.static:
+            raise Unsupported(f"feature digit of symbolic size {atom.size}")
+
+    applied: list = []  # application order: perms and (pattern, ValueSource)
+    space = list(features)
+    guards: set = set()
+    source_flops = 0
+    for step in act.steps:
+        if isinstance(step, Factor):
+            space, flops = _factor(step, space, batch_set, applied)
+            source_flops += flops
+            guards |= step.weight.guards
+        else:
+            space = _perm(step, space, applied)
+            guards |= step.guards
+    if set(space) != set(out_features):
+        raise Unsupported("internal: final feature space does not match the output")
+    final = digit_perm(space, out_features)
+    if final is not None:
+        applied.append(final)
+
+    bias = None
+    if act.bias is not None:
+        core = leafset(act.bias.core_atoms)
+        if not core <= set(out_features):
+            raise Unsupported("bias depends on batch digits")
+        bias = ValueSource(act.bias.source, read_core(act.bias, out_features).reshape(-1))
+        guards |= act.bias.guards
+
+    steps, values = [], []
+    for item in reversed(applied):
+        if isinstance(item, tuple):
+            steps.append(item[0])
+            values.append(item[1])
+        else:
+            steps.append(item)
+    chain = Chain(tuple(steps)).simplified()
+    return ChainPlan(
+        root=act.root,
+        end=end,
+        chain=chain,
+        values=tuple(values),
+        bias=bias,
+        batch_last=batch_last,
+        end_dims=act.dims,
+        nodes=act.nodes,
+        guards=frozenset(guards),
+        source_flops=source_flops,
+    )
+
+
+def _layout(order: list[Atom], batch: set[Atom], what: str) -> bool:
+    """False for batch-first, True for batch-last; raises if batch and features interleave."""
+    flags = [a in batch for a in order]
+    n_batch = sum(flags)
+    if flags == [True] * n_batch + [False] * (len(flags) - n_batch):
+        return False
+    if flags == [False] * (len(flags) - n_batch) + [True] * n_batch:
+        return True
+    raise Unsupported(f"{what} interleaves batch and feature digits")
+
+
+def _new_digits(step: Factor) -> list[Atom]:
+    live = leafset(step.live_before)
+    new = [a for a in leaves(step.weight.core_atoms) if a not in live]
+    if step.out_dims is not None:
+        position = {a: k for k, a in enumerate(leaves([x for d in step.out_dims for x in d]))}
+        new.sort(key=lambda a: position.get(a, len(position)))
+    return new
+
+
+def _factor(step: Factor, space: list[Atom], batch: set[Atom], applied: list) -> tuple[list[Atom], int]:
+    summed = leafset(step.summed)
+    space_set = set(space)
+    if not summed <= space_set:
+        raise Unsupported(f"{step.node.name} sums over a digit that is not an input feature")
+    if leafset(step.live_before) != space_set | batch:
+        raise Unsupported(f"{step.node.name}: internal, activation digits do not match the feature space")
+    new = _new_digits(step)
+    contracted = [a for a in space if a in summed]
+    first = space.index(contracted[0]) if contracted else len(space)
+    p_hi = [a for a in space[:first] if a not in summed]
+    p_lo = [a for a in space[first:] if a not in summed]
+    target = p_hi + contracted + p_lo
+    pattern = KSPattern(_prod(p_hi), _prod(new), _prod(contracted), _prod(p_lo))
+    ids = read_core(step.weight, p_hi + new + contracted + p_lo).reshape(pattern.as_tuple())
+    source_flops = pattern.flops(1)
+    in_perm = digit_perm(space, target)
+    out_perm = None
+    if bool((ids == 0).any()):
+        in_perm, pattern, out_perm, ids = _refine(step, pattern, ids, space, target)
+    if in_perm is not None:
+        applied.append(in_perm)
+    applied.append((pattern, ValueSource(step.weight.source, ids.contiguous())))
+    if out_perm is not None:
+        applied.append(out_perm)
+    return p_hi + new + p_lo, source_flops
+
+
+def _refine(step: Factor, pattern: KSPattern, ids: torch.Tensor, space: list[Atom], target: list[Atom]):
+    """Re-derive a factor with structural zeros from its support (masked or block-diagonal weights)."""
+    rows, cols = pattern.shape
+    if rows * cols > MAX_DENSE:
+        raise Unsupported(f"{step.node.name}: weight with zeros is too large ({rows}x{cols}) to analyse")
+    dense_t = pattern.to_dense(ids)
+    dense = torch.zeros_like(dense_t)
+    dense[:, _digit_source(space, target)] = dense_t
+    found = factor_from_support(dense != 0)
+    if found is None:
+        raise Unsupported(f"{step.node.name}: the weight's support is not Kronecker-sparse")
+    out_perm, refined, in_perm, row_index, col_index = found
+    return in_perm, refined, out_perm, dense[row_index, col_index]
+
+
+def _digit_source(space: list[Atom], target: list[Atom]) -> torch.Tensor:
+    perm = digit_perm(space, target)
+    return torch.arange(_prod(space)) if perm is None else perm.indices()
+
+
+def factor_from_support(mask: torch.Tensor):
+    """``mask == P_out · support(KS) · P_in`` as ``(P_out, pattern, P_in, rows, cols)``, or None.
+
+    ``rows``/``cols`` (shape ``(a, b, c, d)``) give the matrix entry each value sits at.
+    Identity permutations are tried first (``KSPattern.from_support``); otherwise rows
+    with the same set of nonzero columns form the blocks, which must be complete,
+    disjoint and all of the same ``b×c`` size. Of the two natural block orders (by first
+    row, by first column) the one needing fewer permutations is kept.
+    """
+    direct = KSPattern.from_support(mask)
+    if direct is not None:
+        rows, cols = direct.index_grids()
+        return None, direct, None, rows, cols
+    unique, inverse = torch.unique(mask.to(torch.uint8), dim=0, return_inverse=True)
+    if bool((unique.sum(1) == 0).any()) or not bool((unique.sum(0) == 1).all()):
+        return None
+    groups = unique.shape[0]
+    counts = torch.bincount(inverse, minlength=groups)
+    widths = unique.sum(1)
+    if not (bool((counts == counts[0]).all()) and bool((widths == widths[0]).all())):
+        return None
+    b, c = int(counts[0]), int(widths[0])
+    group_rows = [torch.nonzero(inverse == g).flatten() for g in range(groups)]
+    group_cols = [torch.nonzero(unique[g]).flatten() for g in range(groups)]
+    best = None
+    for key in (lambda g: int(group_rows[g][0]), lambda g: int(group_cols[g][0])):
+        order = sorted(range(groups), key=key)
+        row_src = torch.cat([group_rows[g] for g in order])
+        col_src = torch.cat([group_cols[g] for g in order])
+        in_perm = simplify(IndexPerm(tuple(col_src.tolist())))
+        out_perm = simplify(IndexPerm(tuple(torch.argsort(row_src).tolist())))
+        cost = sum(not p.is_identity for p in (in_perm, out_perm))
+        if best is None or cost < best[0]:
+            best = (cost, out_perm, in_perm, row_src, col_src)
+    _, out_perm, in_perm, row_src, col_src = best
+    pattern = KSPattern(groups, b, c, 1)
+    rows = row_src.reshape(groups, b, 1, 1).expand(groups, b, c, 1)
+    cols = col_src.reshape(groups, 1, c, 1).expand(groups, b, c, 1)
+    return _non_identity(out_perm), pattern, _non_identity(in_perm), rows, cols
+
+
+def _non_identity(perm: Perm) -> Perm | None:
+    return None if perm.is_identity else perm
+
+
+def _perm(step: PermRec, space: list[Atom], applied: list) -> list[Atom]:
+    src = leaves(step.src)
+    if not set(src) <= set(space):
+        raise Unsupported(f"{step.node.name} permutes batch digits")
+    first = min(space.index(a) for a in src)
+    new_space = [a for a in space if a not in set(src)]
+    new_space.insert(first - sum(1 for a in space[:first] if a in set(src)), step.new)
+    grids = torch.meshgrid(*(torch.arange(s) for s in _sizes(new_space)), indexing="ij")
+    coord = dict(zip(new_space, grids, strict=True))
+    source = step.table[coord[step.new]]
+    src_sizes = _sizes(src)
+    digits = {}
+    for k in reversed(range(len(src))):
+        digits[src[k]] = source % src_sizes[k]
+        source = source // src_sizes[k]
+    flat = torch.zeros_like(grids[0]) if grids else torch.zeros((), dtype=torch.long)
+    for atom in space:
+        flat = flat * atom.int_size() + (digits[atom] if atom in digits else coord[atom])
+    applied.append(IndexPerm(tuple(flat.reshape(-1).tolist())))
+    return new_space
