@@ -22,6 +22,7 @@ import logging
 import operator
 from dataclasses import dataclass, field, replace
 
+import sympy
 import torch
 import torch.fx as fx
 
@@ -57,13 +58,18 @@ class Factor:
 
 @dataclass(frozen=True, eq=False)
 class PermRec:
-    """``y[.., j, ..] = x[.., table[j], ..]`` along one dimension (a constant index table)."""
+    """Digits ``src`` replaced by digits ``new``: ``flat(new) = j`` reads ``flat(src) = table[j]``.
+
+    A constant index table along one dimension (``x[..., perm]``), or the identity when a
+    reshape reads a flat feature index with digits that do not refine the current ones
+    (e.g. ``(2, 3, 2)`` read as ``(3, 4)``).
+    """
 
     src: tuple[Atom, ...]
     table: torch.Tensor
-    new: Atom
+    new: tuple[Atom, ...]
     node: fx.Node
-    guards: frozenset
+    guards: frozenset = frozenset()
 
 
 @dataclass(frozen=True, eq=False)
@@ -185,8 +191,10 @@ class Interpreter:
             aten.expand.default,
         ):
             w: WeightT = self.states[args[0]]
-            dims = self._view_dims(node, w.dims)
-            return replace(w, dims=dims)
+            try:
+                return replace(w, dims=self._view_dims(node, w.dims))
+            except AtomError:  # not a digit regrouping: move the ids themselves
+                return from_ids(node, val, node.target(w.dense_ids(), *args[1:]), w.source, w.guards)
         if target in DATA_MOVEMENT:
             return self._data_movement(node)
         if not isinstance(val, torch.Tensor) or not all(isinstance(s, int) for s in val.shape):
@@ -285,7 +293,12 @@ class Interpreter:
             if args[0] is not x:
                 raise Unsupported("view of a non-activation argument")
             act = self._act_input(x, restart)
-            return replace(act, dims=self._view_dims(node, act.dims, act))
+            try:
+                return replace(act, dims=self._view_dims(node, act.dims))
+            except AtomError:
+                if target not in VIEW_OPS or act.bias is not None:
+                    raise
+                return self._reindex_view(node, act)
         if target in (aten.index.Tensor, aten.index_select.default):
             return self._index(node, self._act_input(x, restart))
         if target in (aten.mm.default, aten.bmm.default):
@@ -313,7 +326,7 @@ class Interpreter:
             raise Unsupported(f"{arg} is not a weight")
         return state.fresh()
 
-    def _view_dims(self, node: fx.Node, dims, act: ActT | None = None):
+    def _view_dims(self, node: fx.Node, dims):
         target, args = node.target, node.args
         ndim = len(dims)
         if target in VIEW_OPS:
@@ -379,11 +392,49 @@ class Interpreter:
             raise Unsupported("permutation of a broadcast dimension")
         act = act.closed()
         new = Atom(n)
-        rec = PermRec(tuple(leaves(size)), table, new, node, self.evaluator.guards_of(index))
+        rec = PermRec(tuple(leaves(size)), table, (new,), node, self.evaluator.guards_of(index))
         dims = list(act.dims)
         dims[dim] = (new,)
         live = tuple(a for a in leaves(act.live) if a not in leafset(size)) + (new,)
         return replace(act, dims=tuple(dims), steps=act.steps + (rec,), live=live)
+
+    def _reindex_view(self, node: fx.Node, act: ActT) -> ActT:
+        """A reshape whose digits do not refine the current ones: new digits, identity table.
+
+        Cut the flat digit list and the target shape at every common boundary; segments
+        that regroup stay digits, the others are replaced by fresh digits (one per target
+        dimension) linked to the old ones by the identity on their flat index.
+        """
+        flat = leaves([a for d in act.dims for a in d])
+        shape = _shape(node)
+        cuts_digits, cuts_shape = _prefix_products([a.size for a in flat]), _prefix_products(shape)
+        common = [v for v in cuts_digits if v in cuts_shape]
+        dims: list[tuple[Atom, ...]] = []
+        steps = []
+        live = list(leaves(act.live))
+        bounds = [cuts_shape.index(v) for v in common[:-1]] + [len(shape)]
+        for k, (lo, hi) in enumerate(zip(common, common[1:], strict=False)):
+            digits = flat[cuts_digits.index(lo) : cuts_digits.index(hi)]
+            targets = shape[bounds[k] : bounds[k + 1]]
+            try:
+                dims.extend(regroup(digits, targets))
+                continue
+            except AtomError:
+                pass
+            if not all(a.static for a in digits) or not set(digits) <= set(live):
+                raise AtomError(f"view to {list(shape)} reshapes a batch or broadcast digit")
+            fresh = [Atom(s) for s in targets if s != 1]
+            it = iter(fresh)
+            dims.extend(() if s == 1 else (next(it),) for s in targets)
+            n = 1
+            for a in digits:
+                n *= a.int_size()
+            steps.append(PermRec(tuple(digits), torch.arange(n), tuple(fresh), node))
+            live = [a for a in live if a not in set(digits)] + fresh
+        if len(dims) != len(shape):
+            raise AtomError(f"view to {list(shape)} cannot be described on digits")
+        act = act.closed()
+        return replace(act, dims=tuple(dims), steps=act.steps + tuple(steps), live=tuple(live))
 
     def _matmul(self, node: fx.Node, left, right, x: fx.Node, restart: bool) -> ActT:
         batched = node.target is aten.bmm.default
@@ -471,6 +522,13 @@ def _live_after(live, w: WeightT, summed) -> tuple[Atom, ...]:
             seen.add(atom)
     summed_set = leafset(summed)
     return tuple(a for a in out if a not in summed_set)
+
+
+def _prefix_products(sizes) -> list:
+    out = [sympy.Integer(1)]
+    for size in sizes:
+        out.append(sympy.expand(out[-1] * size))
+    return out
 
 
 def _flat_nodes(args) -> list[fx.Node]:

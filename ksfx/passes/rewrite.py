@@ -25,7 +25,7 @@ import ksfx.ops  # noqa: F401  (registers torch.ops.ksfx)
 from ksfx.config import config
 from ksfx.passes.atoms import AtomError, leaves
 from ksfx.passes.cost import Estimate, decide, estimate
-from ksfx.passes.detect import ActT, Interpreter, Unsupported
+from ksfx.passes.detect import COPY_OPS, VIEW_OPS, ActT, Interpreter, Unsupported
 from ksfx.passes.structure import ChainPlan, ValueSource, plan_chain
 from ksfx.passes.verify import verify
 
@@ -78,7 +78,9 @@ def find_chains(gm: fx.GraphModule, weights: set[fx.Node], known: dict[fx.Node, 
         reason = None
         for node, state in reversed(candidates):
             try:
-                found.append((plan_chain(state, node), "", node, state))
+                plan = plan_chain(state, node)
+                _check_linear_use(plan, states)
+                found.append((plan, "", node, state))
                 break
             except (Unsupported, AtomError) as err:
                 reason = reason or f"{node.name}: {err}"
@@ -86,6 +88,36 @@ def find_chains(gm: fx.GraphModule, weights: set[fx.Node], known: dict[fx.Node, 
             node, state = candidates[-1]
             found.append((None, reason, node, state))
     return found
+
+
+_PRODUCTS = {aten.mul.Tensor, aten.bmm.default, aten.mm.default, aten.div.Tensor}
+
+
+def _check_linear_use(plan: ChainPlan, states) -> None:
+    """Refuse chains whose output is multiplied by their own input (``x·W·x``, gates on ``x``).
+
+    Such a chain computes one side of a quadratic form: a linear sub-expression, but not
+    a layer's linear map; the pass leaves those alone.
+    """
+    node = plan.end
+    while len(node.users) == 1:
+        user = next(iter(node.users))
+        if user.target not in VIEW_OPS | COPY_OPS and user.target not in (
+            aten.permute.default,
+            aten.transpose.int,
+            aten.t.default,
+            aten.unsqueeze.default,
+            aten.expand.default,
+        ):
+            break
+        node = user
+    for user in node.users:
+        if user.target not in _PRODUCTS:
+            continue
+        for other in user.all_input_nodes:
+            state = states.get(other)
+            if other is not node and isinstance(state, ActT) and state.root is plan.root and not state.has_work:
+                raise Unsupported(f"{user.name} multiplies the chain's output by its own input (a quadratic form)")
 
 
 def run_pass(

@@ -76,24 +76,19 @@ def plan_chain(act: ActT, end: fx.Node) -> ChainPlan:
     act = act.closed()
     if not any(isinstance(step, Factor) for step in act.steps):
         raise Unsupported("no product with a weight (permutations only)")
-    root_leaves = leaves([a for d in act.root_dims for a in d])
     touched: set[Atom] = set()
     for step in act.steps:
         if isinstance(step, Factor):
             touched |= leafset(step.weight.core_atoms) | leafset(step.summed)
         else:
             touched |= leafset(step.src)
-    batch = [a for a in root_leaves if a not in touched]
+    batch, features, batch_last = _split_root(act.root_dims, touched)
     batch_set = set(batch)
-    features = [a for a in root_leaves if a in touched]
-    if not features:
-        raise Unsupported("the products do not act on the root's features")
-    batch_last = _layout(root_leaves, batch_set, "input")
     end_leaves = leaves([a for d in act.dims for a in d])
     if set(end_leaves) != leafset(act.live):
         raise Unsupported("the output is broadcast along a digit it does not depend on")
     end_batch = [a for a in end_leaves if a in batch_set]
-    if end_batch != batch:
+    if end_batch != leaves(batch):
         raise Unsupported("batch digits are reordered between input and output")
     if batch and _layout(end_leaves, batch_set, "output") != batch_last:
         raise Unsupported("input and output layouts differ (batch-first vs batch-last)")
@@ -107,6 +102,7 @@ def plan_chain(act: ActT, end: fx.Node) -> ChainPlan:
     guards: set = set()
     source_flops = 0
     for step in act.steps:
+        space = leaves(space)  # digits may have been refined after they were recorded
         if isinstance(step, Factor):
             space, flops = _factor(step, space, batch_set, applied)
             source_flops += flops
@@ -114,6 +110,7 @@ def plan_chain(act: ActT, end: fx.Node) -> ChainPlan:
         else:
             space = _perm(step, space, applied)
             guards |= step.guards
+    space = leaves(space)
     if set(space) != set(out_features):
         raise Unsupported("internal: final feature space does not match the output")
     final = digit_perm(space, out_features)
@@ -135,6 +132,7 @@ def plan_chain(act: ActT, end: fx.Node) -> ChainPlan:
             values.append(item[1])
         else:
             steps.append(item)
+    steps, values = absorb_permutations(list(Chain(tuple(steps)).simplified().steps), values)
     chain = Chain(tuple(steps)).simplified()
     return ChainPlan(
         root=act.root,
@@ -148,6 +146,84 @@ def plan_chain(act: ActT, end: fx.Node) -> ChainPlan:
         guards=frozenset(guards),
         source_flops=source_flops,
     )
+
+
+def absorb_permutations(steps: list, values: list[ValueSource]) -> tuple[list, list[ValueSource]]:
+    """Fold permutations next to a factor into its ``(a, d)`` indices when the result is KS.
+
+    ``P_out · K · P_in`` is again a KS factor when the permutations only move digits
+    between the block indices (the d-interleaving of a block-diagonal factor, say). Each
+    factor, in application order, tries both neighbours, then its input side, then its
+    output side; what no factor can absorb stays in the chain. Values follow the moved
+    entries.
+    """
+    k = len(steps) - 1
+    factor_index = len(values) - 1
+    while k >= 0:
+        step = steps[k]
+        if not isinstance(step, KSPattern):
+            k -= 1
+            continue
+        left = k - 1 if k > 0 and not isinstance(steps[k - 1], KSPattern) else None
+        right = k + 1 if k + 1 < len(steps) and not isinstance(steps[k + 1], KSPattern) else None
+        for use_left, use_right in ((True, True), (False, True), (True, False)):
+            lo = left if use_left else None
+            hi = right if use_right else None
+            if (use_left and lo is None) or (use_right and hi is None):
+                continue
+            merged = _merge(
+                steps[lo] if lo is not None else None, step, steps[hi] if hi is not None else None, values[factor_index]
+            )
+            if merged is None:
+                continue
+            pattern, ids = merged
+            start = lo if lo is not None else k
+            stop = (hi if hi is not None else k) + 1
+            steps[start:stop] = [pattern]
+            values[factor_index] = ValueSource(values[factor_index].source, ids)
+            k = start
+            break
+        k -= 1
+        factor_index -= 1
+    return steps, values
+
+
+def _merge(out_perm, pattern: KSPattern, in_perm, values: ValueSource):
+    rows, cols = pattern.shape
+    if rows * cols > MAX_DENSE:
+        return None
+    row_src = out_perm.indices() if out_perm is not None else torch.arange(rows)
+    col_inv = torch.argsort(in_perm.indices()) if in_perm is not None else torch.arange(cols)
+    support = pattern.support()[row_src][:, col_inv]
+    merged = KSPattern.from_support(support)
+    if merged is None or merged.nnz != pattern.nnz:
+        return None
+    dense = pattern.to_dense(values.ids.reshape(pattern.as_tuple()))[row_src][:, col_inv]
+    r, c = merged.index_grids()
+    return merged, dense[r, c]
+
+
+def _split_root(root_dims, touched: set[Atom]) -> tuple[list[Atom], list[Atom], bool]:
+    """``(batch digits, feature digits, batch_last)`` of the chain's input.
+
+    Batch-first: the features are the trailing dimensions from the first one a weight
+    touches; batch-last: the leading dimensions up to the last one touched. Feature
+    digits no weight touches are kept by every factor (tied values).
+    """
+    dims = [leaves(d) for d in root_dims]
+    hit = [k for k, d in enumerate(dims) if any(a in touched for a in d)]
+    if not hit:
+        raise Unsupported("the products do not act on the root's features")
+    last = len(dims) - 1
+    if hit[-1] == last or all(not d for d in dims[hit[-1] + 1 :]):
+        feature_dims, batch_last = range(hit[0], len(dims)), False
+    elif hit[0] == 0 or all(not d for d in dims[: hit[0]]):
+        feature_dims, batch_last = range(0, hit[-1] + 1), True
+    else:
+        raise Unsupported("the products act on middle dimensions of the input (neither batch-first nor batch-last)")
+    features = [a for k in feature_dims for a in dims[k]]
+    batch = [a for k, d in enumerate(dims) if k not in feature_dims for a in d]
+    return batch, features, batch_last
 
 
 def _layout(order: list[Atom], batch: set[Atom], what: str) -> bool:
@@ -264,22 +340,28 @@ def _non_identity(perm: Perm) -> Perm | None:
 
 
 def _perm(step: PermRec, space: list[Atom], applied: list) -> list[Atom]:
-    src = leaves(step.src)
-    if not set(src) <= set(space):
-        raise Unsupported(f"{step.node.name} permutes batch digits")
+    src, new = leaves(step.src), leaves(step.new)
+    src_set = set(src)
+    if not src_set <= set(space):
+        raise Unsupported(f"{step.node.name} permutes or reshapes batch digits")
     first = min(space.index(a) for a in src)
-    new_space = [a for a in space if a not in set(src)]
-    new_space.insert(first - sum(1 for a in space[:first] if a in set(src)), step.new)
+    kept = [a for a in space if a not in src_set]
+    position = first - sum(1 for a in space[:first] if a in src_set)
+    new_space = kept[:position] + new + kept[position:]
     grids = torch.meshgrid(*(torch.arange(s) for s in _sizes(new_space)), indexing="ij")
     coord = dict(zip(new_space, grids, strict=True))
-    source = step.table[coord[step.new]]
-    src_sizes = _sizes(src)
+    new_flat = torch.zeros_like(grids[0])
+    for atom in new:
+        new_flat = new_flat * atom.int_size() + coord[atom]
+    source = step.table[new_flat]
     digits = {}
-    for k in reversed(range(len(src))):
-        digits[src[k]] = source % src_sizes[k]
-        source = source // src_sizes[k]
-    flat = torch.zeros_like(grids[0]) if grids else torch.zeros((), dtype=torch.long)
+    for atom in reversed(src):
+        digits[atom] = source % atom.int_size()
+        source = source // atom.int_size()
+    flat = torch.zeros_like(grids[0])
     for atom in space:
         flat = flat * atom.int_size() + (digits[atom] if atom in digits else coord[atom])
-    applied.append(IndexPerm(tuple(flat.reshape(-1).tolist())))
+    perm = IndexPerm(tuple(flat.reshape(-1).tolist()))
+    if not perm.is_identity:
+        applied.append(perm)
     return new_space
