@@ -23,7 +23,9 @@ import ksfx
 from benchmarks import common
 from examples import ks_models
 
-CONTENDERS = ("eager", "inductor", "ksfx")
+#: ``ksfx`` is ``backend="ksfx"`` (``rewrite="auto"``: the cost model decides per chain);
+#: ``ksfx_always`` rewrites every structured chain, to measure what the cost model avoids.
+CONTENDERS = ("eager", "inductor", "ksfx", "ksfx_always")
 #: Relative error (max |y - ref| / max |ref|) allowed between a compiled model and eager.
 MODEL_TOLERANCE = {"fp32": 1e-3, "fp16": 2e-2, "bf16": 5e-2}
 
@@ -52,26 +54,19 @@ def case_key(name: str, quick: bool, dtype_name: str, mode: str, batch: int) -> 
     return f"{name}|{'quick' if quick else 'full'}|{dtype_name}|{mode}|{batch}"
 
 
-def ksfx_backend_status() -> str | None:
-    """None when ``backend="ksfx"`` resolves, else why it does not."""
-    try:
-        torch._dynamo.lookup_backend("ksfx")
-    except (ImportError, AttributeError, torch._dynamo.exc.InvalidBackend) as exc:
-        return f"backend 'ksfx' unavailable: {type(exc).__name__}: {exc}"
-    return None
+def compiler(contender: str, model: torch.nn.Module):
+    if contender == "eager":
+        return model
+    if contender == "inductor":
+        return torch.compile(model)
+    return torch.compile(model, backend=ksfx.backend(rewrite="always" if contender == "ksfx_always" else "auto"))
 
 
-def explain_summary(model, inputs) -> dict | None:
-    """What ``ksfx.explain`` finds (chains, patterns, rewritten or not), when ksfx has it."""
-    if not hasattr(ksfx, "explain"):
-        return None
-    report = ksfx.explain(model, *inputs)
+def explain_summary(model, inputs, rewrite: str) -> dict:
+    """What ``ksfx.explain`` finds: chains, their patterns, rewritten or not and why."""
+    report = ksfx.explain(model, *inputs, rewrite=rewrite)
     chains = [
-        {
-            "patterns": [list(p) for p in chain.patterns],
-            "rewritten": bool(chain.rewritten),
-            "reason": str(chain.reason),
-        }
+        {"patterns": [list(p) for p in chain.patterns], "rewritten": bool(chain.rewritten), "reason": str(chain.reason)}
         for chain in report.chains
     ]
     return {"chains": len(chains), "rewritten": sum(c["rewritten"] for c in chains), "details": chains}
@@ -109,6 +104,7 @@ def run_case(name: str, dtype_name: str, mode: str, device: torch.device, args) 
         "errors": {},
         "correct": {},
         "unavailable": {},
+        "ksfx_op_launches": {},
     }
     initial = copy.deepcopy(model.state_dict())
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-4) if train else None
@@ -147,20 +143,16 @@ def run_case(name: str, dtype_name: str, mode: str, device: torch.device, args) 
 
     ready = {}
     for contender in args.contenders:
-        if contender == "ksfx" and (reason := ksfx_backend_status()):
-            case["unavailable"]["ksfx"] = reason
-            continue
-        if contender == "eager":
-            fn = model
-        else:
-            fn = torch.compile(model, backend="inductor" if contender == "inductor" else "ksfx")
+        fn = compiler(contender, model)
         try:
             model.load_state_dict(initial)
             start = time.perf_counter()
             step(fn)  # compiles
             common.synchronize(device)
             case["compile_s"][contender] = time.perf_counter() - start
+            ksfx.stats(reset=True)
             err = check(fn)
+            case["ksfx_op_launches"][contender] = ksfx.stats(reset=True)  # KS op calls in one checked step
             case["errors"][contender] = err
             case["correct"][contender] = err <= MODEL_TOLERANCE[dtype_name]
             ready[contender] = fn
@@ -171,7 +163,6 @@ def run_case(name: str, dtype_name: str, mode: str, device: torch.device, args) 
             case["unavailable"][contender] = f"error: {type(exc).__name__}: {exc}"[:1000]
             traceback.print_exc(file=sys.stderr)
     model.load_state_dict(initial)
-    ksfx.stats(reset=True)
     case["times"] = common.measure_interleaved(
         {name: (lambda fn=fn: step(fn)) for name, fn in ready.items()},
         device,
@@ -179,18 +170,19 @@ def run_case(name: str, dtype_name: str, mode: str, device: torch.device, args) 
         rep_ms=args.rep_ms,
         cpu_min_time=args.cpu_min_time,
     )
-    case["ksfx_op_launches"] = ksfx.stats(reset=True)  # every KS op call while timing (ksfx only)
     model.load_state_dict(initial)
-    if "ksfx" in args.contenders and "ksfx" not in case["unavailable"]:
-        model.eval()
-        try:
-            case["explain"] = explain_summary(model, inputs)
-        except Exception as exc:  # recorded: the timings above stand without it
-            case["explain"] = {"error": f"{type(exc).__name__}: {exc}"[:1000]}
-            traceback.print_exc(file=sys.stderr)
+    model.eval()
+    case["explain"] = {}
+    for contender, rewrite in (("ksfx", "auto"), ("ksfx_always", "always")):
+        if contender in args.contenders:
+            try:
+                case["explain"][contender] = explain_summary(model, inputs, rewrite)
+            except Exception as exc:  # recorded: the timings above stand without it
+                case["explain"][contender] = {"error": f"{type(exc).__name__}: {exc}"[:1000]}
+                traceback.print_exc(file=sys.stderr)
     times = case["times"]
     ratios = {}
-    for num, den in (("ksfx", "inductor"), ("ksfx", "eager"), ("inductor", "eager")):
+    for num, den in (("ksfx", "inductor"), ("ksfx_always", "inductor"), ("ksfx", "eager"), ("inductor", "eager")):
         if num in times and den in times:
             ratios[f"{num}/{den}"] = times[num] / times[den]
     case["ratios"] = ratios
@@ -204,8 +196,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=None, help="batch size (default: vit 128 / gpt2 8; quick 32 / 4)")
     p.add_argument("--dtype", default="fp32", help="comma list of fp32,fp16,bf16")
     p.add_argument("--train", action="store_true", help="time a training step (forward, backward, SGD) too")
-    p.add_argument("--contenders", default=",".join(CONTENDERS), help="comma list of " + ",".join(CONTENDERS))
+    p.add_argument(
+        "--contenders",
+        default=None,
+        help="comma list of " + ",".join(CONTENDERS) + " (default: all on CPU; ksfx_always left out on GPU, "
+        "where rewrite='auto' already rewrites every structured chain)",
+    )
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU; default: torch's)")
     p.add_argument(
         "--precision",
         default="highest",
@@ -225,9 +223,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> Path:
     args = parse_args(argv)
     device = common.pick_device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.set_float32_matmul_precision(args.precision)
     args.rounds = args.rounds or common.default_rounds(device)
-    args.contenders = common.parse_list(args.contenders, CONTENDERS, "--contenders")
+    default_contenders = CONTENDERS if device.type == "cpu" else ("eager", "inductor", "ksfx")
+    args.contenders = common.parse_list(args.contenders or ",".join(default_contenders), CONTENDERS, "--contenders")
     models = common.parse_list(args.model, MODELS, "--model")
     dtypes = common.parse_list(args.dtype, common.DTYPES, "--dtype")
     modes = ["inference", "train"] if args.train else ["inference"]

@@ -233,6 +233,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--batch", default=None, help=f"comma list of batch sizes (default {PAPER_BATCH},4096,128)")
     p.add_argument("--baselines", default=",".join(BASELINES), help="comma list of " + ",".join(BASELINES))
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU; default: torch's)")
     p.add_argument(
         "--precision",
         default="highest",
@@ -272,6 +273,8 @@ def plan(args: argparse.Namespace, device: torch.device) -> list[tuple[Pattern, 
 def main(argv: list[str] | None = None) -> Path:
     args = parse_args(argv)
     device = common.pick_device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.set_float32_matmul_precision(args.precision)
     args.rounds = args.rounds or common.default_rounds(device)
     cases = plan(args, device)

@@ -85,25 +85,30 @@ def model_table(results: list[tuple[Path, dict]]) -> str:
         return "_No model results yet._\n"
     head = (
         "| device | model | size | dtype | mode | batch | eager ms | Inductor ms | ksfx ms | ksfx vs Inductor "
-        "| chains rewritten | outputs match eager |"
+        "| ksfx always ms | always vs Inductor | chains rewritten (auto / always) | outputs match eager |"
     )
     rows = [head, "|" + "---|" * (head.count("|") - 1)]
     for env, case in sorted(rows_data, key=lambda r: (r[0]["device"], r[1]["model"], r[1]["size"], r[1]["dtype"])):
-        times = case["times"]
+        times, ratios = case["times"], case.get("ratios", {})
 
         def ms(name: str, times=times, case=case) -> str:
             if name in times:
                 return f"{1e3 * times[name]:.1f}"
             return "n/a" if name in case.get("unavailable", {}) else "–"
 
-        ratio = case.get("ratios", {}).get("ksfx/inductor")
-        change = "–" if ratio is None else f"{100 * (ratio - 1):+.1f}%"
-        explain = case.get("explain") or {}
-        rewritten = f"{explain['rewritten']}/{explain['chains']}" if "chains" in explain else "–"
+        def change(name: str, ratios=ratios) -> str:
+            ratio = ratios.get(f"{name}/inductor")
+            return "–" if ratio is None else f"{100 * (ratio - 1):+.1f}%"
+
+        def rewritten(name: str, case=case) -> str:
+            found = case.get("explain", {}).get(name, {})
+            return f"{found['rewritten']}/{found['chains']}" if "chains" in found else "–"
+
         correct = ", ".join(f"{k} {'yes' if v else 'NO'}" for k, v in case.get("correct", {}).items() if k != "eager")
         rows.append(
             f"| {env['device']} | {case['model']} | {case['size']} | {case['dtype']} | {case['mode']} "
-            f"| {case['batch']} | {ms('eager')} | {ms('inductor')} | {ms('ksfx')} | {change} | {rewritten} "
+            f"| {case['batch']} | {ms('eager')} | {ms('inductor')} | {ms('ksfx')} | {change('ksfx')} "
+            f"| {ms('ksfx_always')} | {change('ksfx_always')} | {rewritten('ksfx')} / {rewritten('ksfx_always')} "
             f"| {correct or '–'} |"
         )
     return "\n".join(rows) + "\n"
