@@ -321,6 +321,22 @@ def test_source_has_no_index_table_without_index_perm():
     assert "tl.load(in_table_ptr +" in index.source() and ".to(tl.float32)" in index.source()
 
 
+@pytest.mark.parametrize("kind", ["forward", "grad"])
+@pytest.mark.parametrize("mode", ["dot", "fma"])
+def test_source_calls_no_jit_helpers_of_triton_language(kind, mode):
+    """Interpreted kernels cannot call tl.cdiv/tl.sum/... once triton was imported uninterpreted."""
+    import re
+
+    import triton.language as tl
+    from triton.runtime.jit import JITFunction
+
+    step = FactorStep(KSPattern(2, 16, 24, 3), digit_perm(144), random_index_perm(96))
+    source = KernelKey(kind, step, mode, False, "bfloat16", True, "-", None).source()
+    used = set(re.findall(r"\btl\.(\w+)", source))
+    assert {"load", "store"} <= used
+    assert not [name for name in used if isinstance(getattr(tl, name, None), JITFunction)]
+
+
 def test_bad_inputs_raise_clear_errors(triton_interpret):
     step = FactorStep(KSPattern(2, 3, 4, 5))
     with pytest.raises(ValueError, match="features"):

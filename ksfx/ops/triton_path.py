@@ -88,7 +88,9 @@ def _key(kind: str, step: FactorStep, t: torch.Tensor, batch_last: bool) -> Kern
         mode=kernel_mode(step.pattern),
         batch_last=batch_last,
         dtype=str(t.dtype).removeprefix("torch."),
-        interpret=t.device.type != "cuda",
+        # config.interpret mirrors TRITON_INTERPRET, which makes triton.jit interpret
+        # even CUDA tensors; the interpreted source differs (bf16 dots are upcast).
+        interpret=config.interpret or t.device.type != "cuda",
         precision=_precision(t.dtype),
         capability=capability,
     )
