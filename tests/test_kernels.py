@@ -181,6 +181,16 @@ def test_forward_every_config_of_the_space(device):
             assert_close(y, expected, torch.float16)
 
 
+def test_forward_through_the_autotuner(device, monkeypatch):
+    """``config.autotune`` launches through triton.autotune; the kept config is reported."""
+    monkeypatch.setattr(config, "autotune", True)
+    step = with_perms((2, 16, 24, 3), "both")
+    x, values = make((2, 16, 24, 3), 37, True, torch.float16, device)
+    y = triton_path.factor_forward(x, values, step, True)
+    assert_close(y, reference(step, x, values, True), torch.float16)
+    assert isinstance(triton_path.tuned_config(x, step, True), TileConfig)
+
+
 # ----------------------------------------------------------------------------- dvalues
 def dense_grad_values(step, dy, x, values, batch_last):
     """``dL/dvalues`` for ``L = <dy, y>`` by autograd through the dense reference."""

@@ -125,7 +125,8 @@ def factor_forward(
     """``out_perm(K(in_perm(x))) (+ bias)`` in one launch; a new contiguous tensor.
 
     ``tile`` overrides the configuration (tests, benchmarks); by default the heuristic
-    picks it, or Triton's autotuner when ``ksfx.config.autotune`` is set on a GPU.
+    picks it, or Triton's autotuner when ``ksfx.config.autotune`` is set (a GPU
+    tunes over :func:`~ksfx.codegen.tuning.forward_config_space`).
     """
     _check(x, values, step, batch_last)
     pattern = step.pattern
@@ -144,9 +145,8 @@ def factor_forward(
         n, stride_xm, stride_xf, stride_ym, stride_yf, *values.stride(),
     )  # fmt: skip
     flags = {"HAS_BIAS": bias is not None, "INT64": _needs_int64(x, y)}
-    if tile is None and config.autotune and not key.interpret:
-        configs = forward_config_space(step, n, x.element_size(), batch_last, _device_info(x.device)[1])
-        kernel = get_autotuned(key, config.cache_dir, configs)
+    if tile is None and config.autotune:
+        kernel = get_autotuned(key, config.cache_dir, _tuning_space(key, x, n))
         kernel[lambda meta: (forward_programs(pattern, n, _meta_tile(meta), key.mode),)](*args, **flags)
         return y
     if tile is None:
@@ -159,14 +159,21 @@ def factor_forward(
 
 def tuned_config(x: torch.Tensor, step: FactorStep, batch_last: bool) -> TileConfig | None:
     """The config Triton's autotuner kept for ``x``'s shape (None before it tuned one)."""
-    n = _layout(x, batch_last)[0]
     key = _key("forward", step, x, batch_last)
-    configs = forward_config_space(step, n, x.element_size(), batch_last, _device_info(x.device)[1])
-    best = getattr(get_autotuned(key, config.cache_dir, configs), "best_config", None)
+    tuner = get_autotuned(key, config.cache_dir, _tuning_space(key, x, _layout(x, batch_last)[0]))
+    best = getattr(tuner, "best_config", None)
     if best is None:
         return None
     return TileConfig(**{name.lower(): v for name, v in best.kwargs.items()}, num_warps=best.num_warps,
                       num_stages=best.num_stages)  # fmt: skip
+
+
+def _tuning_space(key: KernelKey, x: torch.Tensor, n: int) -> list[TileConfig]:
+    """The autotuning space; only the heuristic's config under the interpreter (nothing to time)."""
+    sms = _device_info(x.device)[1]
+    if key.interpret:
+        return [forward_heuristic(key.step.pattern, n, x.element_size(), key.batch_last, sms)]
+    return forward_config_space(key.step, n, x.element_size(), key.batch_last, sms)
 
 
 def _meta_tile(meta: dict) -> TileConfig:
