@@ -88,6 +88,7 @@ def explain(model: torch.nn.Module, *example_inputs, rewrite: str = "auto", dyna
         compiled = torch.compile(model, backend=compiler, dynamic=dynamic)
         with torch.no_grad():
             compiled(*example_inputs)
+        report.graph_breaks, report.graph_breaks_note = _find_graph_breaks(model, example_inputs)
     finally:
         with torch.no_grad():
             for buffer, saved in buffers:
@@ -95,5 +96,4 @@ def explain(model: torch.nn.Module, *example_inputs, rewrite: str = "auto", dyna
         torch.set_rng_state(rng)
         if cuda_rng is not None:
             torch.cuda.set_rng_state_all(cuda_rng)
-    report.graph_breaks, report.graph_breaks_note = _find_graph_breaks(model, example_inputs)
     return report

@@ -361,7 +361,7 @@ def _perm(step: PermRec, space: list[Atom], applied: list) -> list[Atom]:
     flat = torch.zeros_like(grids[0])
     for atom in space:
         flat = flat * atom.int_size() + (digits[atom] if atom in digits else coord[atom])
-    perm = IndexPerm(tuple(flat.reshape(-1).tolist()))
+    perm = simplify(IndexPerm(tuple(flat.reshape(-1).tolist())))  # bit reversal -> digit arithmetic
     if not perm.is_identity:
         applied.append(perm)
     return new_space
