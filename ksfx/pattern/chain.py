@@ -102,6 +102,9 @@ class Chain:
                     f"but {right} produces {step_shape(right)[0]}"
                 )
 
+        # Serialised once: the op takes it as a string, and Dynamo cannot trace json.dumps.
+        object.__setattr__(self, "_spec", json.dumps([_step_to_json(s) for s in self.steps], separators=(",", ":")))
+
     # ------------------------------------------------------------------ sizes
     @property
     def out_features(self) -> int:
@@ -166,7 +169,7 @@ class Chain:
     # ------------------------------------------------------------------ serialisation
     def to_spec(self) -> str:
         """Compact JSON, the non-tensor argument of the ``ksfx`` torch op."""
-        return json.dumps([_step_to_json(s) for s in self.steps], separators=(",", ":"))
+        return self._spec
 
     @staticmethod
     def from_spec(spec: str) -> Chain:
