@@ -108,6 +108,36 @@ def lower(gm: fx.GraphModule, example_inputs) -> fx.GraphModule:
     return aten_gm
 
 
+def _custom_autograd(gm: fx.GraphModule) -> list[str]:
+    """Names of ``autograd.Function`` calls Dynamo kept whole (``allow_in_graph``)."""
+    found = []
+    for node in gm.graph.nodes:
+        name = getattr(node.target, "__name__", str(node.target))
+        if "autograd_apply" in name or "autograd_function_apply" in name:
+            found.append(node.name)
+    return found
+
+
+def _refusal(gm: fx.GraphModule, example_inputs) -> str | None:
+    """Why no chain of this graph may be rewritten, if some reason holds for the whole graph.
+
+    Lowering to aten runs an ``autograd.Function``'s forward and drops its hand-written
+    backward; AOT autograd then differentiates the forward ops instead. That is only
+    certain to be the same when no gradient is needed, so such graphs are rewritten for
+    inference only.
+    """
+    custom = _custom_autograd(gm)
+    needs_grad = torch.is_grad_enabled() and any(
+        isinstance(x, torch.Tensor) and x.requires_grad for x in example_inputs
+    )
+    if custom and needs_grad:
+        return (
+            f"the graph calls autograd.Function(s) ({', '.join(custom)}) whose custom backward would be "
+            "replaced: rewritten for inference (torch.no_grad) only"
+        )
+    return None
+
+
 def _device_type(example_inputs) -> str:
     for x in example_inputs:
         if isinstance(x, torch.Tensor) and x.device.type != "cpu":
@@ -146,6 +176,7 @@ class KsfxCompiler:
             {placeholders[k] for k in learnable},
             mode=self.rewrite,
             device_type=_device_type(example_inputs),
+            refuse=_refusal(gm, example_inputs),
         )
         rewritten = [c for c in report.chains if c.rewritten]
         if not rewritten:

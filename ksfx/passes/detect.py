@@ -303,6 +303,9 @@ class Interpreter:
             return self._index(node, self._act_input(x, restart))
         if target in (aten.mm.default, aten.bmm.default):
             return self._matmul(node, args[0], args[1], x, restart)
+        if target in (aten.mm.out, aten.bmm.out):
+            _check_scratch_out(node.kwargs.get("out"), x)
+            return self._matmul(node, args[0], args[1], x, restart)
         if target is aten.addmm.default:
             if node.kwargs.get("beta", 1) != 1 or node.kwargs.get("alpha", 1) != 1:
                 raise Unsupported("addmm with beta/alpha")
@@ -437,7 +440,7 @@ class Interpreter:
         return replace(act, dims=tuple(dims), steps=act.steps + tuple(steps), live=tuple(live))
 
     def _matmul(self, node: fx.Node, left, right, x: fx.Node, restart: bool) -> ActT:
-        batched = node.target is aten.bmm.default
+        batched = node.target in (aten.bmm.default, aten.bmm.out)
         act_left = left is x
         act = self._act_input(x, restart)
         if act.bias is not None:
@@ -522,6 +525,23 @@ def _live_after(live, w: WeightT, summed) -> tuple[Atom, ...]:
             seen.add(atom)
     summed_set = leafset(summed)
     return tuple(a for a in out if a not in summed_set)
+
+
+_SCRATCH_VIEWS = {aten.transpose.int, aten.permute.default, aten.view.default, aten.t.default, aten.unsqueeze.default}
+
+
+def _check_scratch_out(out, x: fx.Node) -> None:
+    """``bmm(..., out=buffer)`` computes a plain product when ``buffer`` is fresh scratch.
+
+    That is the case when ``out`` is a view of an ``empty`` tensor that nothing else reads
+    (the layout of the user's preallocated output does not change the values).
+    """
+    node = out
+    while isinstance(node, fx.Node) and node.target in _SCRATCH_VIEWS and len(node.users) == 1:
+        node = node.args[0]
+    fresh = (aten.empty.memory_format, aten.empty_strided.default)
+    if not (isinstance(node, fx.Node) and node.target in fresh and len(node.users) == 1) or out is x:
+        raise Unsupported("out= product into a tensor that is read elsewhere")
 
 
 def _prefix_products(sizes) -> list:

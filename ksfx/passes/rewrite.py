@@ -127,8 +127,12 @@ def run_pass(
     learnable: set[fx.Node],
     mode: str = "auto",
     device_type: str = "cpu",
+    refuse: str | None = None,
 ) -> list[ChainReport]:
-    """Detect, decide, verify and rewrite ``gm`` in place; returns the reports."""
+    """Detect, decide, verify and rewrite ``gm`` in place; returns the reports.
+
+    ``refuse``: a reason that holds for the whole graph; chains are reported, not rewritten.
+    """
     reports = []
     accepted: list[ChainPlan] = []
     for plan, reason, end, state in find_chains(gm, weights, known):
@@ -141,6 +145,8 @@ def run_pass(
         chain = plan.chain
         est = estimate(chain, plan.source_flops)
         ok, why = decide(chain, est, mode, device_type)
+        if ok and refuse:
+            ok, why = False, refuse
         status, message = ("", "")
         if ok:
             status, message = verify(plan, learnable, known, gm)
@@ -198,6 +204,9 @@ def apply(gm: fx.GraphModule, plans: list[ChainPlan]) -> None:
             y = graph.call_function(aten.reshape.default, (y2d, _end_shape(graph, plan, root)))
         plan.end.replace_all_uses_with(y)
         replaced[plan.end] = y
+        for node in reversed(plan.nodes):  # out= products are impure: dead-code elimination keeps them
+            if not node.users and node is not plan.root:
+                graph.erase_node(node)
     graph.eliminate_dead_code()
     graph.lint()
     gm.recompile()
