@@ -96,8 +96,9 @@ def run_backward(grad, x, factors, chain: Chain, batch_last: bool, need_x: bool)
         if k > 0 or need_x:
             stats.record(f"{name}.forward")
             grad = impl.factor_forward(grad, values[k].permute(0, 2, 1, 3), step.transpose(), batch_last, None)
-    dx = grad if need_x else grad.new_empty(0)
-    return dx, list(reversed(grads))
+    dx = grad.contiguous() if need_x else grad.new_empty(0)
+    # contiguous like the fake kernel's outputs: Inductor asserts the strides it was promised
+    return dx, [g.contiguous() for g in reversed(grads)]
 
 
 # ----------------------------------------------------------------------------- the ops
@@ -108,7 +109,7 @@ def ks_chain(
     """``y = x @ W.T`` (batch-first) or ``y = W @ x`` (batch-last), ``W`` given by ``spec``."""
     chain = Chain.from_spec(spec)
     validate(x, factors, chain, batch_last, bias)
-    return run_forward(x, factors, chain, batch_last, bias)
+    return run_forward(x, factors, chain, batch_last, bias).contiguous()  # the fake promises contiguous
 
 
 @ks_chain.register_fake
