@@ -1,10 +1,11 @@
 """Numerical check of a planned chain against the region it replaces.
 
-The region (every node between the root and the chain end) is evaluated in float64 on
-a random root and random values for the learnable weights, with the real values of the
-tensors that shaped supports (masks, index tables, frozen weights). The planned chain,
-with its values gathered from the same tensors, must reproduce it. A plan that fails is
-never rewritten: this catches any gap between the index algebra and the real ops.
+The region (every node between the root and the chain end) is evaluated in float64, on
+the model's device so that GPU models check real batch sizes quickly, with a random
+root, random values for the learnable weights and the real values of the tensors that
+shaped supports (masks, index tables, frozen weights). The planned chain, with its
+values gathered from the same tensors, must reproduce it. A plan that fails is never
+rewritten: this catches any gap between the index algebra and the real ops.
 """
 
 from __future__ import annotations
@@ -16,8 +17,9 @@ import torch.fx as fx
 
 from ksfx.passes.structure import ChainPlan, ValueSource
 
-#: Regions whose evaluation would touch more elements than this are not re-evaluated.
-MAX_VERIFY_ELEMENTS = 1 << 22
+#: Multiply-adds a re-evaluation may cost, per device type (float64); larger regions are skipped.
+MAX_VERIFY_FLOPS = {"cpu": 1 << 28, "cuda": 1 << 38}
+MAX_VERIFY_ELEMENTS = 1 << 26
 
 
 class _Skip(Exception):
@@ -39,10 +41,21 @@ def verify(plan: ChainPlan, learnable: set[fx.Node], known: dict[fx.Node, torch.
     root_val = plan.root.meta["val"]
     root_shape = _concrete_shape(root_val)
     end_shape = _concrete_shape(plan.end.meta["val"])
-    if max(math.prod(root_shape), math.prod(end_shape)) * plan.chain.in_features > MAX_VERIFY_ELEMENTS * 64:
+    device = root_val.device
+    rows = math.prod(root_shape) // max(plan.chain.in_features, 1)
+    budget = MAX_VERIFY_FLOPS.get(device.type, MAX_VERIFY_FLOPS["cpu"])
+    if rows * plan.source_flops > budget or max(math.prod(root_shape), math.prod(end_shape)) > MAX_VERIFY_ELEMENTS:
         return "skipped", "region too large to re-evaluate; structure from the index algebra only"
     generator = torch.Generator().manual_seed(0)
-    env: dict[fx.Node, object] = {plan.root: torch.randn(root_shape, generator=generator, dtype=torch.float64)}
+
+    def random(shape):
+        return torch.randn(shape, generator=generator, dtype=torch.float64).to(device)
+
+    def real(tensor):
+        tensor = tensor.detach().to(device)
+        return tensor.to(torch.float64) if tensor.is_floating_point() else tensor
+
+    env: dict[fx.Node, object] = {plan.root: random(root_shape)}
 
     def value(node):
         if not isinstance(node, fx.Node):
@@ -54,20 +67,18 @@ def verify(plan: ChainPlan, learnable: set[fx.Node], known: dict[fx.Node, torch.
             if isinstance(val, torch.SymInt | int):
                 out = _hint(val)
             elif node in known:
-                out = known[node].detach().cpu()
-                out = out.to(torch.float64) if out.is_floating_point() else out
+                out = real(known[node])
             elif node in learnable:
-                out = torch.randn(_concrete_shape(val), generator=generator, dtype=torch.float64)
+                out = random(_concrete_shape(val))
             else:
                 raise _Skip(f"the region reads the activation {node.name}")
         elif node.op == "get_attr":
-            out = getattr(gm, node.target).detach().cpu()
-            out = out.to(torch.float64) if out.is_floating_point() else out
+            out = real(getattr(gm, node.target))
         elif node.op == "call_function":
             args = fx.node.map_arg(node.args, value)
             kwargs = dict(fx.node.map_arg(node.kwargs, value))
             if "device" in kwargs:
-                kwargs["device"] = "cpu"
+                kwargs["device"] = device
             if "dtype" in kwargs and isinstance(kwargs["dtype"], torch.dtype) and kwargs["dtype"].is_floating_point:
                 kwargs["dtype"] = torch.float64
             target = node.target
@@ -106,4 +117,4 @@ def verify(plan: ChainPlan, learnable: set[fx.Node], known: dict[fx.Node, torch.
 
 def _gather(source: torch.Tensor, spec: ValueSource) -> torch.Tensor:
     flat = torch.cat([source.new_zeros(1), source.reshape(-1)])
-    return flat[spec.ids]
+    return flat[spec.ids.to(source.device)]
