@@ -250,6 +250,9 @@ def _build(gm: fx.GraphModule, spec: ValueSource, shape: tuple[int, ...]) -> fx.
     graph = gm.graph
     ids = spec.ids.reshape(shape)
     source = spec.source
+    if _same_shape_product(source):  # (w * mask)[idx] == w[idx] * mask[idx]: no dense product per call
+        left, right = (_build(gm, ValueSource(arg, spec.ids), shape) for arg in source.args[:2])
+        return graph.call_function(aten.mul.Tensor, (left, right))
     numel = 1
     for s in source.meta["val"].shape:
         numel *= int(s)
@@ -272,9 +275,21 @@ def _build(gm: fx.GraphModule, spec: ValueSource, shape: tuple[int, ...]) -> fx.
     return graph.call_function(aten.index.Tensor, (flat, [graph.get_attr(name)]))
 
 
+def _same_shape_product(node: fx.Node) -> bool:
+    if node.target is not aten.mul.Tensor or len(node.args) != 2 or node.kwargs:
+        return False
+    shapes = [getattr(a, "meta", {}).get("val") for a in node.args]
+    out = node.meta["val"]
+    return all(isinstance(v, torch.Tensor) and v.shape == out.shape and v.dtype == out.dtype for v in shapes)
+
+
 def _constant(gm: fx.GraphModule, tensor: torch.Tensor) -> str:
+    """A constant index buffer on ``gm``, shared with an equal one registered before."""
     k = 0
     while hasattr(gm, f"_ksfx_index_{k}"):
+        existing = getattr(gm, f"_ksfx_index_{k}")
+        if existing.shape == tensor.shape and existing.device == tensor.device and torch.equal(existing, tensor):
+            return f"_ksfx_index_{k}"
         k += 1
     name = f"_ksfx_index_{k}"
     gm.register_buffer(name, tensor)
