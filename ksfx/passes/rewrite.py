@@ -15,6 +15,7 @@ op's registered autograd) and everything around the chain is left to the inner c
 from __future__ import annotations
 
 import logging
+import math
 import operator
 from dataclasses import dataclass, field
 
@@ -259,8 +260,12 @@ def _build(gm: fx.GraphModule, spec: ValueSource, shape: tuple[int, ...]) -> fx.
     if bool((ids > 0).all()):
         view = _as_view(ids - 1, numel)
         if view is not None:
-            base_shape, order, expand = view
-            node = graph.call_function(aten.reshape.default, (source, base_shape))
+            offset, base_shape, order, expand = view
+            node = source
+            if offset or math.prod(base_shape) != numel:
+                flat = graph.call_function(aten.reshape.default, (source, [-1]))
+                node = graph.call_function(aten.slice.Tensor, (flat, 0, offset, offset + math.prod(base_shape)))
+            node = graph.call_function(aten.reshape.default, (node, base_shape))
             if order != list(range(len(order))):
                 node = graph.call_function(aten.permute.default, (node, order))
             if expand:
@@ -297,15 +302,18 @@ def _constant(gm: fx.GraphModule, tensor: torch.Tensor) -> str:
 
 
 def _as_view(index: torch.Tensor, numel: int):
-    """``(base_shape, permutation, needs_expand)`` when ``index`` is a dense strided view.
+    """``(offset, base_shape, permutation, needs_expand)`` when ``index`` is a dense strided view.
 
-    ``index[i] = Σ stride_k · i_k`` with the nonzero strides forming a row-major layout
-    of the whole source (any order); stride-0 axes are broadcasts (tied values).
+    ``index[i] = offset + Σ stride_k · i_k`` with the nonzero strides forming a row-major
+    layout of a contiguous range of the source (any order); stride-0 axes are
+    broadcasts (tied values).
     """
     shape = list(index.shape)
     flat = index.reshape(-1)
-    if flat.numel() == 0 or int(flat[0]) != 0:
+    if flat.numel() == 0:
         return None
+    offset = int(flat[0])
+    index = index - offset
     strides = []
     for k, size in enumerate(shape):
         if size == 1:
@@ -327,11 +335,11 @@ def _as_view(index: torch.Tensor, numel: int):
         if strides[k] != expected:
             return None
         expected *= shape[k]
-    if expected != numel:
+    if offset + expected > numel:
         return None
     still = [k for k in range(len(shape)) if strides[k] == 0]
     base_shape = [shape[k] for k in moving] + [1] * len(still)
     position = {k: p for p, k in enumerate(moving + still)}
     order = [position[k] for k in range(len(shape))]
     expand = any(strides[k] == 0 and shape[k] > 1 for k in range(len(shape)))
-    return base_shape, order, expand
+    return offset, base_shape, order, expand
