@@ -2,9 +2,10 @@
 
 Given the steps between a root and a chain end (see :mod:`ksfx.passes.detect`):
 
-* digits of the root that no step touches are *batch* digits; the others are features.
-  Batch digits must come before all features (batch-first) or after (batch-last), in the
-  same order at the root and at the end, so the op can see the tensors as 2-D.
+* the root's dimensions from the first one a weight touches to the last are features
+  (batch-first; batch-last: from dimension 0 to the last one touched), the others are
+  batch digits. Batch digits must arrive at the end in the same order and on the same
+  side, so the op can see the tensors as 2-D. Untouched feature digits are tied.
 * each product with a weight, seen on the feature space ``S`` it reads, keeps some
   digits (``P``), contracts some (``K``) and creates some (``N``): that is the factor
   ``(a, b, c, d) = (|P_hi|, |N|, |K|, |P_lo|)`` after the digit permutation that brings
