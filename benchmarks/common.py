@@ -16,6 +16,7 @@ import re
 import subprocess
 import sys
 import time
+import traceback
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -150,6 +151,14 @@ def rel_error(y: torch.Tensor, ref: torch.Tensor) -> float:
     scale = ref.abs().max().item() or 1.0
     err = (y - ref).abs().max().item() / scale
     return err if err == err else float("inf")
+
+
+def report_failure(verbose: bool) -> None:
+    """Tell stderr why a contender failed (inside an ``except``): one line, or the traceback."""
+    if verbose:
+        traceback.print_exc(file=sys.stderr)
+    else:
+        sys.stderr.write("  failed: " + traceback.format_exc().strip().splitlines()[-1][:300] + "\n")
 
 
 # ----------------------------------------------------------------------------- progress

@@ -22,7 +22,6 @@ import argparse
 import csv
 import math
 import sys
-import traceback
 import zlib
 from pathlib import Path
 
@@ -30,6 +29,7 @@ import torch
 
 import ksfx
 from benchmarks import common
+from benchmarks.common import report_failure
 from examples.ks_models import ks_factor_bmm
 from ksfx.pattern import FactorStep
 
@@ -189,7 +189,7 @@ def run_case(pattern: Pattern, dtype_name: str, layout: str, batch: int, device:
             torch.cuda.empty_cache()
         except Exception as exc:  # a failing contender is recorded, the sweep goes on
             case["skipped"][name] = f"error: {type(exc).__name__}: {exc}"[:500]
-            traceback.print_exc(file=sys.stderr)
+            report_failure(args.verbose)
     del ref
     case["times"] = common.measure_interleaved(
         working, device, args.rounds, rep_ms=args.rep_ms, cpu_min_time=args.cpu_min_time
@@ -246,6 +246,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=None, help="timing rounds, best kept (default: 3 on CPU, 1 on GPU)")
     p.add_argument("--dense-limit-gb", type=float, default=2.0, help="skip the dense baseline above this size")
     p.add_argument("--out", type=Path, default=None, help="result file (default results/patterns_<device>_<date>.json)")
+    p.add_argument("--verbose", action="store_true", help="print full tracebacks of failing contenders")
     p.add_argument("--no-plot", action="store_true", help="do not write the PNG next to the JSON")
     return p.parse_args(argv)
 
