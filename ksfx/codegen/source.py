@@ -74,23 +74,30 @@ def forward_dot(
         x_feature = {x_feature}
         if INT64:
             x_feature = x_feature.to(tl.int64)
-        x_tile = tl.load(
-            x_ptr + offs_m[:, None] * stride_xm + x_feature[None, :] * stride_xf,
-            mask=mask_m[:, None] & mask_k[None, :],
-            other=0.0,
-        )
-        v_tile = tl.load(v_ptr + {v_offset}, mask=mask_k[:, None] & mask_b[None, :], other=0.0)
+        x_ptrs = x_ptr + offs_m[:, None] * stride_xm + x_feature[None, :] * stride_xf
+        v_ptrs = v_ptr + {v_offset}
+        # Static branches: a mask along a tile that divides its size would stop Triton
+        # from vectorising the loads, so it is left out at compile time.
+        if {c} % BLOCK_K == 0:
+            x_tile = tl.load(x_ptrs, mask=mask_m[:, None], other=0.0)
+            if {b} % BLOCK_N == 0:
+                v_tile = tl.load(v_ptrs)
+            else:
+                v_tile = tl.load(v_ptrs, mask=mask_b[None, :], other=0.0)
+        else:
+            x_tile = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+            v_tile = tl.load(v_ptrs, mask=mask_k[:, None] & mask_b[None, :], other=0.0)
         acc = {dot}
     y_feature = {y_feature}
     if HAS_BIAS:
         acc += tl.load(bias_ptr + y_feature, mask=mask_b, other=0.0).to(tl.float32)[None, :]
     if INT64:
         y_feature = y_feature.to(tl.int64)
-    tl.store(
-        y_ptr + offs_m[:, None] * stride_ym + y_feature[None, :] * stride_yf,
-        acc.to(y_ptr.dtype.element_ty),
-        mask=mask_m[:, None] & mask_b[None, :],
-    )
+    y_ptrs = y_ptr + offs_m[:, None] * stride_ym + y_feature[None, :] * stride_yf
+    if {b} % BLOCK_N == 0:
+        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None])
+    else:
+        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_b[None, :])
 '''
 
 FORWARD_FMA = '''
@@ -117,23 +124,24 @@ def forward_fma(
         x_feature = {x_feature}
         if INT64:
             x_feature = x_feature.to(tl.int64)
-        x_tile = tl.load(
-            x_ptr + offs_m[:, None] * stride_xm + x_feature[None, :] * stride_xf,
-            mask=mask_m[:, None] & mask_r[None, :],
-            other=0.0,
-        )
-        w = tl.load(v_ptr + {v_offset}, mask=mask_r, other=0.0)
+        x_ptrs = x_ptr + offs_m[:, None] * stride_xm + x_feature[None, :] * stride_xf
+        if {rows} % BLOCK_N == 0:
+            x_tile = tl.load(x_ptrs, mask=mask_m[:, None], other=0.0)
+            w = tl.load(v_ptr + {v_offset})
+        else:
+            x_tile = tl.load(x_ptrs, mask=mask_m[:, None] & mask_r[None, :], other=0.0)
+            w = tl.load(v_ptr + {v_offset}, mask=mask_r, other=0.0)
         acc += x_tile.to(tl.float32) * w.to(tl.float32)[None, :]
     y_feature = {y_feature}
     if HAS_BIAS:
         acc += tl.load(bias_ptr + y_feature, mask=mask_r, other=0.0).to(tl.float32)[None, :]
     if INT64:
         y_feature = y_feature.to(tl.int64)
-    tl.store(
-        y_ptr + offs_m[:, None] * stride_ym + y_feature[None, :] * stride_yf,
-        acc.to(y_ptr.dtype.element_ty),
-        mask=mask_m[:, None] & mask_r[None, :],
-    )
+    y_ptrs = y_ptr + offs_m[:, None] * stride_ym + y_feature[None, :] * stride_yf
+    if {rows} % BLOCK_N == 0:
+        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None])
+    else:
+        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_r[None, :])
 '''
 
 GRAD_DOT = '''

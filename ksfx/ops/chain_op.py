@@ -11,6 +11,7 @@ plain-torch path, or the Triton kernels through the interpreter when
 
 from __future__ import annotations
 
+import functools
 from types import ModuleType
 
 import torch
@@ -59,9 +60,15 @@ def implementation(x: torch.Tensor) -> tuple[str, ModuleType]:
     return ("cpu" if x.device.type == "cpu" else f"torch-{x.device.type}"), torch_path
 
 
+@functools.lru_cache(maxsize=1024)
+def _plan(chain: Chain) -> list[FactorStep] | PermStep:
+    """Launch plan of a chain, built once: the op runs it on every call."""
+    return split_chain(chain)
+
+
 def run_forward(x, factors, chain: Chain, batch_last: bool, bias=None) -> torch.Tensor:
     name, impl = implementation(x)
-    plan = split_chain(chain)
+    plan = _plan(chain)
     if isinstance(plan, PermStep):
         stats.record(f"{name}.perm")
         y = impl.apply_perm(x, plan.perm, batch_last)
@@ -79,7 +86,7 @@ def run_forward(x, factors, chain: Chain, batch_last: bool, bias=None) -> torch.
 def run_backward(grad, x, factors, chain: Chain, batch_last: bool, need_x: bool):
     """``(dx, [dvalues...])`` with factor gradients in chain order (leftmost first)."""
     name, impl = implementation(grad)
-    plan = split_chain(chain)
+    plan = _plan(chain)
     if isinstance(plan, PermStep):
         stats.record(f"{name}.perm")
         return impl.apply_perm(grad, plan.perm.inverse(), batch_last), []

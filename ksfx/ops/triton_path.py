@@ -138,7 +138,6 @@ def factor_forward(
     if n == 0:
         return y
     _, stride_ym, stride_yf = _layout(y, batch_last)
-    key = _key("forward", step, x, batch_last)
     in_table, out_table = _tables(step, x.device, y)
     args = (
         x, values, y, y if bias is None else bias, in_table, out_table,
@@ -146,15 +145,31 @@ def factor_forward(
     )  # fmt: skip
     flags = {"HAS_BIAS": bias is not None, "INT64": _needs_int64(x, y)}
     if tile is None and config.autotune:
+        key = _key("forward", step, x, batch_last)
         kernel = get_autotuned(key, config.cache_dir, _tuning_space(key, x, n))
         kernel[lambda meta: (forward_programs(pattern, n, _meta_tile(meta), key.mode),)](*args, **flags)
         return y
-    if tile is None:
-        tile = forward_heuristic(pattern, n, x.element_size(), batch_last, _device_info(x.device)[1])
-    kernel = get_kernel(key, config.cache_dir)
-    grid = (forward_programs(pattern, n, tile, key.mode),)
-    kernel[grid](*args, **flags, **tile.meta(), num_warps=tile.num_warps, num_stages=tile.num_stages)
+    kernel, grid, meta = _forward_launch(
+        step, batch_last, x.dtype, x.device, n, tile, torch.get_float32_matmul_precision(), config.interpret
+    )
+    kernel[grid](*args, **flags, **meta)
     return y
+
+
+@functools.lru_cache(maxsize=4096)
+def _forward_launch(step, batch_last, dtype, device, n, tile, fp32_precision, interpret):
+    """Kernel, grid and launch options of one call signature, decided once.
+
+    Keyed on everything the decision reads (fp32 precision and interpretation too, since
+    they change the generated source), so the per-call host cost is one cache lookup.
+    """
+    probe = torch.empty(0, dtype=dtype, device=device)
+    key = _key("forward", step, probe, batch_last)
+    if tile is None:
+        tile = forward_heuristic(step.pattern, n, probe.element_size(), batch_last, _device_info(device)[1])
+    kernel = get_kernel(key, config.cache_dir)
+    grid = (forward_programs(step.pattern, n, tile, key.mode),)
+    return kernel, grid, {**tile.meta(), "num_warps": tile.num_warps, "num_stages": tile.num_stages}
 
 
 def tuned_config(x: torch.Tensor, step: FactorStep, batch_last: bool) -> TileConfig | None:
@@ -199,18 +214,28 @@ def factor_grad_values(
     _, stride_dm, stride_df = _layout(dy, batch_last)
     if n == 0:
         return torch.zeros(pattern.as_tuple(), dtype=x.dtype, device=x.device)
-    key = _key("grad", step, x, batch_last)
-    if tile is None:
-        tile = grad_heuristic(pattern, n, x.element_size(), batch_last, _device_info(x.device)[1])
-    chunk = cdiv(cdiv(n, tile.splits), tile.block_m) * tile.block_m
-    splits = cdiv(n, chunk)
+    kernel, chunk, splits, grid, meta = _grad_launch(
+        step, batch_last, x.dtype, x.device, n, tile, torch.get_float32_matmul_precision(), config.interpret
+    )
     partials = torch.empty((splits, *pattern.as_tuple()), dtype=torch.float32, device=x.device)
     in_table, out_table = _tables(step, x.device, partials)
-    kernel = get_kernel(key, config.cache_dir)
-    grid = (splits * grad_programs_per_split(pattern, tile, key.mode),)
     kernel[grid](
         dy, x, partials, in_table, out_table,
         n, chunk, stride_dm, stride_df, stride_xm, stride_xf,
-        INT64=_needs_int64(dy, x), **tile.meta(), num_warps=tile.num_warps, num_stages=tile.num_stages,
+        INT64=_needs_int64(dy, x), **meta,
     )  # fmt: skip
     return partials.sum(0).to(x.dtype)
+
+
+@functools.lru_cache(maxsize=4096)
+def _grad_launch(step, batch_last, dtype, device, n, tile, fp32_precision, interpret):
+    """Kernel, batch chunking, grid and launch options of one weight-gradient call signature."""
+    probe = torch.empty(0, dtype=dtype, device=device)
+    key = _key("grad", step, probe, batch_last)
+    if tile is None:
+        tile = grad_heuristic(step.pattern, n, probe.element_size(), batch_last, _device_info(device)[1])
+    chunk = cdiv(cdiv(n, tile.splits), tile.block_m) * tile.block_m
+    splits = cdiv(n, chunk)
+    grid = (splits * grad_programs_per_split(step.pattern, tile, key.mode),)
+    meta = {**tile.meta(), "num_warps": tile.num_warps, "num_stages": tile.num_stages}
+    return get_kernel(key, config.cache_dir), chunk, splits, grid, meta

@@ -108,6 +108,11 @@ class IndexPerm:
         object.__setattr__(self, "indices_", table)
         if sorted(table) != list(range(len(table))):
             raise ValueError(f"IndexPerm table of length {len(table)} is not a permutation of range({len(table)})")
+        object.__setattr__(self, "_hash", hash(table))
+
+    def __hash__(self) -> int:
+        # Tables can be long and the op hashes its launch steps on every call.
+        return self._hash
 
     @property
     def size(self) -> int:
