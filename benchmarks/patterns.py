@@ -146,7 +146,11 @@ def run_case(pattern: Pattern, dtype_name: str, layout: str, batch: int, device:
         "errors": {},
         "skipped": {},
     }
-    case["bytes"] = analytic_bytes(pattern, batch, itemsize, batch_last, device)
+    try:
+        case["bytes"] = analytic_bytes(pattern, batch, itemsize, batch_last, device)
+    except Exception as exc:  # the byte model is optional information: record why it is missing
+        case["bytes"] = None
+        case["bytes_error"] = f"{type(exc).__name__}: {exc}"[:300]
     ok, dense_ok = fits(pattern, batch, itemsize, device, int(args.dense_limit_gb * 2**30))
     if not ok:
         case["skipped"]["all"] = "does not fit in device memory"
