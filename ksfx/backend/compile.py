@@ -169,15 +169,20 @@ class KsfxCompiler:
             return self.inner(gm, example_inputs)
         placeholders = [n for n in aten_gm.graph.nodes if n.op == "placeholder"]
         weights, known, learnable = _classify(gm, example_inputs)
-        report.chains = run_pass(
-            aten_gm,
-            {placeholders[k] for k in weights},
-            {placeholders[k]: v for k, v in known.items()},
-            {placeholders[k] for k in learnable},
-            mode=self.rewrite,
-            device_type=_device_type(example_inputs),
-            refuse=_refusal(gm, example_inputs),
-        )
+        try:
+            report.chains = run_pass(
+                aten_gm,
+                {placeholders[k] for k in weights},
+                {placeholders[k]: v for k, v in known.items()},
+                {placeholders[k] for k in learnable},
+                mode=self.rewrite,
+                device_type=_device_type(example_inputs),
+                refuse=_refusal(gm, example_inputs),
+            )
+        except Exception as err:  # noqa: BLE001 - a bug in the pass must never break the user's compile
+            report.note = f"pass failed, graph left to the inner compiler ({type(err).__name__}: {err})"
+            log.warning("ksfx: graph %d %s", report.index, report.note, exc_info=True)
+            return self.inner(gm, example_inputs)
         rewritten = [c for c in report.chains if c.rewritten]
         if not rewritten:
             return self.inner(gm, example_inputs)

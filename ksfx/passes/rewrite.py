@@ -75,12 +75,15 @@ def find_chains(gm: fx.GraphModule, weights: set[fx.Node], known: dict[fx.Node, 
         if isinstance(state, ActT) and state.has_work:
             by_chain.setdefault(state.chain_id, []).append((node, state))
     found = []
+    order = {node: k for k, node in enumerate(gm.graph.nodes)}
     for candidates in by_chain.values():
         reason = None
         for node, state in reversed(candidates):
             try:
                 plan = plan_chain(state, node)
                 _check_linear_use(plan, states)
+                _check_dtypes(plan)
+                _check_no_mutation(plan, order)
                 found.append((plan, "", node, state))
                 break
             except (Unsupported, AtomError) as err:
@@ -119,6 +122,52 @@ def _check_linear_use(plan: ChainPlan, states) -> None:
             state = states.get(other)
             if other is not node and isinstance(state, ActT) and state.root is plan.root and not state.has_work:
                 raise Unsupported(f"{user.name} multiplies the chain's output by its own input (a quadratic form)")
+
+
+def _check_dtypes(plan: ChainPlan) -> None:
+    """The op computes in one floating dtype on one device: input, values, bias and output."""
+    root, end = plan.root.meta["val"], plan.end.meta["val"]
+    sources = [v.source.meta["val"] for v in plan.values]
+    if plan.bias is not None:
+        sources.append(plan.bias.source.meta["val"])
+    if not root.dtype.is_floating_point or root.dtype != end.dtype:
+        raise Unsupported(f"the chain maps {root.dtype} to {end.dtype}")
+    for val in sources:
+        if val.dtype != root.dtype or val.device != root.device:
+            raise Unsupported(
+                f"weights in {val.dtype} on {val.device} but activations in {root.dtype} on {root.device}"
+            )
+
+
+def _check_no_mutation(plan: ChainPlan, order: dict) -> None:
+    """The op reads its inputs where the chain ends: nothing they alias may be mutated before."""
+    ancestors, stack = set(), [plan.end]
+    while stack:
+        node = stack.pop()
+        if node not in ancestors:
+            ancestors.add(node)
+            stack.extend(node.all_input_nodes)
+    start = min(order[n] for n in plan.nodes) if plan.nodes else order[plan.end]
+    for node in ancestors | set(_window(plan.end, start, order)):
+        target = node.target
+        if not isinstance(target, torch._ops.OpOverload) or not target._schema.is_mutable:
+            continue
+        if order[node] < start or node in plan.nodes:
+            continue
+        written = [
+            a
+            for a, arg in zip(node.args, target._schema.arguments, strict=False)
+            if arg.alias_info is not None and arg.alias_info.is_write
+        ]
+        if any(isinstance(a, fx.Node) and a in ancestors for a in written):
+            raise Unsupported(f"{node.name} mutates an input of the chain in place")
+
+
+def _window(end: fx.Node, start: int, order: dict):
+    node = end
+    while node.op != "root" and order.get(node, -1) >= start:
+        yield node
+        node = node.prev
 
 
 def run_pass(

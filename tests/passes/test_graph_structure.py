@@ -142,3 +142,38 @@ def test_plain_linear_and_mlp_untouched():
     report = ksfx.explain(model, torch.randn(3, 16), rewrite="always")
     assert not any(c.rewritten for c in report.chains)
     assert all(g.code is None for g in report.graphs)
+
+
+def test_input_mutated_inside_the_chain_is_not_rewritten():
+    class MutatesInput(Monarch):
+        def forward(self, x):
+            m, lead = self.m, x.shape[:-1]
+            h = torch.bmm(x.reshape(-1, m, m).transpose(0, 1), self.w1.transpose(-1, -2))
+            x.mul_(2.0)  # the chain read x before this line
+            h = h.transpose(0, 1).reshape(-1, m, m).permute(2, 0, 1)
+            return torch.bmm(h, self.w2.transpose(-1, -2)).permute(1, 2, 0).reshape(*lead, m * m)
+
+    torch.manual_seed(0)
+    model, x = MutatesInput(bias=False), torch.randn(3, 16)
+    report = ksfx.explain(model, x.clone(), rewrite="always")
+    assert not any(c.rewritten for c in report.chains)
+    assert any("mutates" in c.reason for c in report.chains)
+    compiled = compile_ks(model)
+    xa, xb = x.clone(), x.clone()
+    with torch.no_grad():  # the in-place update breaks eager autograd too
+        torch.testing.assert_close(compiled(xa), model(xb))
+    torch.testing.assert_close(xa, xb)
+
+
+def test_promoting_bias_stays_outside_the_chain():
+    class Promotes(Monarch):
+        def forward(self, x):
+            return super().forward(x) + self.extra
+
+    torch.manual_seed(0)
+    model = Promotes(bias=False)
+    model.extra = nn.Parameter(torch.randn(16, dtype=torch.float64))
+    x = torch.randn(3, 16)
+    (chain,) = ksfx.explain(model, x, rewrite="always").chains
+    assert chain.rewritten and chain.plan.bias is None  # the float64 add stays for Inductor
+    assert_compiled_matches_eager(model, x)
