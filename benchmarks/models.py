@@ -220,7 +220,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="torch.set_float32_matmul_precision for every contender (highest = IEEE fp32)",
     )
     p.add_argument("--time-budget", type=float, default=None, help="skip the remaining cases after this many seconds")
-    p.add_argument("--rep-ms", type=float, default=500.0, help="do_bench repetition time per contender (GPU)")
+    p.add_argument("--rep-ms", type=float, default=2000.0, help="do_bench repetition time per contender (GPU)")
     p.add_argument("--cpu-min-time", type=float, default=1.0, help="blocked_autorange min_run_time (CPU)")
     p.add_argument("--rounds", type=int, default=None, help="timing rounds, best kept (default: 3 on CPU, 1 on GPU)")
     p.add_argument("--force", action="store_true", help="measure again cases already in the output file")

@@ -156,12 +156,17 @@ def run_case(pattern: Pattern, dtype_name: str, layout: str, batch: int, device:
         case["skipped"]["all"] = "does not fit in device memory"
         return case
 
-    gen = torch.Generator(device="cpu").manual_seed(zlib.crc32(case["key"].encode()))
-    values = (torch.randn(pattern, generator=gen) / math.sqrt(c)).to(device=device, dtype=dtype)
-    x_shape = (fin, batch) if batch_last else (batch, fin)
-    x = torch.randn(x_shape, generator=gen).to(device=device, dtype=dtype)
-    w_bmm = values.permute(0, 3, 1, 2).reshape(a * d, b, c).contiguous()
-    ref = bmm_formulation(x.float(), w_bmm.float(), pattern, batch_last)
+    gen = torch.Generator(device=device).manual_seed(zlib.crc32(case["key"].encode()))
+    try:
+        values = (torch.randn(pattern, generator=gen, device=device) / math.sqrt(c)).to(dtype)
+        x_shape = (fin, batch) if batch_last else (batch, fin)
+        x = torch.randn(x_shape, generator=gen, device=device, dtype=dtype)
+        w_bmm = values.permute(0, 3, 1, 2).reshape(a * d, b, c).contiguous()
+        ref = bmm_formulation(x.float(), w_bmm.float(), pattern, batch_last)
+    except torch.cuda.OutOfMemoryError:
+        torch.cuda.empty_cache()
+        case["skipped"]["all"] = "out of memory while preparing the inputs"
+        return case
 
     contenders = {
         "ksfx": lambda: ksfx.ks_matmul(x, [values], batch_last=batch_last),
