@@ -67,9 +67,10 @@ def _classify(gm: fx.GraphModule, example_inputs):
     for k, (node, value) in enumerate(zip(placeholders, example_inputs, strict=False)):
         if not isinstance(value, torch.Tensor):
             continue
-        grapharg = node.meta.get("grapharg")
-        source = getattr(grapharg, "source", None)
-        from_module = source is not None and "NN_MODULE" in str(getattr(source, "guard_source", ""))
+        guard_source = getattr(getattr(node.meta.get("grapharg"), "source", None), "guard_source", None)
+        if callable(guard_source):  # a method in older torch releases, a property in newer ones
+            guard_source = guard_source()
+        from_module = "NN_MODULE" in str(guard_source)
         is_param = isinstance(value, torch.nn.Parameter)
         if not (is_param or from_module):
             continue
