@@ -115,3 +115,15 @@ def test_bad_options():
         ksfx.backend(rewrite="sometimes")
     with pytest.raises(ValueError, match="inner must be one of"):
         ksfx.backend(inner="tvm")
+
+
+def test_rewritten_chain_runs_the_triton_kernels_under_the_interpreter(triton_interpret):
+    torch.manual_seed(0)
+    model = MaskedMonarchBlock()
+    x = torch.randn(2, 3, 16)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend=ksfx.backend(rewrite="always", inner="aot_eager"))
+    ksfx.stats(reset=True)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), model(x), rtol=1e-4, atol=1e-4)
+    assert ksfx.stats().get("triton-interpret.forward", 0) >= 2
