@@ -177,3 +177,15 @@ def test_promoting_bias_stays_outside_the_chain():
     (chain,) = ksfx.explain(model, x, rewrite="always").chains
     assert chain.rewritten and chain.plan.bias is None  # the float64 add stays for Inductor
     assert_compiled_matches_eager(model, x)
+
+
+def test_shared_layer_and_degenerate_batches():
+    torch.manual_seed(0)
+    layer = Monarch()
+    model = nn.Sequential(layer, nn.GELU(), layer)
+    assert rewritten_patterns(model, torch.randn(3, 16)) == [MONARCH, MONARCH]
+    compiled = compile_ks(model)
+    assert_compiled_matches_eager(model, torch.randn(3, 16), compiled=compiled, min_launches=4)
+    for batch in (1, 0):
+        x = torch.randn(batch, 16)
+        torch.testing.assert_close(compiled(x), model(x), rtol=1e-4, atol=1e-5)
