@@ -44,6 +44,14 @@ def device_slug(device: torch.device) -> str:
     return re.sub(r"[^a-z0-9]+", "-", device_name(device).lower()).strip("-")
 
 
+def device_label(env: dict) -> str:
+    """The device, with the thread count on a CPU (it changes CPU timings a lot)."""
+    if env.get("device_type") == "cpu":
+        threads = env.get("cpu_threads")
+        return f"{env['device']}, {threads} thread{'s' if threads != 1 else ''}"
+    return env["device"]
+
+
 def environment(device: torch.device) -> dict:
     """Everything needed to interpret a timing: device, versions, precision, threads."""
     try:
@@ -120,13 +128,14 @@ def measure_interleaved(
     """Best of ``rounds`` medians per contender, timing the contenders in turn each round.
 
     Interleaving spreads background load (a shared CPU) over every contender instead of
-    penalising whichever ran while the machine was busy.
+    penalising whichever ran while the machine was busy; the order alternates per round.
     """
     best: dict[str, float] = {}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            best[name] = min(best.get(name, float("inf")), measure(fn, device, **kwargs))
-    return best
+    names = list(fns)
+    for r in range(rounds):
+        for name in names if r % 2 == 0 else reversed(names):  # alternate the order: no position bias
+            best[name] = min(best.get(name, float("inf")), measure(fns[name], device, **kwargs))
+    return {name: best[name] for name in names}
 
 
 def default_rounds(device: torch.device) -> int:

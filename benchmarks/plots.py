@@ -11,6 +11,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import ScalarFormatter  # noqa: E402
 
+from benchmarks.common import device_label  # noqa: E402
+
 
 def plot_patterns(data: dict, path: Path) -> Path:
     """ECDF of ksfx's speedup over the best baseline, one panel per dtype, a line per layout/batch.
@@ -27,8 +29,8 @@ def plot_patterns(data: dict, path: Path) -> Path:
     for ax, dtype in zip(axes[0], dtypes, strict=True):
         for (layout, batch), speedups in sorted(series[dtype].items()):
             xs = sorted(speedups)
-            xs, ys = [xs[0], *xs], [0.0, *((i + 1) / len(xs) for i in range(len(xs)))]
-            ax.step(xs, ys, where="post", label=f"{layout}, n={batch} ({len(xs)})")
+            ys = [0.0, *((i + 1) / len(xs) for i in range(len(xs)))]
+            ax.step([xs[0], *xs], ys, where="post", label=f"{layout}, n={batch} ({len(xs)} patterns)")
         ax.axvline(1.0, color="black", linewidth=0.8)
         ax.set_xscale("log")
         ax.xaxis.set_major_formatter(ScalarFormatter())
@@ -39,7 +41,9 @@ def plot_patterns(data: dict, path: Path) -> Path:
         ax.set_title(f"{dtype}")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
-    fig.suptitle(f"KS patterns — {data['environment']['device']}, torch {data['environment']['torch']}", fontsize=10)
+    fig.suptitle(
+        f"KS patterns — {device_label(data['environment'])}, torch {data['environment']['torch']}", fontsize=10
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -60,7 +64,7 @@ def plot_models(data: dict, path: Path) -> Path:
     ax.set_xticks(range(len(cases)))
     ax.set_xticklabels([f"{c['model']}\n{c['dtype']} {c['mode']} b={c['batch']}" for c in cases], fontsize=8)
     ax.set_ylabel("latency (ms, lower is better)")
-    ax.set_title(f"End-to-end — {data['environment']['device']}, torch {data['environment']['torch']}", fontsize=10)
+    ax.set_title(f"End-to-end — {device_label(data['environment'])}, torch {data['environment']['torch']}", fontsize=10)
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -43,7 +43,13 @@ def pattern_table(results: list[tuple[Path, dict]]) -> str:
         env = data["environment"]
         for case in data["cases"]:
             if "speedup" in case:
-                key = (env["device"], env["float32_matmul_precision"], case["dtype"], case["layout"], case["batch"])
+                key = (
+                    common.device_label(env),
+                    env["float32_matmul_precision"],
+                    case["dtype"],
+                    case["layout"],
+                    case["batch"],
+                )
                 groups[key].append(case)
     if not groups:
         return "_No pattern results yet._\n"
@@ -80,7 +86,7 @@ def model_table(results: list[tuple[Path, dict]]) -> str:
         if data["kind"] != "models":
             continue
         for case in data["cases"]:
-            rows_data.append((data["environment"], case))
+            rows_data.append((common.device_label(data["environment"]), case))
     if not rows_data:
         return "_No model results yet._\n"
     head = (
@@ -88,7 +94,7 @@ def model_table(results: list[tuple[Path, dict]]) -> str:
         "| ksfx always ms | always vs Inductor | chains rewritten (auto / always) | outputs match eager |"
     )
     rows = [head, "|" + "---|" * (head.count("|") - 1)]
-    for env, case in sorted(rows_data, key=lambda r: (r[0]["device"], r[1]["model"], r[1]["size"], r[1]["dtype"])):
+    for device, case in sorted(rows_data, key=lambda r: (r[0], r[1]["model"], r[1]["size"], r[1]["dtype"])):
         times, ratios = case["times"], case.get("ratios", {})
 
         def ms(name: str, times=times, case=case) -> str:
@@ -106,7 +112,7 @@ def model_table(results: list[tuple[Path, dict]]) -> str:
 
         correct = ", ".join(f"{k} {'yes' if v else 'NO'}" for k, v in case.get("correct", {}).items() if k != "eager")
         rows.append(
-            f"| {env['device']} | {case['model']} | {case['size']} | {case['dtype']} | {case['mode']} "
+            f"| {device} | {case['model']} | {case['size']} | {case['dtype']} | {case['mode']} "
             f"| {case['batch']} | {ms('eager')} | {ms('inductor')} | {ms('ksfx')} | {change('ksfx')} "
             f"| {ms('ksfx_always')} | {change('ksfx_always')} | {rewritten('ksfx')} / {rewritten('ksfx_always')} "
             f"| {correct or '–'} |"
@@ -126,7 +132,7 @@ def sources(results: list[tuple[Path, dict]], readme: Path) -> str:
         plot = f", plot [{png.name}]({relative(png, readme)})" if png.exists() else ""
         rel = relative(path, readme)
         lines.append(
-            f"- [{path.name}]({rel}): {len(data['cases'])} cases on {env['device']}, torch {env['torch']}, "
+            f"- [{path.name}]({rel}): {len(data['cases'])} cases on {common.device_label(env)}, torch {env['torch']}, "
             f"triton {env['triton']}, ksfx {env['ksfx']} ({env.get('git_commit') or '?'}), {env['date'][:10]}{plot}"
         )
     return "\n".join(lines) + "\n" if lines else "_No results yet._\n"
