@@ -15,6 +15,9 @@ class Config:
     #: Autotune the forward kernels' tiles (per pattern, layout, dtype and batch size)
     #: instead of using the heuristic config. GPU only; costs a few seconds per new shape.
     autotune: bool = os.environ.get("KSFX_AUTOTUNE", "0") == "1"
+    #: Which implementation runs a factor step on CUDA: "auto" (the measured policy of
+    #: ksfx.ops.dispatch), "triton" (always the generated kernels) or "torch" (cuBLAS bmm).
+    dispatch: str = os.environ.get("KSFX_DISPATCH", "auto")
     #: Where generated kernel sources are written (``triton.jit`` needs real files).
     cache_dir: str = os.environ.get(
         "KSFX_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "ksfx", "kernels")

@@ -35,10 +35,12 @@ PATTERNS = [
 
 
 @pytest.fixture(params=["interpret", pytest.param("cuda", marks=cuda)])
-def device(request):
+def device(request, monkeypatch):
     if request.param == "interpret":
         request.getfixturevalue("triton_interpret")
         return torch.device("cpu")
+    # These tests are about the kernels: bypass the dispatch policy (which may pick bmm).
+    monkeypatch.setattr(config, "dispatch", "triton")
     return torch.device("cuda")
 
 
@@ -401,3 +403,12 @@ def test_traffic_model_hand_computed():
     step = FactorStep(KSPattern(4, 2, 2, 8), IndexPerm(tuple(reversed(range(64)))))
     t = traffic.bytes_moved(step, 32, False, TileConfig(32, 16), 4)
     assert (t.x, t.values, t.y, t.tables) == (64 * 32 * 4, 128 * 4, 64 * 32 * 4, 64 * 2 * 4)
+
+
+@pytest.mark.parametrize("abcd", [(4, 1, 1, 1), (1, 1, 2, 4), (3, 4, 1, 1)])
+def test_traffic_model_handles_radix_one_digits(abcd):
+    # b = 1 or d = 1 makes a row digit a constant; one tile covering everything is optimal.
+    p = KSPattern(*abcd)
+    t = traffic.bytes_moved(FactorStep(p), 8, False, TileConfig(8, 16), 4)
+    assert (t.x, t.values, t.y) == (p.in_features * 8 * 4, p.nnz * 4, p.out_features * 8 * 4)
+    assert t.total == t.lower_bound

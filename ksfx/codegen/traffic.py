@@ -106,7 +106,8 @@ def bytes_moved(step: FactorStep, n: int, batch_last: bool, cfg: TileConfig, ite
         rows = torch.arange(tiles_r * cfg.block_n)
         valid = rows < p.out_features
         safe = torch.where(valid, rows, 0)
-        alpha, beta, delta = (evaluate(e, {ROW: safe}) for e in im.row_digits(step))
+        # A digit of radix 1 evaluates to a 0-dim constant: broadcast it over the rows.
+        alpha, beta, delta = (evaluate(e, {ROW: safe}).expand_as(safe) for e in im.row_digits(step))
         gamma = torch.arange(p.c)[:, None]
         env = {ALPHA: alpha[None, :], BETA: beta[None, :], GAMMA: gamma, DELTA: delta[None, :]}
         x_feat = _features(im.x_feature(step), step, env).expand(p.c, -1)

@@ -25,13 +25,23 @@ def _spec_of(factors: Sequence[torch.Tensor]) -> tuple[str, int, int]:
     return _spec_of_shapes(tuple(tuple(int(s) for s in values.shape) for values in factors))
 
 
+_SPECS: dict[tuple, tuple[str, int, int]] = {}
+
+
 @torch.compiler.assume_constant_result
 def _spec_of_shapes(shapes: tuple[tuple[int, int, int, int], ...]) -> tuple[str, int, int]:
-    """``(spec, in_features, out_features)`` of a plain product of factors.
+    """``(spec, in_features, out_features)`` of a plain product of factors, memoised.
 
     Factor shapes are static, so compiled code treats the result as a constant; it is
     made of plain values because Dynamo cannot read properties of a constant object.
+    (A dict, not ``functools.lru_cache``: Dynamo ignores the mark on the cache wrapper.)
     """
+    if shapes not in _SPECS:
+        _SPECS[shapes] = _build_spec(shapes)
+    return _SPECS[shapes]
+
+
+def _build_spec(shapes: tuple[tuple[int, int, int, int], ...]) -> tuple[str, int, int]:
     patterns = [KSPattern(*shape) for shape in shapes]
     for k in range(len(patterns) - 1):
         left, right = patterns[k], patterns[k + 1]

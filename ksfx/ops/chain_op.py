@@ -4,23 +4,21 @@ Registered with ``torch.library.custom_op`` so compiled graphs keep it as one op
 call (Inductor compiles everything around it), its fake kernel propagates symbolic
 batch sizes, and ``register_autograd`` gives it a backward made of the same kernels.
 
-Dispatch per call: CUDA tensors run the generated Triton kernels; CPU tensors run the
-plain-torch path, or the Triton kernels through the interpreter when
+Dispatch per factor step (:mod:`ksfx.ops.dispatch`): CUDA tensors run the generated
+Triton kernels where they measurably beat cuBLAS bmm, else the plain-torch path; CPU
+tensors run the plain-torch path, or the Triton kernels through the interpreter when
 ``TRITON_INTERPRET=1`` (that is how CI tests the kernels).
 """
 
 from __future__ import annotations
 
 import functools
-from types import ModuleType
 
 import torch
 
-from ksfx.config import config
-from ksfx.ops import stats, torch_path
+from ksfx.ops import stats
+from ksfx.ops.dispatch import chain_implementation, step_implementation
 from ksfx.pattern import Chain, FactorStep, PermStep, split_chain
-
-TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 # ----------------------------------------------------------------------------- validation
@@ -50,26 +48,23 @@ def validate(x: torch.Tensor, factors: list[torch.Tensor], chain: Chain, batch_l
         )
 
 
-# ----------------------------------------------------------------------------- dispatch
-def implementation(x: torch.Tensor) -> tuple[str, ModuleType]:
-    """Name and module (``torch_path`` or ``triton_path``) that runs on ``x``."""
-    if x.dtype in TRITON_DTYPES and (x.is_cuda or (config.interpret and x.device.type == "cpu")):
-        from ksfx.ops import triton_path
-
-        return ("triton" if x.is_cuda else "triton-interpret"), triton_path
-    return ("cpu" if x.device.type == "cpu" else f"torch-{x.device.type}"), torch_path
-
-
+# ----------------------------------------------------------------------------- running a plan
 @functools.lru_cache(maxsize=1024)
 def _plan(chain: Chain) -> list[FactorStep] | PermStep:
     """Launch plan of a chain, built once: the op runs it on every call."""
     return split_chain(chain)
 
 
+def _forward_step(x, values, step: FactorStep, batch_last: bool, bias) -> torch.Tensor:
+    name, impl = step_implementation(x, step, batch_last)
+    stats.record(f"{name}.forward")
+    return impl.factor_forward(x, values, step, batch_last, bias)
+
+
 def run_forward(x, factors, chain: Chain, batch_last: bool, bias=None) -> torch.Tensor:
-    name, impl = implementation(x)
     plan = _plan(chain)
     if isinstance(plan, PermStep):
+        name, impl = chain_implementation(x)
         stats.record(f"{name}.perm")
         y = impl.apply_perm(x, plan.perm, batch_last)
         if bias is not None:
@@ -77,32 +72,29 @@ def run_forward(x, factors, chain: Chain, batch_last: bool, bias=None) -> torch.
         return y.clone()  # op outputs must never alias the input
     values = list(reversed(factors))  # plan runs in application order
     for k, step in enumerate(plan):
-        last = k == len(plan) - 1
-        stats.record(f"{name}.forward")
-        x = impl.factor_forward(x, values[k], step, batch_last, bias if last else None)
+        x = _forward_step(x, values[k], step, batch_last, bias if k == len(plan) - 1 else None)
     return x
 
 
 def run_backward(grad, x, factors, chain: Chain, batch_last: bool, need_x: bool):
     """``(dx, [dvalues...])`` with factor gradients in chain order (leftmost first)."""
-    name, impl = implementation(grad)
     plan = _plan(chain)
     if isinstance(plan, PermStep):
+        name, impl = chain_implementation(grad)
         stats.record(f"{name}.perm")
         return impl.apply_perm(grad, plan.perm.inverse(), batch_last), []
     values = list(reversed(factors))
     inputs = [x]
     for k, step in enumerate(plan[:-1]):  # recompute the intermediates instead of saving them
-        stats.record(f"{name}.forward")
-        inputs.append(impl.factor_forward(inputs[-1], values[k], step, batch_last, None))
+        inputs.append(_forward_step(inputs[-1], values[k], step, batch_last, None))
     grads = [None] * len(plan)
     for k in reversed(range(len(plan))):
         step: FactorStep = plan[k]
+        name, impl = step_implementation(grad, step, batch_last)
         stats.record(f"{name}.grad_values")
         grads[k] = impl.factor_grad_values(grad, inputs[k], step, batch_last)
         if k > 0 or need_x:
-            stats.record(f"{name}.forward")
-            grad = impl.factor_forward(grad, values[k].permute(0, 2, 1, 3), step.transpose(), batch_last, None)
+            grad = _forward_step(grad, values[k].permute(0, 2, 1, 3), step.transpose(), batch_last, None)
     dx = grad.contiguous() if need_x else grad.new_empty(0)
     # contiguous like the fake kernel's outputs: Inductor asserts the strides it was promised
     return dx, [g.contiguous() for g in reversed(grads)]

@@ -1,0 +1,63 @@
+"""Which implementation runs a factor step: the generated Triton kernel or cuBLAS bmm.
+
+The policy is measured, not assumed. On an H100 (torch 2.11, triton 3.6, batch 25,088;
+``benchmarks/results/gpu_kernel_check_h100_2026-11-23.json``) the generated kernel
+
+* wins by 6-27x in FMA mode (blocks smaller than 16x16: butterflies), where bmm on
+  tiny matrices is latency bound and the permutations dominate;
+* wins in fp16/bf16 tensor-core mode when it reads the features it gathers with unit
+  stride: batch-first with ``d == 1`` (1.3-2.8x), batch-last with ``d >= 16``;
+* loses where its loads of ``x`` stride by ``d`` along the contiguous axis
+  (batch-first with ``d > 1``: 0.2-0.7x) and, so far, with fp32 operands (IEEE or TF32
+  ``tl.dot`` against cuBLAS).
+
+Those steps run the plain-torch path (reshape/einsum, i.e. cuBLAS bmm) on CUDA. The
+interpreter always runs the kernels (it exists to test them), and
+``ksfx.config.dispatch`` = ``"triton"`` / ``"torch"`` overrides the policy.
+"""
+
+from __future__ import annotations
+
+import functools
+from types import ModuleType
+
+import torch
+
+from ksfx.codegen.tiling import kernel_mode
+from ksfx.config import config
+from ksfx.ops import torch_path
+from ksfx.pattern import FactorStep
+
+TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def chain_implementation(x: torch.Tensor) -> tuple[str, ModuleType]:
+    """Name and module that can run a chain on ``x`` at all."""
+    if x.dtype in TRITON_DTYPES and (x.is_cuda or (config.interpret and x.device.type == "cpu")):
+        from ksfx.ops import triton_path
+
+        return ("triton" if x.is_cuda else "triton-interpret"), triton_path
+    return ("cpu" if x.device.type == "cpu" else f"torch-{x.device.type}"), torch_path
+
+
+def step_implementation(x: torch.Tensor, step: FactorStep, batch_last: bool) -> tuple[str, ModuleType]:
+    """Name and module for one step, applying the measured policy on CUDA."""
+    name, impl = chain_implementation(x)
+    if impl is torch_path or not x.is_cuda:
+        return name, impl
+    if config.dispatch not in ("auto", "triton", "torch"):
+        raise ValueError(f"ksfx.config.dispatch must be 'auto', 'triton' or 'torch', got {config.dispatch!r}")
+    if config.dispatch == "torch" or (config.dispatch == "auto" and not prefers_triton(step, batch_last, x.dtype)):
+        return "torch-cuda", torch_path
+    return name, impl
+
+
+@functools.lru_cache(maxsize=4096)
+def prefers_triton(step: FactorStep, batch_last: bool, dtype: torch.dtype) -> bool:
+    """Whether the generated kernel beats cuBLAS bmm for this step (see module doc)."""
+    if kernel_mode(step.pattern) == "fma":
+        return True
+    if dtype == torch.float32:
+        return False
+    d = step.pattern.d
+    return d >= 16 if batch_last else d == 1
