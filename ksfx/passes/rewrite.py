@@ -27,7 +27,7 @@ from ksfx.config import config
 from ksfx.passes.atoms import AtomError, leaves
 from ksfx.passes.cost import Estimate, decide, estimate
 from ksfx.passes.detect import COPY_OPS, VIEW_OPS, ActT, Interpreter, Unsupported
-from ksfx.passes.structure import ChainPlan, ValueSource, plan_chain
+from ksfx.passes.structure import ChainPlan, ValueSource, plan_chain, reroot
 from ksfx.passes.verify import verify
 
 log = logging.getLogger("ksfx.passes")
@@ -80,24 +80,51 @@ def find_chains(gm: fx.GraphModule, weights: set[fx.Node], known: dict[fx.Node, 
         reason = None
         for node, state in reversed(candidates):
             try:
-                plan = plan_chain(state, node)
-                _check_linear_use(plan, states)
+                plan = _widest_batch(state, node, states)
+                _check_linear_use(plan, states, state.root)
                 _check_dtypes(plan)
                 _check_no_mutation(plan, order)
                 found.append((plan, "", node, state))
                 break
             except (Unsupported, AtomError) as err:
                 reason = reason or f"{node.name}: {err}"
+            except Exception as err:  # noqa: BLE001 - a bug planning one chain must not cost the others
+                log.debug("ksfx: planning %s raised", node.name, exc_info=True)
+                reason = reason or f"{node.name}: internal error while planning ({type(err).__name__}: {err})"
         else:
             node, state = candidates[-1]
             found.append((None, reason, node, state))
     return found
 
 
+def _widest_batch(state: ActT, end: fx.Node, states) -> ChainPlan:
+    """The plan from the root, or from a later view of it, with the fewest tied feature digits.
+
+    Digits that no weight depends on are batch digits whenever some view on the way puts
+    them on the batch side: ``nn.Linear`` applied to ``attn_out.transpose(1, 2)`` is a
+    dense ``(1, out, in, 1)`` product over the tokens, not a ``(1, out, in, tokens)``
+    factor on the untransposed root. Ties keep the earliest root (the largest region).
+    """
+    best = plan_chain(state, end)
+    for node in state.nodes:
+        if best.tied == 1:
+            break
+        view = states.get(node)
+        if not isinstance(view, ActT) or view.has_work or view.chain_id != state.chain_id:
+            break
+        try:
+            plan = plan_chain(reroot(state, node, view), end)
+        except (Unsupported, AtomError):
+            continue
+        if plan.tied < best.tied:
+            best = plan
+    return best
+
+
 _PRODUCTS = {aten.mul.Tensor, aten.bmm.default, aten.mm.default, aten.div.Tensor}
 
 
-def _check_linear_use(plan: ChainPlan, states) -> None:
+def _check_linear_use(plan: ChainPlan, states, origin: fx.Node) -> None:
     """Refuse chains whose output is multiplied by their own input (``x·W·x``, gates on ``x``).
 
     Such a chain computes one side of a quadratic form: a linear sub-expression, but not
@@ -120,7 +147,7 @@ def _check_linear_use(plan: ChainPlan, states) -> None:
             continue
         for other in user.all_input_nodes:
             state = states.get(other)
-            if other is not node and isinstance(state, ActT) and state.root is plan.root and not state.has_work:
+            if other is not node and isinstance(state, ActT) and state.root is origin and not state.has_work:
                 raise Unsupported(f"{user.name} multiplies the chain's output by its own input (a quadratic form)")
 
 
@@ -199,7 +226,11 @@ def run_pass(
             ok, why = False, refuse
         status, message = ("", "")
         if ok:
-            status, message = verify(plan, learnable, known, gm)
+            try:
+                status, message = verify(plan, learnable, known, gm)
+            except Exception as err:  # noqa: BLE001 - refuse this chain only, keep the others
+                log.debug("ksfx: checking %s -> %s raised", plan.root.name, plan.end.name, exc_info=True)
+                status, message = "failed", f"re-evaluating the region raised {type(err).__name__}: {err}"
             if status == "failed":
                 ok, why = False, f"refused: {message}"
         report = ChainReport(

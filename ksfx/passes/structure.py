@@ -22,7 +22,7 @@ Given the steps between a root and a chain end (see :mod:`ksfx.passes.detect`):
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.fx as fx
@@ -55,6 +55,7 @@ class ChainPlan:
     nodes: tuple[fx.Node, ...]
     guards: frozenset
     source_flops: int  # per batch row, as the original ops compute it
+    tied: int = 1  # product of the feature digits no weight depends on (1: none)
 
 
 def _sizes(atoms) -> list[int]:
@@ -84,6 +85,7 @@ def plan_chain(act: ActT, end: fx.Node) -> ChainPlan:
         else:
             touched |= leafset(step.src)
     batch, features, batch_last = _split_root(act.root_dims, touched)
+    tied = [a for a in features if a not in touched]
     batch_set = set(batch)
     end_leaves = leaves([a for d in act.dims for a in d])
     if set(end_leaves) != leafset(act.live):
@@ -146,7 +148,22 @@ def plan_chain(act: ActT, end: fx.Node) -> ChainPlan:
         nodes=act.nodes,
         guards=frozenset(guards),
         source_flops=source_flops,
+        tied=_prod(tied),
     )
+
+
+def reroot(act: ActT, node: fx.Node, state: ActT) -> ActT:
+    """``act`` seen from ``node``, a view of the root earlier in the chain (``state`` is its state).
+
+    The views up to ``node`` stay outside the region; its dimensions become the root's.
+    A dense layer reading a transposed activation (an attention output) is a plain
+    matrix product from the transposed view, whose token digits are batch digits, while
+    from the untransposed root they sit between feature digits and would be tied.
+    """
+    if state.has_work or state.bias is not None or state.chain_id != act.chain_id or node not in act.nodes:
+        raise Unsupported(f"{node.name} is not a view of the chain's root")
+    position = act.nodes.index(node)
+    return replace(act, root=node, root_dims=state.dims, nodes=act.nodes[position + 1 :])
 
 
 def absorb_permutations(steps: list, values: list[ValueSource]) -> tuple[list, list[ValueSource]]:

@@ -3,7 +3,9 @@
 The region (every node between the root and the chain end) is evaluated in float64, on
 the model's device so that GPU models check real batch sizes quickly, with a random
 root, random values for the learnable weights and the real values of the tensors that
-shaped supports (masks, index tables, frozen weights). The planned chain, with its
+shaped supports (masks, index tables, frozen weights). Random tensors get the strides
+the trace recorded: the region's ``view`` ops are only valid on the real layout (an
+attention output is a transposed view of its storage, for instance). The planned chain, with its
 values gathered from the same tensors, must reproduce it. A plan that fails is never
 rewritten: this catches any gap between the index algebra and the real ops.
 """
@@ -36,6 +38,21 @@ def _concrete_shape(val) -> list[int]:
     return [_hint(s) for s in val.shape]
 
 
+def _random_like(val, generator: torch.Generator, device) -> torch.Tensor:
+    """Random float64 tensor with ``val``'s shape and strides (storage offset dropped).
+
+    Built as a strided view of a random storage, so overlapping or broadcast layouts
+    (stride 0) alias exactly as the real tensor does.
+    """
+    shape = _concrete_shape(val)
+    strides = [_hint(s) for s in val.stride()]
+    if 0 in shape:
+        return torch.empty(shape, dtype=torch.float64, device=device)
+    storage = 1 + sum((size - 1) * stride for size, stride in zip(shape, strides, strict=True))
+    flat = torch.randn(storage, generator=generator, dtype=torch.float64).to(device)
+    return flat.as_strided(shape, strides)
+
+
 def verify(plan: ChainPlan, learnable: set[fx.Node], known: dict[fx.Node, torch.Tensor], gm) -> tuple[str, str]:
     """``(status, message)``: status is ``"verified"``, ``"skipped"`` (too large) or ``"failed"``."""
     root_val = plan.root.meta["val"]
@@ -48,14 +65,11 @@ def verify(plan: ChainPlan, learnable: set[fx.Node], known: dict[fx.Node, torch.
         return "skipped", "region too large to re-evaluate; structure from the index algebra only"
     generator = torch.Generator().manual_seed(0)
 
-    def random(shape):
-        return torch.randn(shape, generator=generator, dtype=torch.float64).to(device)
-
     def real(tensor):
         tensor = tensor.detach().to(device)
         return tensor.to(torch.float64) if tensor.is_floating_point() else tensor
 
-    env: dict[fx.Node, object] = {plan.root: random(root_shape)}
+    env: dict[fx.Node, object] = {plan.root: _random_like(root_val, generator, device)}
 
     def value(node):
         if not isinstance(node, fx.Node):
@@ -69,7 +83,7 @@ def verify(plan: ChainPlan, learnable: set[fx.Node], known: dict[fx.Node, torch.
             elif node in known:
                 out = real(known[node])
             elif node in learnable:
-                out = random(_concrete_shape(val))
+                out = _random_like(val, generator, device)
             else:
                 raise _Skip(f"the region reads the activation {node.name}")
         elif node.op == "get_attr":
