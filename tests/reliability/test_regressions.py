@@ -1,0 +1,54 @@
+"""Regression tests for bugs the property tests found (each names the bug it pins)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.reliability.models import Factor, ModelSpec, RandomKSModel
+from tests.reliability.test_properties_pass import compile_ks
+
+
+def _compile_and_report(spec: ModelSpec, x: torch.Tensor):
+    model = RandomKSModel(spec, torch.Generator().manual_seed(0))
+    reports = []
+    compiled = compile_ks(model, reports)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), model(x), rtol=1e-4, atol=1e-4)
+    return [chain for graph in reports for chain in graph.chains]
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="bug: a chain whose input has a single feature (size-1 feature dimension, no digit) is refused "
+    'with "the products do not act on the root\'s features", although (2,1,1,1) @ (1,2,1,1) is structured',
+)
+def test_single_input_feature():
+    spec = ModelSpec((Factor((1, 2, 1, 1), "einsum"), Factor((2, 1, 1, 1), "einsum")), 1, False)
+    chains = _compile_and_report(spec, torch.randn(3, 1))
+    assert [c.patterns for c in chains if c.rewritten] == [[(2, 1, 1, 1), (1, 2, 1, 1)]], [c.reason for c in chains]
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="bug: batch-last input (in, 0): the empty batch digit is taken as a feature digit, planning "
+    "fails inside KSPattern ('KSPattern.d must be >= 1, got 0') and the chain is refused as an internal error",
+)
+def test_empty_batch_last_input_is_planned():
+    spec = ModelSpec((Factor((2, 2, 3, 1), "einsum"),), 6, True)
+    chains = _compile_and_report(spec, torch.randn(6, 0))
+    assert chains and not any("internal error" in c.reason for c in chains), [c.reason for c in chains]
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="bug: ksfx.passes.rewrite._as_view raises KeyError on an id table with a negative stride "
+    "(an axis read in reverse): it is neither 'moving' (stride > 0) nor 'still' (stride 0). Hit once by the "
+    "long profile through the backend ('pass failed ... KeyError: 1').",
+)
+def test_value_view_with_a_reversed_axis():
+    from ksfx.passes.rewrite import _as_view
+
+    index = torch.tensor([[1, 0]])  # values w[1], w[0]: not a forward strided view
+    view = _as_view(index, 2)
+    assert view is None or view[0] >= 0
