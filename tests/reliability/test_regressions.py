@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tests.reliability.compare import compile_ks
 from tests.reliability.models import Factor, ModelSpec, RandomKSModel
-from tests.reliability.test_properties_pass import compile_ks
 
 
 def _compile_and_report(spec: ModelSpec, x: torch.Tensor):
