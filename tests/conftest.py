@@ -22,7 +22,7 @@ def triton_interpret(monkeypatch):
 # active profile's ``max_examples``.
 settings.register_profile(
     "ci",
-    max_examples=16,
+    max_examples=25,
     derandomize=True,
     database=None,
     deadline=None,
