@@ -350,3 +350,12 @@ def test_quadratic_form_is_refused_with_a_reason():
     assert not any(c.rewritten for c in report.chains)
     assert any("quadratic form" in c.reason for c in report.chains), str(report)
     assert_same(model, compile_ks(model), x)
+
+
+def test_dense_linear_over_tokens_is_not_a_ks_factor():
+    """``nn.Linear`` on ``(B, T, F)``: the token axis is batch, never a factor's ``d``."""
+    model = nn.Sequential(nn.Linear(16, 12), nn.GELU(), nn.Linear(12, 16))
+    x = torch.randn(2, 5, 16)
+    report = ksfx.explain(model, x, rewrite="always")
+    assert not any(c.rewritten for c in report.chains), str(report)
+    assert_same(model, compile_ks(model), x)
