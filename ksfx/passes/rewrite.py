@@ -84,6 +84,7 @@ def find_chains(gm: fx.GraphModule, weights: set[fx.Node], known: dict[fx.Node, 
                 _check_linear_use(plan, states, state.root)
                 _check_dtypes(plan)
                 _check_no_mutation(plan, order)
+                _end_layout(plan)
                 found.append((plan, "", node, state))
                 break
             except (Unsupported, AtomError) as err:
@@ -103,21 +104,36 @@ def _widest_batch(state: ActT, end: fx.Node, states) -> ChainPlan:
     Digits that no weight depends on are batch digits whenever some view on the way puts
     them on the batch side: ``nn.Linear`` applied to ``attn_out.transpose(1, 2)`` is a
     dense ``(1, out, in, 1)`` product over the tokens, not a ``(1, out, in, tokens)``
-    factor on the untransposed root. Ties keep the earliest root (the largest region).
+    factor on the untransposed root (which is not even plannable when the token count is
+    symbolic). Ties keep the earliest root (the largest region). When the root does not
+    plan, a later start is taken only if it ties no digit at all; otherwise the root's
+    error is raised (and an earlier end is tried).
     """
-    best = plan_chain(state, end)
+
+    def attempt(act: ActT) -> ChainPlan:
+        plan = plan_chain(act, end)
+        _end_shape_plan(plan)  # symbolic output sizes must be readable from this root
+        return plan
+
+    best, error = None, None
+    try:
+        best = attempt(state)
+    except (Unsupported, AtomError) as err:
+        error = err
     for node in state.nodes:
-        if best.tied == 1:
+        if best is not None and best.tied == 1:
             break
         view = states.get(node)
         if not isinstance(view, ActT) or view.has_work or view.chain_id != state.chain_id:
             break
         try:
-            plan = plan_chain(reroot(state, node, view), end)
+            plan = attempt(reroot(state, node, view))
         except (Unsupported, AtomError):
             continue
-        if plan.tied < best.tied:
+        if plan.tied < (best.tied if best is not None else 2):  # alone, a later start must tie nothing
             best = plan
+    if best is None:
+        raise error
     return best
 
 
@@ -149,6 +165,34 @@ def _check_linear_use(plan: ChainPlan, states, origin: fx.Node) -> None:
             state = states.get(other)
             if other is not node and isinstance(state, ActT) and state.root is origin and not state.has_work:
                 raise Unsupported(f"{user.name} multiplies the chain's output by its own input (a quadratic form)")
+
+
+def _hint(size) -> int:
+    return int(size.node.hint) if isinstance(size, torch.SymInt) else int(size)
+
+
+def _end_layout(plan: ChainPlan) -> list[int] | None:
+    """The dimension order (outermost first) in which the end's traced value is stored,
+    or None when it is contiguous.
+
+    The op's output is contiguous, but the ops after the chain were traced against the
+    end's recorded strides (a later ``view`` may only be valid on them, e.g. after a
+    ``transpose`` and an elementwise op that keeps its input's layout), so the rewrite
+    restores that layout. Layouts that are not a permutation of a dense tensor are refused.
+    """
+    val = plan.end.meta["val"]
+    shape, strides = [_hint(s) for s in val.shape], [_hint(s) for s in val.stride()]
+    order = sorted(range(len(shape)), key=lambda k: -strides[k])  # stable: ties keep dim order
+    expected, dense = 1, {}
+    for k in reversed(order):
+        dense[k] = expected
+        expected *= shape[k]
+    if any(shape[k] > 1 and strides[k] != dense[k] for k in range(len(shape))):
+        raise Unsupported(f"the chain's output {plan.end.name} has strides {strides}, not a dense layout")
+    contiguous = [math.prod(shape[k + 1 :]) for k in range(len(shape))]
+    if all(shape[k] == 1 or strides[k] == contiguous[k] for k in range(len(shape))):
+        return None
+    return order
 
 
 def _check_dtypes(plan: ChainPlan) -> None:
@@ -283,6 +327,12 @@ def apply(gm: fx.GraphModule, plans: list[ChainPlan]) -> None:
                 torch.ops.ksfx.ks_chain.default, (x2d, values, chain.to_spec(), plan.batch_last, bias)
             )
             y = graph.call_function(aten.reshape.default, (y2d, _end_shape(graph, plan, root)))
+            layout = _end_layout(plan)
+            if layout is not None:
+                stored = graph.call_function(aten.permute.default, (y, layout))
+                stored = graph.call_function(aten.clone.default, (stored,), {"memory_format": torch.contiguous_format})
+                inverse = sorted(range(len(layout)), key=layout.__getitem__)
+                y = graph.call_function(aten.permute.default, (stored, inverse))
         plan.end.replace_all_uses_with(y)
         replaced[plan.end] = y
         for node in reversed(plan.nodes):  # out= products are impure: dead-code elimination keeps them
@@ -293,8 +343,13 @@ def apply(gm: fx.GraphModule, plans: list[ChainPlan]) -> None:
     gm.recompile()
 
 
-def _end_shape(graph: fx.Graph, plan: ChainPlan, root: fx.Node) -> list:
-    """The end node's shape; symbolic sizes are read from the root at run time."""
+def _end_shape_plan(plan: ChainPlan) -> list:
+    """The end node's shape as ints, ``-1``, or for each symbolic dimension (when there are
+    several) the list of its factors: ints and indices of root dimensions read at run time.
+
+    Raises :class:`AtomError` when a symbolic size is not a whole dimension of the root;
+    ``find_chains`` calls it so that such a chain is refused before any graph surgery.
+    """
     root_dims = {}
     for k, size in enumerate(plan.root.meta["val"].shape):
         root_dims.setdefault(str(size), k)
@@ -311,7 +366,18 @@ def _end_shape(graph: fx.Graph, plan: ChainPlan, root: fx.Node) -> list:
             dim = root_dims.get(str(_sym_of(plan.root, atom)))
             if dim is None:
                 raise AtomError(f"cannot express the symbolic size {atom.size} at run time")
-            factors.append(graph.call_function(aten.sym_size.int, (root, dim)))
+            factors.append(("root_dim", dim))
+        shape[k] = factors
+    return shape
+
+
+def _end_shape(graph: fx.Graph, plan: ChainPlan, root: fx.Node) -> list:
+    """The end node's shape; symbolic sizes are read from the root at run time."""
+    shape = _end_shape_plan(plan)
+    for k, size in enumerate(shape):
+        if not isinstance(size, list):
+            continue
+        factors = [graph.call_function(aten.sym_size.int, (root, f[1])) if isinstance(f, tuple) else f for f in size]
         value = factors[0]
         for f in factors[1:]:
             value = graph.call_function(operator.mul, (value, f))

@@ -69,3 +69,37 @@ def test_dense_block_compiled_matches_eager():
     want = torch.autograd.grad(expected.square().sum(), [x_eager, *params])
     for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g, w, **TOL[torch.float32])
+
+
+class KSOutProjection(nn.Module):
+    """Dense QKV, attention, then a KS (Monarch) out-projection on the transposed output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv = nn.Linear(DIM, 3 * DIM)
+        self.proj = BmmKSLinear(monarch_patterns(DIM, DIM, 4))
+
+    def forward(self, x):
+        batch, tokens, dim = x.shape
+        q, k, v = self.qkv(x).reshape(batch, tokens, 3, HEADS, dim // HEADS).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(out.transpose(1, 2).reshape(batch, tokens, dim))
+
+
+def test_ks_out_projection_with_symbolic_tokens():
+    """From the attention output the token digit would be a symbolic feature digit (not
+    plannable); from the transposed view it is a batch digit and the KS chain is found."""
+    torch.manual_seed(0)
+    model = KSOutProjection()
+    report = ksfx.explain(model, torch.randn(2, 5, DIM), rewrite="always", dynamic=True)
+    chains = [(chain.patterns, chain.rewritten) for chain in report.chains]
+    assert chains == [([(1, 3 * DIM, DIM, 1)], False), (list(monarch_patterns(DIM, DIM, 4)), True)]
+    assert report.chains[1].root.startswith("transpose")
+    compiled = torch.compile(model, backend=ksfx.backend(rewrite="always", inner="aot_eager"), dynamic=True)
+    torch._dynamo.reset()
+    for shape in ((2, 5, DIM), (3, 7, DIM)):
+        x = torch.randn(shape)
+        ksfx.stats(reset=True)
+        actual = compiled(x)
+        assert sum(v for k, v in ksfx.stats().items() if k.endswith(".forward")) == 2
+        torch.testing.assert_close(actual, model(x), **TOL[torch.float32])

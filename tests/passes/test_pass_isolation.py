@@ -72,3 +72,26 @@ def test_failure_in_one_chain_refuses_only_that_chain(monkeypatch, stage):
     assert report.chains[1].patterns == [(1, 8, 8, 2), (2, 8, 8, 1)]
     monkeypatch.undo()
     assert rewritten_patterns(model, x) == [[(1, 4, 4, 4), (4, 4, 4, 1)], [(1, 8, 8, 2), (2, 8, 8, 1)]]
+
+
+class TransposedOutput(nn.Module):
+    """The chain ends at a transpose; ``sin`` keeps that layout and the final ``view`` is
+    only valid on it: the rewritten chain must return the traced strides, not its own."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ks = BmmKSLinear(monarch_patterns(16, 16, 4))
+
+    def forward(self, x):
+        y = self.ks(x).view(-1, 4, 4).transpose(1, 2)
+        return torch.sin(y).transpose(1, 2).reshape(-1, 16)
+
+
+def test_chain_output_keeps_the_traced_layout():
+    torch.manual_seed(0)
+    model, x = TransposedOutput(), torch.randn(3, 16)
+    report = ksfx.explain(model, x, rewrite="always")
+    assert [(c.patterns, c.end.startswith("transpose")) for c in report.chains if c.rewritten] == [
+        ([(1, 4, 4, 4), (4, 4, 4, 1)], True)
+    ]
+    assert_compiled_matches_eager(model, x, min_launches=2)
