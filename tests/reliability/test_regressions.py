@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from tests.reliability.compare import compile_ks
-from tests.reliability.models import Factor, ModelSpec, RandomKSModel
+from tests.reliability.models import Factor, Gather, ModelSpec, RandomKSModel
 
 
 def _compile_and_report(spec: ModelSpec, x: torch.Tensor):
@@ -44,7 +44,7 @@ def test_empty_batch_last_input_is_planned():
     strict=True,
     reason="bug: ksfx.passes.rewrite._as_view raises KeyError on an id table with a negative stride "
     "(an axis read in reverse): it is neither 'moving' (stride > 0) nor 'still' (stride 0). Hit once by the "
-    "long profile through the backend ('pass failed ... KeyError: 1').",
+    "long profile through the backend: see test_swap_absorbed_into_a_diagonal_factor.",
 )
 def test_value_view_with_a_reversed_axis():
     from ksfx.passes.rewrite import _as_view
@@ -52,3 +52,21 @@ def test_value_view_with_a_reversed_axis():
     index = torch.tensor([[1, 0]])  # values w[1], w[0]: not a forward strided view
     view = _as_view(index, 2)
     assert view is None or view[0] >= 0
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="bug: a swap (x[..., [1, 0]]) absorbed into the next diagonal factor reads its values in reverse; "
+    "ksfx.passes.rewrite._as_view raises KeyError on the negative stride, so the whole graph's pass fails "
+    "('pass failed, graph left to the inner compiler (KeyError: 1)'): correct, but nothing is rewritten",
+)
+def test_swap_absorbed_into_a_diagonal_factor():
+    spec = ModelSpec((Factor((1, 2, 2, 1), "bmm"), Gather((1, 0)), Factor((2, 1, 1, 1), "bmm", bias=True)), 2, False)
+    model = RandomKSModel(spec, torch.Generator().manual_seed(0))
+    reports = []
+    compiled = compile_ks(model, reports)
+    x = torch.randn(3, 2)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), model(x), rtol=1e-4, atol=1e-4)
+    assert not [g.note for g in reports if g.note]
+    assert any(c.rewritten for g in reports for c in g.chains)
