@@ -9,7 +9,9 @@ run compiled kernels; CPU tensors run them through Triton's interpreter when
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import threading
 
 import torch
 
@@ -50,6 +52,15 @@ def _needs_int64(*tensors: torch.Tensor) -> bool:
     # Masked lanes may step up to one tile past the end: keep a margin below 2**31.
     span = max(sum((s - 1) * st for s, st in zip(t.shape, t.stride(), strict=True)) + 1 for t in tensors)
     return span + (1 << 20) > INT32_LIMIT
+
+
+_INTERPRETER_LOCK = threading.Lock()
+
+
+def _launch_guard(device: torch.device):
+    """Serialise interpreted launches: Triton's interpreter patches ``triton.language``
+    globally for each launch, so two threads interpreting at once break each other."""
+    return _INTERPRETER_LOCK if device.type != "cuda" else contextlib.nullcontext()
 
 
 @functools.lru_cache(maxsize=256)
@@ -152,7 +163,8 @@ def factor_forward(
     kernel, grid, meta = _forward_launch(
         step, batch_last, x.dtype, x.device, n, tile, torch.get_float32_matmul_precision(), config.interpret
     )
-    kernel[grid](*args, **flags, **meta)
+    with _launch_guard(x.device):
+        kernel[grid](*args, **flags, **meta)
     return y
 
 
@@ -219,7 +231,8 @@ def factor_grad_values(
     )
     partials = torch.empty((splits, *pattern.as_tuple()), dtype=torch.float32, device=x.device)
     in_table, out_table = _tables(step, x.device, partials)
-    kernel[grid](
+    with _launch_guard(x.device):
+        kernel[grid](
         dy, x, partials, in_table, out_table,
         n, chunk, stride_dm, stride_df, stride_xm, stride_xf,
         INT64=_needs_int64(dy, x), **meta,

@@ -59,17 +59,7 @@ def test_kernel_cache_keeps_patterns_layouts_and_dtypes_apart(triton_interpret):
     "interpret",
     [
         pytest.param(False, id="cpu"),
-        pytest.param(
-            True,
-            id="interpreter",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="bug: concurrent ks_matmul calls under TRITON_INTERPRET=1 fail with InterpreterError "
-                "'Did you forget to add @triton.jit ?' even for one warm pattern: Triton's interpreter patches "
-                "triton.language globally for each launch, so interpreted launches must be serialised "
-                "(a lock around the launch in ksfx/ops/triton_path.py when config.interpret)",
-            ),
-        ),
+        pytest.param(True, id="interpreter"),
     ],
 )
 def test_concurrent_calls_with_different_patterns(interpret, request):
