@@ -46,6 +46,20 @@ GRAD_ARGS = """    dy_ptr, x_ptr, part_ptr, in_table_ptr, out_table_ptr,
     INT64: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,"""
 
+# Bias and store of both forward kernels; {mask} covers the output features of the tile,
+# which has {size} of them (the mask is left out when BLOCK_N divides it).
+FORWARD_EPILOGUE = """    y_feature = {y_feature}
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + y_feature, mask={mask}, other=0.0).to(tl.float32)[None, :]
+    if INT64:
+        y_feature = y_feature.to(tl.int64)
+    y_ptrs = y_ptr + offs_m[:, None] * stride_ym + y_feature[None, :] * stride_yf
+    if {size} % BLOCK_N == 0:
+        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None])
+    else:
+        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & {mask}[None, :])
+"""
+
 FORWARD_DOT = '''
 @triton.jit
 def forward_dot(
@@ -88,17 +102,7 @@ def forward_dot(
             x_tile = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
             v_tile = tl.load(v_ptrs, mask=mask_k[:, None] & mask_b[None, :], other=0.0)
         acc = {dot}
-    y_feature = {y_feature}
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + y_feature, mask=mask_b, other=0.0).to(tl.float32)[None, :]
-    if INT64:
-        y_feature = y_feature.to(tl.int64)
-    y_ptrs = y_ptr + offs_m[:, None] * stride_ym + y_feature[None, :] * stride_yf
-    if {b} % BLOCK_N == 0:
-        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None])
-    else:
-        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_b[None, :])
-'''
+{epilogue}'''
 
 FORWARD_FMA = '''
 @triton.jit
@@ -132,17 +136,7 @@ def forward_fma(
             x_tile = tl.load(x_ptrs, mask=mask_m[:, None] & mask_r[None, :], other=0.0)
             w = tl.load(v_ptr + {v_offset}, mask=mask_r, other=0.0)
         acc += x_tile.to(tl.float32) * w.to(tl.float32)[None, :]
-    y_feature = {y_feature}
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + y_feature, mask=mask_r, other=0.0).to(tl.float32)[None, :]
-    if INT64:
-        y_feature = y_feature.to(tl.int64)
-    y_ptrs = y_ptr + offs_m[:, None] * stride_ym + y_feature[None, :] * stride_yf
-    if {rows} % BLOCK_N == 0:
-        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None])
-    else:
-        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_r[None, :])
-'''
+{epilogue}'''
 
 GRAD_DOT = '''
 @triton.jit
@@ -265,8 +259,10 @@ def forward_source(step: FactorStep, mode: str, dtype: str, interpret: bool, pre
             delta=im.code(delta),
             x_feature=im.code(im.x_feature(step), mask="mask_k"),
             v_offset=im.code(im.value_offset(step, tile=True)),
-            y_feature=im.code(im.y_feature(step), mask="mask_b"),
             dot=dot_code("x_tile", "v_tile", "acc", dtype, interpret, precision),
+            epilogue=FORWARD_EPILOGUE.format(
+                y_feature=im.code(im.y_feature(step), mask="mask_b"), mask="mask_b", size=p.b
+            ),
         )
     elif mode == "fma":
         alpha, beta, delta = im.row_digits(step)
@@ -280,7 +276,9 @@ def forward_source(step: FactorStep, mode: str, dtype: str, interpret: bool, pre
             gamma_range=f"tl.static_range({p.c})" if p.c <= UNROLL_LIMIT else f"range({p.c})",
             x_feature=im.code(im.x_feature(step), mask="mask_r"),
             v_offset=im.code(im.value_offset(step)),
-            y_feature=im.code(im.y_feature(step, ROW), mask="mask_r"),
+            epilogue=FORWARD_EPILOGUE.format(
+                y_feature=im.code(im.y_feature(step, ROW), mask="mask_r"), mask="mask_r", size=p.out_features
+            ),
         )
     else:
         raise ValueError(f"unknown kernel mode {mode!r} (expected 'dot' or 'fma')")

@@ -43,6 +43,21 @@ _chain_ids = itertools.count()
 
 VIEW_OPS = {aten.view.default, aten._unsafe_view.default, aten.reshape.default}
 COPY_OPS = {aten.clone.default, aten.alias.default, aten.contiguous.default}
+#: Ops that only move or broadcast indices: tracked the same way for weights and activations.
+LAYOUT_OPS = (
+    VIEW_OPS
+    | COPY_OPS
+    | {
+        aten.permute.default,
+        aten.transpose.int,
+        aten.t.default,
+        aten.unsqueeze.default,
+        aten.squeeze.dim,
+        aten.squeeze.dims,
+        aten.squeeze.default,
+        aten.expand.default,
+    }
+)
 
 
 @dataclass(frozen=True, eq=False)
@@ -180,16 +195,7 @@ class Interpreter:
     def _weight(self, node: fx.Node):
         target, val = node.target, node.meta.get("val")
         args = node.args
-        if target in VIEW_OPS | COPY_OPS or target in (
-            aten.permute.default,
-            aten.transpose.int,
-            aten.t.default,
-            aten.unsqueeze.default,
-            aten.squeeze.dim,
-            aten.squeeze.dims,
-            aten.squeeze.default,
-            aten.expand.default,
-        ):
+        if target in LAYOUT_OPS:
             w: WeightT = self.states[args[0]]
             try:
                 return replace(w, dims=self._view_dims(node, w.dims))
@@ -280,16 +286,7 @@ class Interpreter:
         if len(set(acts)) != 1 or sum(1 for a in _flat_nodes(args) if a is acts[0]) != 1:
             raise Unsupported("an op between two activations (or reusing one) is never a KS factor")
         x = acts[0]
-        if target in VIEW_OPS | COPY_OPS or target in (
-            aten.permute.default,
-            aten.transpose.int,
-            aten.t.default,
-            aten.unsqueeze.default,
-            aten.squeeze.dim,
-            aten.squeeze.dims,
-            aten.squeeze.default,
-            aten.expand.default,
-        ):
+        if target in LAYOUT_OPS:
             if args[0] is not x:
                 raise Unsupported("view of a non-activation argument")
             act = self._act_input(x, restart)
