@@ -473,7 +473,7 @@ def _as_view(index: torch.Tensor, numel: int):
         view = [1] * len(shape)
         view[k] = size
         grid = grid + stride * torch.arange(size).reshape(view)
-    if not torch.equal(grid, index):
+    if not torch.equal(grid, index) or min(strides) < 0:  # a reversed axis is no forward view: gather
         return None
     moving = sorted((k for k in range(len(shape)) if strides[k] > 0), key=lambda k: -strides[k])
     expected = 1

@@ -40,12 +40,6 @@ def test_empty_batch_last_input_is_planned():
     assert chains and not any("internal error" in c.reason for c in chains), [c.reason for c in chains]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: ksfx.passes.rewrite._as_view raises KeyError on an id table with a negative stride "
-    "(an axis read in reverse): it is neither 'moving' (stride > 0) nor 'still' (stride 0). Hit once by the "
-    "long profile through the backend: see test_swap_absorbed_into_a_diagonal_factor.",
-)
 def test_value_view_with_a_reversed_axis():
     from ksfx.passes.rewrite import _as_view
 
@@ -54,12 +48,6 @@ def test_value_view_with_a_reversed_axis():
     assert view is None or view[0] >= 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: a swap (x[..., [1, 0]]) absorbed into the next diagonal factor reads its values in reverse; "
-    "ksfx.passes.rewrite._as_view raises KeyError on the negative stride, so the whole graph's pass fails "
-    "('pass failed, graph left to the inner compiler (KeyError: 1)'): correct, but nothing is rewritten",
-)
 def test_swap_absorbed_into_a_diagonal_factor():
     spec = ModelSpec((Factor((1, 2, 2, 1), "bmm"), Gather((1, 0)), Factor((2, 1, 1, 1), "bmm", bias=True)), 2, False)
     model = RandomKSModel(spec, torch.Generator().manual_seed(0))
