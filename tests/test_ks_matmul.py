@@ -175,5 +175,5 @@ def test_dtype_mix_is_rejected():
 
 
 def test_bias_shape_is_checked():
-    with pytest.raises(ValueError, match=r"bias must have shape \(6,\)"):
+    with pytest.raises(ValueError, match=r"bias of the chain .* must have shape \(6,\)"):
         ksfx.ks_matmul(torch.randn(3, 4), random_factors(CHAINS[5], torch.float32), bias=torch.randn(4))

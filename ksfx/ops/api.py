@@ -41,6 +41,17 @@ def _spec_of_shapes(shapes: tuple[tuple[int, int, int, int], ...]) -> tuple[str,
     return _SPECS[shapes]
 
 
+_NAMES: dict[str, str] = {}
+
+
+@torch.compiler.assume_constant_result
+def _chain_name(spec: str) -> str:
+    """The printed chain (``KS(2, 3, 4, 2) @ …``) for error messages, also under Dynamo."""
+    if spec not in _NAMES:
+        _NAMES[spec] = str(Chain.from_spec(spec))
+    return _NAMES[spec]
+
+
 def _build_spec(shapes: tuple[tuple[int, int, int, int], ...]) -> tuple[str, int, int]:
     patterns = [KSPattern(*shape) for shape in shapes]
     for k in range(len(patterns) - 1):
@@ -79,13 +90,16 @@ def ks_matmul(
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
     if batch_last:
         if x.ndim != 2:
-            raise ValueError(f"batch-last input must have shape (in_features={in_features}, n), got {tuple(x.shape)}")
+            raise ValueError(
+                f"batch-last input must have shape (in_features={in_features}, n) for the chain "
+                f"{_chain_name(spec)}, got {tuple(x.shape)}"
+            )
         x2d = x
     else:
         if x.ndim < 1 or x.shape[-1] != in_features:
             raise ValueError(
                 f"input of shape {tuple(x.shape)} has {x.shape[-1] if x.ndim else 'no'} features; "
-                f"the chain takes {in_features} (batch-first: last dimension)"
+                f"the chain {_chain_name(spec)} takes {in_features} (batch-first: last dimension)"
             )
         x2d = x.reshape(-1, in_features)
     y = torch.ops.ksfx.ks_chain(x2d, factors, spec, batch_last, bias)

@@ -43,7 +43,7 @@ def validate(x: torch.Tensor, factors: list[torch.Tensor], chain: Chain, batch_l
             raise ValueError(f"factor {k} {pattern} is on {values.device} but the input is on {x.device}")
     if bias is not None and (tuple(bias.shape) != (chain.out_features,) or bias.dtype != x.dtype):
         raise ValueError(
-            f"bias must have shape ({chain.out_features},) and dtype {x.dtype}, "
+            f"bias of the chain {chain} must have shape ({chain.out_features},) and dtype {x.dtype}, "
             f"got {tuple(bias.shape)} and {bias.dtype}"
         )
 

@@ -20,7 +20,6 @@ from tests.reliability.models import Factor, ModelSpec, RandomKSModel
 ROOT = Path(__file__).resolve().parents[2]
 W = torch.randn(2, 3, 4, 2)  # KS(2, 3, 4, 2): 16 -> 12
 SPEC = Chain((KSPattern(2, 3, 4, 2),)).to_spec()
-PATTERN_NOT_NAMED = pytest.mark.xfail(strict=True, reason="bug: the message gives the sizes but not the chain/pattern")
 
 CASES = [
     pytest.param(
@@ -28,7 +27,6 @@ CASES = [
         ValueError,
         ["(3, 10)", "10 features", "16", "KS(2, 3, 4, 2)"],
         id="width-batch-first",
-        marks=PATTERN_NOT_NAMED,
     ),
     pytest.param(
         lambda: ksfx.ks_matmul(torch.randn(10, 3), [W], batch_last=True),
@@ -59,7 +57,6 @@ CASES = [
         ValueError,
         ["bias", "(12,)", "(5,)", "KS(2, 3, 4, 2)"],
         id="bias-shape",
-        marks=PATTERN_NOT_NAMED,
     ),
     pytest.param(
         lambda: torch.ops.ksfx.ks_chain(torch.randn(3, 16), [W.double()], SPEC, False, None),
@@ -93,7 +90,7 @@ def test_error_messages_name_pattern_and_sizes(call, error, needles):
 def test_error_under_compile_keeps_the_message():
     compiled = torch.compile(lambda x: ksfx.ks_matmul(x, [W]), backend="aot_eager", fullgraph=True)
     torch._dynamo.reset()
-    with pytest.raises(Exception, match="has 10 features; the chain takes 16"):
+    with pytest.raises(Exception, match=r"has 10 features; the chain KS\(2, 3, 4, 2\) takes 16"):
         compiled(torch.randn(3, 10))
 
 
