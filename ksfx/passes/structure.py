@@ -78,6 +78,8 @@ def plan_chain(act: ActT, end: fx.Node) -> ChainPlan:
     act = act.closed()
     if not any(isinstance(step, Factor) for step in act.steps):
         raise Unsupported("no product with a weight (permutations only)")
+    if any(a.size == 0 for a in leaves([a for d in act.root_dims for a in d])):
+        raise Unsupported("the input is empty (a dimension of size 0): nothing to compute")
     touched: set[Atom] = set()
     for step in act.steps:
         if isinstance(step, Factor):
@@ -230,8 +232,13 @@ def _split_root(root_dims, touched: set[Atom]) -> tuple[list[Atom], list[Atom], 
     """
     dims = [leaves(d) for d in root_dims]
     hit = [k for k, d in enumerate(dims) if any(a in touched for a in d)]
-    if not hit:
-        raise Unsupported("the products do not act on the root's features")
+    if not hit:  # a single input feature: a size-1 dimension (no digit) at either end
+        if dims and not dims[-1]:
+            hit = [len(dims) - 1]
+        elif dims and not dims[0]:
+            hit = [0]
+        else:
+            raise Unsupported("the products do not act on the root's features")
     last = len(dims) - 1
     if hit[-1] == last or all(not d for d in dims[hit[-1] + 1 :]):
         feature_dims, batch_last = range(hit[0], len(dims)), False
