@@ -110,6 +110,10 @@ class ActT:
         return replace(self, steps=self.steps + (factor,), pending=None)
 
 
+#: Products: one that multiplies by a weight and cannot be followed is reported with its reason.
+PRODUCT_OPS = {aten.mm.default, aten.bmm.default, aten.addmm.default, aten.mm.out, aten.bmm.out}
+
+
 class Unsupported(Exception):
     """The op cannot continue this activation's chain."""
 
@@ -141,6 +145,7 @@ class Interpreter:
         self.weights = weights
         self.evaluator = ValueEvaluator(gm, known)
         self.states: dict[fx.Node, object] = {}
+        self.failures: dict[fx.Node, str] = {}  # why a node could not continue a chain
 
     # ------------------------------------------------------------------ driver
     def run(self) -> dict[fx.Node, object]:
@@ -149,8 +154,31 @@ class Interpreter:
                 self.states[node] = self._visit(node)
             except (AtomError, Unsupported) as err:
                 log.debug("ksfx: %s starts a new chain root (%s)", node.name, err)
+                self.failures[node] = str(err)
                 self.states[node] = self._fallback(node)
         return self.states
+
+    def refused_products(self, covered: set[fx.Node]) -> list[tuple[fx.Node, str]]:
+        """``(node, reason)`` for each product with a weight that no chain covers.
+
+        Such a product is invisible otherwise (it only restarts a chain root); the reason
+        is the first failure on the way from the weight, e.g. a view to a symbolic shape.
+        """
+        refused = []
+        for node, error in self.failures.items():
+            if node.target not in PRODUCT_OPS or node in covered:
+                continue
+            for arg in node.all_input_nodes:
+                path_error, source = None, arg
+                while not isinstance(self.states.get(source), WeightT) and source.target in LAYOUT_OPS:
+                    if source in self.failures:  # the last one seen is the closest to the weight
+                        path_error = f"{source.name}: {self.failures[source]}"
+                    source = source.args[0]
+                if isinstance(self.states.get(source), WeightT):
+                    reason = path_error or f"{node.name}: {error}"
+                    refused.append((node, f"multiplies by the weight {source.name} but is not followed ({reason})"))
+                    break
+        return refused
 
     def _fallback(self, node: fx.Node):
         val = node.meta.get("val")
@@ -189,6 +217,9 @@ class Interpreter:
             return self._weight(node)
         if not inputs and isinstance(node.meta.get("val"), torch.Tensor):
             return self._weight(node)
+        if any(isinstance(s, WeightT) for s in inputs):
+            others = [n.name for n, s in zip(node.all_input_nodes, inputs, strict=True) if not isinstance(s, WeightT)]
+            self.failures[node] = f"a weight combined with run-time values ({', '.join(others)}, e.g. symbolic sizes)"
         return self._fallback(node)
 
     # ------------------------------------------------------------------ weights

@@ -69,7 +69,8 @@ def _debug(message: str, *args) -> None:
 
 def find_chains(gm: fx.GraphModule, weights: set[fx.Node], known: dict[fx.Node, torch.Tensor]):
     """``[(plan | None, reason, end_node, state)]`` for every maximal chain of the graph."""
-    states = Interpreter(gm, weights, known).run()
+    interpreter = Interpreter(gm, weights, known)
+    states = interpreter.run()
     by_chain: dict[int, list[tuple[fx.Node, ActT]]] = {}
     for node, state in states.items():
         if isinstance(state, ActT) and state.has_work:
@@ -95,6 +96,9 @@ def find_chains(gm: fx.GraphModule, weights: set[fx.Node], known: dict[fx.Node, 
         else:
             node, state = candidates[-1]
             found.append((None, reason, node, state))
+    covered = {n for _, _, _, state in found for n in state.nodes}
+    for node, reason in interpreter.refused_products(covered):
+        found.append((None, f"{node.name} {reason}", node, states[node]))
     return found
 
 
