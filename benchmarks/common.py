@@ -8,6 +8,7 @@ interrupted sweep resumes where it stopped when the same command is run again.
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import os
@@ -78,8 +79,13 @@ def environment(device: torch.device) -> dict:
         "python": platform.python_version(),
         "cpu_threads": torch.get_num_threads(),
         "float32_matmul_precision": torch.get_float32_matmul_precision(),
-        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "date": now(),
     }
+
+
+def now() -> str:
+    """The local date and time to the second, as result files record it."""
+    return datetime.datetime.now().isoformat(timespec="seconds")
 
 
 def pick_device(name: str) -> torch.device:
@@ -99,6 +105,36 @@ def parse_list(text: str, allowed: Iterable[str] | None = None, name: str = "opt
         if bad:
             raise ValueError(f"{name}: unknown value(s) {bad}; choose among {allowed}")
     return items
+
+
+# ----------------------------------------------------------------------------- command line
+def add_run_options(p: argparse.ArgumentParser, kind: str, *, rep_ms: float, cpu_min_time: float) -> None:
+    """The options every sweep takes: device, threads, precision, timing, result file, plot."""
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU; default: torch's)")
+    p.add_argument(
+        "--precision",
+        default="highest",
+        choices=("highest", "high", "medium"),
+        help="torch.set_float32_matmul_precision for every contender (highest = IEEE fp32)",
+    )
+    p.add_argument("--time-budget", type=float, default=None, help="stop cleanly after this many seconds")
+    p.add_argument("--rep-ms", type=float, default=rep_ms, help="do_bench repetition time per contender (GPU)")
+    p.add_argument("--cpu-min-time", type=float, default=cpu_min_time, help="blocked_autorange min_run_time (CPU)")
+    p.add_argument("--rounds", type=int, default=None, help="timing rounds, best kept (default: 3 on CPU, 1 on GPU)")
+    p.add_argument("--out", type=Path, default=None, help=f"result file (default results/{kind}_<device>_<date>.json)")
+    p.add_argument("--verbose", action="store_true", help="print full tracebacks of failing contenders")
+    p.add_argument("--no-plot", action="store_true", help="do not write the PNG next to the JSON")
+
+
+def apply_run_options(args: argparse.Namespace) -> torch.device:
+    """Act on :func:`add_run_options`: pick the device, set threads and precision, default ``--rounds``."""
+    device = pick_device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.set_float32_matmul_precision(args.precision)
+    args.rounds = args.rounds or default_rounds(device)
+    return device
 
 
 # ----------------------------------------------------------------------------- timing
@@ -233,6 +269,12 @@ class ResultFile:
         self.keys = {case["key"] for case in self.data["cases"]}
         self.last_save = 0.0
 
+    @classmethod
+    def for_run(cls, kind: str, args: argparse.Namespace, device: torch.device, argv: list[str] | None) -> ResultFile:
+        """The file ``--out`` names (default :func:`default_path`), opened for this run of ``main(argv)``."""
+        argv = sys.argv[1:] if argv is None else list(argv)
+        return cls(args.out or default_path(kind, device), kind, environment(device), argv)
+
     def has(self, key: str) -> bool:
         return key in self.keys
 
@@ -251,6 +293,14 @@ class ResultFile:
         tmp.write_text(json.dumps(self.data, indent=1, sort_keys=False) + "\n")
         tmp.replace(self.path)
         self.last_save = time.monotonic()
+
+    def finish(self, plot: bool, **run_info) -> None:
+        """Save with the run's end time and ``run_info``; with ``plot``, draw the PNG next to the JSON."""
+        self.save(finished=now(), **run_info)
+        if plot:
+            from benchmarks import plots
+
+            plots.plot(self.data, self.path.with_suffix(".png"))
 
 
 class Budget:

@@ -211,40 +211,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="comma list of " + ",".join(CONTENDERS) + " (default: all on CPU; ksfx_always left out on GPU, "
         "where rewrite='auto' already rewrites every structured chain)",
     )
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU; default: torch's)")
-    p.add_argument(
-        "--precision",
-        default="highest",
-        choices=("highest", "high", "medium"),
-        help="torch.set_float32_matmul_precision for every contender (highest = IEEE fp32)",
-    )
-    p.add_argument("--time-budget", type=float, default=None, help="skip the remaining cases after this many seconds")
-    p.add_argument("--rep-ms", type=float, default=2000.0, help="do_bench repetition time per contender (GPU)")
-    p.add_argument("--cpu-min-time", type=float, default=1.0, help="blocked_autorange min_run_time (CPU)")
-    p.add_argument("--rounds", type=int, default=None, help="timing rounds, best kept (default: 3 on CPU, 1 on GPU)")
     p.add_argument("--force", action="store_true", help="measure again cases already in the output file")
-    p.add_argument("--out", type=Path, default=None, help="result file (default results/models_<device>_<date>.json)")
-    p.add_argument("--verbose", action="store_true", help="print full tracebacks of failing contenders")
-    p.add_argument("--no-plot", action="store_true", help="do not write the PNG next to the JSON")
+    common.add_run_options(p, "models", rep_ms=2000.0, cpu_min_time=1.0)
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> Path:
     args = parse_args(argv)
-    device = common.pick_device(args.device)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    torch.set_float32_matmul_precision(args.precision)
-    args.rounds = args.rounds or common.default_rounds(device)
+    device = common.apply_run_options(args)
     default_contenders = CONTENDERS if device.type == "cpu" else ("eager", "inductor", "ksfx")
     args.contenders = common.parse_list(args.contenders or ",".join(default_contenders), CONTENDERS, "--contenders")
     models = common.parse_list(args.model, MODELS, "--model")
     dtypes = common.parse_list(args.dtype, common.DTYPES, "--dtype")
     modes = ["inference", "train"] if args.train else ["inference"]
-    env = common.environment(device)
-    out = args.out or common.default_path("models", device)
-    results = common.ResultFile(out, "models", env, sys.argv[1:] if argv is None else list(argv))
+    results = common.ResultFile.for_run("models", args, device, argv)
     budget = common.Budget(args.time_budget)
     todo = [(m, dt, mode) for m in models for dt in dtypes for mode in modes]
     progress = common.Progress(len(todo), "models")
@@ -263,13 +243,9 @@ def main(argv: list[str] | None = None) -> Path:
         progress.update(f"{key}: {summary}")
         print(f"{key}: {summary}; ratios {case['ratios']}; unavailable {list(case['unavailable'])}", file=sys.stderr)
     progress.close()
-    results.save(finished=common.environment(device)["date"])
-    if not args.no_plot:
-        from benchmarks import plots
-
-        plots.plot_models(results.data, out.with_suffix(".png"))
-    print(out)
-    return out
+    results.finish(plot=not args.no_plot)
+    print(results.path)
+    return results.path
 
 
 if __name__ == "__main__":

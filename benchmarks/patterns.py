@@ -241,22 +241,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--layout", default=",".join(LAYOUTS), help="comma list of batch-first,batch-last")
     p.add_argument("--batch", default=None, help=f"comma list of batch sizes (default {PAPER_BATCH},4096,128)")
     p.add_argument("--baselines", default=",".join(BASELINES), help="comma list of " + ",".join(BASELINES))
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU; default: torch's)")
-    p.add_argument(
-        "--precision",
-        default="highest",
-        choices=("highest", "high", "medium"),
-        help="torch.set_float32_matmul_precision for every contender (highest = IEEE fp32)",
-    )
-    p.add_argument("--time-budget", type=float, default=None, help="stop cleanly after this many seconds")
-    p.add_argument("--rep-ms", type=float, default=40.0, help="do_bench repetition time per contender (GPU)")
-    p.add_argument("--cpu-min-time", type=float, default=0.1, help="blocked_autorange min_run_time (CPU)")
-    p.add_argument("--rounds", type=int, default=None, help="timing rounds, best kept (default: 3 on CPU, 1 on GPU)")
     p.add_argument("--dense-limit-gb", type=float, default=2.0, help="skip the dense baseline above this size")
-    p.add_argument("--out", type=Path, default=None, help="result file (default results/patterns_<device>_<date>.json)")
-    p.add_argument("--verbose", action="store_true", help="print full tracebacks of failing contenders")
-    p.add_argument("--no-plot", action="store_true", help="do not write the PNG next to the JSON")
+    common.add_run_options(p, "patterns", rep_ms=40.0, cpu_min_time=0.1)
     return p.parse_args(argv)
 
 
@@ -282,19 +268,17 @@ def plan(args: argparse.Namespace, device: torch.device) -> list[tuple[Pattern, 
 
 def main(argv: list[str] | None = None) -> Path:
     args = parse_args(argv)
-    device = common.pick_device(args.device)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    torch.set_float32_matmul_precision(args.precision)
-    args.rounds = args.rounds or common.default_rounds(device)
+    device = common.apply_run_options(args)
     cases = plan(args, device)
-    env = common.environment(device)
-    out = args.out or common.default_path("patterns", device)
-    results = common.ResultFile(out, "patterns", env, sys.argv[1:] if argv is None else list(argv))
+    results = common.ResultFile.for_run("patterns", args, device, argv)
     todo = [c for c in cases if not results.has(case_key(*c))]
     args.copy_bandwidth = common.copy_bandwidth(device)
     results.data["environment"]["copy_bandwidth"] = args.copy_bandwidth
-    print(f"{len(cases)} cases, {len(cases) - len(todo)} already in {out}; device {env['device']}", file=sys.stderr)
+    print(
+        f"{len(cases)} cases, {len(cases) - len(todo)} already in {results.path}; "
+        f"device {results.data['environment']['device']}",
+        file=sys.stderr,
+    )
     budget = common.Budget(args.time_budget)
     progress = common.Progress(len(todo), "patterns")
     stopped = False
@@ -308,18 +292,14 @@ def main(argv: list[str] | None = None) -> Path:
         progress.update(note)
     progress.close()
     left = len(todo) - progress.done if stopped else 0
-    results.save(finished=common.environment(device)["date"], cases_left=left)
+    results.finish(plot=not args.no_plot, cases_left=left)
     if left:
         print(f"time budget reached: {left} cases left; run the same command again to resume", file=sys.stderr)
-    if not args.no_plot:
-        from benchmarks import plots
-
-        plots.plot_patterns(results.data, out.with_suffix(".png"))
     bad = [c["key"] for c in results.data["cases"] if c.get("correct") is False]
     if bad:
         print(f"WARNING: ksfx out of tolerance in {len(bad)} cases, e.g. {bad[:3]}", file=sys.stderr)
-    print(out)
-    return out
+    print(results.path)
+    return results.path
 
 
 if __name__ == "__main__":

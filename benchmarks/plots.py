@@ -14,6 +14,11 @@ from matplotlib.ticker import ScalarFormatter  # noqa: E402
 from benchmarks.common import device_label  # noqa: E402
 
 
+def plot(data: dict, path: Path) -> Path:
+    """The plot of a result file's ``kind``: :func:`plot_patterns` or :func:`plot_models`."""
+    return (plot_patterns if data["kind"] == "patterns" else plot_models)(data, path)
+
+
 def plot_patterns(data: dict, path: Path) -> Path:
     """ECDF of ksfx's speedup over the best baseline, one panel per dtype, a line per layout/batch.
 

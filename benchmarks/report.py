@@ -158,8 +158,7 @@ def main(argv: list[str] | None = None) -> str:
         from benchmarks import plots
 
         for path, data in results:
-            draw = plots.plot_patterns if data["kind"] == "patterns" else plots.plot_models
-            draw(data, path.with_suffix(".png"))
+            plots.plot(data, path.with_suffix(".png"))
     text = args.readme.read_text()
     text = replace_between(text, "patterns", pattern_table(results))
     text = replace_between(text, "models", model_table(results))
