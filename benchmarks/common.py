@@ -206,6 +206,19 @@ def report_failure(verbose: bool) -> None:
         sys.stderr.write("  failed: " + traceback.format_exc().strip().splitlines()[-1][:300] + "\n")
 
 
+def contender_failure(exc: Exception, verbose: bool, limit: int) -> str:
+    """Why a contender failed, as a case records it (inside its ``except``).
+
+    Out of memory frees the CUDA cache and is recorded as such; any other error is told to
+    stderr (:func:`report_failure`) and recorded as ``error: Type: message``, cut at ``limit``.
+    """
+    if isinstance(exc, torch.cuda.OutOfMemoryError):
+        torch.cuda.empty_cache()
+        return "out of memory"
+    report_failure(verbose)
+    return f"error: {type(exc).__name__}: {exc}"[:limit]
+
+
 # ----------------------------------------------------------------------------- progress
 class Progress:
     """One-line progress bar on stderr (redrawn on a terminal, every 10% otherwise)."""

@@ -165,12 +165,8 @@ def run_case(name: str, dtype_name: str, mode: str, device: torch.device, args) 
             case["errors"][contender] = err
             case["correct"][contender] = err <= MODEL_TOLERANCE[dtype_name]
             ready[contender] = fn
-        except torch.cuda.OutOfMemoryError:
-            case["unavailable"][contender] = "out of memory"
-            torch.cuda.empty_cache()
         except Exception as exc:  # a failing contender is recorded, the others still run
-            case["unavailable"][contender] = f"error: {type(exc).__name__}: {exc}"[:1000]
-            report_failure(args.verbose)
+            case["unavailable"][contender] = common.contender_failure(exc, args.verbose, limit=1000)
     model.load_state_dict(initial)
     case["times"] = common.measure_interleaved(
         {name: (lambda fn=fn: step(fn)) for name, fn in ready.items()},

@@ -29,7 +29,6 @@ import torch
 
 import ksfx
 from benchmarks import common
-from benchmarks.common import report_failure
 from examples.ks_models import ks_factor_bmm
 from ksfx.pattern import FactorStep
 
@@ -193,12 +192,8 @@ def run_case(pattern: Pattern, dtype_name: str, layout: str, batch: int, device:
             case["errors"][name] = common.rel_error(y, ref)
             working[name] = fn
             del y
-        except torch.cuda.OutOfMemoryError:
-            case["skipped"][name] = "out of memory"
-            torch.cuda.empty_cache()
         except Exception as exc:  # a failing contender is recorded, the sweep goes on
-            case["skipped"][name] = f"error: {type(exc).__name__}: {exc}"[:500]
-            report_failure(args.verbose)
+            case["skipped"][name] = common.contender_failure(exc, args.verbose, limit=500)
     del ref
     case["times"] = common.measure_interleaved(
         working, device, args.rounds, rep_ms=args.rep_ms, cpu_min_time=args.cpu_min_time
