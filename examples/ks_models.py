@@ -314,13 +314,13 @@ def gpt2_inputs(cfg: GPT2Config, batch: int, device=None, seed: int = 0) -> tupl
     return (torch.randint(0, cfg.vocab_size, (batch, cfg.seq_len), generator=gen).to(device),)
 
 
-def small_vit() -> tuple[nn.Module, tuple[torch.Tensor]]:
-    """Factory for ``python -m ksfx inspect examples.ks_models:small_vit``."""
+def small_vit(cfg: ViTConfig = VIT_SMALL, batch: int = 2) -> tuple[nn.Module, tuple[torch.Tensor]]:
+    """Seeded KS-ViT in eval mode and its inputs; ``python -m ksfx inspect examples.ks_models:small_vit``."""
     torch.manual_seed(0)
-    return KSViT(VIT_SMALL).eval(), vit_inputs(VIT_SMALL, batch=2)
+    return KSViT(cfg).eval(), vit_inputs(cfg, batch)
 
 
-def small_gpt2() -> tuple[nn.Module, tuple[torch.Tensor]]:
-    """Factory for ``python -m ksfx inspect examples.ks_models:small_gpt2``."""
+def small_gpt2(cfg: GPT2Config = GPT2_SMALL, batch: int = 1) -> tuple[nn.Module, tuple[torch.Tensor]]:
+    """Seeded GPT-2 in eval mode and its inputs; ``python -m ksfx inspect examples.ks_models:small_gpt2``."""
     torch.manual_seed(0)
-    return KSGPT2(GPT2_SMALL).eval(), gpt2_inputs(GPT2_SMALL, batch=1)
+    return KSGPT2(cfg).eval(), gpt2_inputs(cfg, batch)

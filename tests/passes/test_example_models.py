@@ -1,4 +1,4 @@
-"""The example models (KS-ViT, GPT-2 with KS MLPs), in small configurations.
+"""The example models (KS-ViT with the paper's patterns, GPT-2 with KS MLPs), one block each.
 
 Every KS projection is found as its 2-factor chain and rewritten with
 ``rewrite="always"``; the dense projections (attention out-projection, classifier, LM
@@ -8,53 +8,31 @@ equals eager, forward and backward.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from ksfx_checks import TOL, compile_ks
 
 import ksfx
-from examples.ks_models import KSGPT2, GPT2Config, KSViT, ViTConfig, gpt2_inputs, monarch_patterns, vit_inputs
+from examples import ks_models
 
-VIT = ViTConfig(
-    image_size=32,
-    patch_size=16,
-    dim=32,
-    depth=1,
-    heads=2,
-    num_classes=10,
-    qkv=((1, 16, 8, 2), (2, 8, 16, 1)),
-    mlp_up=((1, 64, 16, 2), (2, 16, 16, 1)),
-    mlp_down=((1, 16, 16, 2), (2, 16, 64, 1)),
-)
-GPT2 = GPT2Config(
-    vocab_size=64,
-    seq_len=8,
-    dim=32,
-    depth=1,
-    heads=2,
-    mlp_up=monarch_patterns(32, 128, 4),
-    mlp_down=monarch_patterns(128, 32, 4),
-)
+VIT = replace(ks_models.VIT_SMALL, image_size=32, depth=1)  # 5 tokens
+GPT2 = replace(ks_models.GPT2_SMALL, vocab_size=64, seq_len=8, depth=1)
+MODELS = {"vit": lambda: ks_models.small_vit(VIT, batch=2), "gpt2": lambda: ks_models.small_gpt2(GPT2, batch=2)}
 
 
-def _vit():
-    return KSViT(VIT), vit_inputs(VIT, batch=2)[0], [list(VIT.qkv)] * 3 + [list(VIT.mlp_up), list(VIT.mlp_down)]
-
-
-def _gpt2():
-    return KSGPT2(GPT2), gpt2_inputs(GPT2, batch=2)[0], [list(GPT2.mlp_up), list(GPT2.mlp_down)]
-
-
-MODELS = {"vit": _vit, "gpt2": _gpt2}
+def ks_chains(model: torch.nn.Module) -> list[list[tuple[int, int, int, int]]]:
+    """The patterns of each KS layer, leftmost first, in the order the forward applies the layers."""
+    return [list(m.patterns) for m in model.modules() if isinstance(m, ks_models.BmmKSLinear)]
 
 
 @pytest.mark.parametrize("name", MODELS)
 def test_ks_chains_found_dense_left_alone(name):
-    torch.manual_seed(0)
-    model, x, expected = MODELS[name]()
+    model, (x,) = MODELS[name]()
     report = ksfx.explain(model, x, rewrite="always")
     assert not any(graph.note for graph in report.graphs)
-    assert [chain.patterns for chain in report.chains if chain.rewritten] == expected
+    assert [chain.patterns for chain in report.chains if chain.rewritten] == ks_chains(model)
     for chain in report.chains:
         if not chain.rewritten:
             assert len(chain.patterns) == 1 and chain.patterns[0][0] == chain.patterns[0][3] == 1, chain
@@ -63,13 +41,12 @@ def test_ks_chains_found_dense_left_alone(name):
 
 @pytest.mark.parametrize("name", MODELS)
 def test_compiled_matches_eager_forward_backward(name):
-    torch.manual_seed(0)
-    model, x, expected = MODELS[name]()
+    model, (x,) = MODELS[name]()
     compiled = compile_ks(model)
     ksfx.stats(reset=True)
     actual, reference = compiled(x), model(x)
     launches = sum(v for k, v in ksfx.stats().items() if k.endswith(".forward"))
-    assert launches == sum(len(chain) for chain in expected)
+    assert launches == sum(len(chain) for chain in ks_chains(model))
     torch.testing.assert_close(actual, reference, **TOL[torch.float32])
     weights = torch.linspace(-1, 1, actual.numel()).reshape(actual.shape)
     params = list(model.parameters())
