@@ -271,7 +271,7 @@ def test_compile_dynamic_batch_propagates_fake_shapes(triton_interpret):
     spec = Chain((p1, p2)).to_spec()
 
     def layer(x):
-        y = torch.ops.ksfx.ks_chain(x.reshape(-1, p2.in_features), factors, spec, False, None)
+        y = torch.ops.ksfx.ks_chain(x.reshape(-1, p2.in_features), factors, spec, False, None, 0)
         return torch.relu(y.reshape(*x.shape[:-1], p1.out_features)) * 2
 
     compiled = torch.compile(layer, backend="aot_eager", dynamic=True, fullgraph=True)
@@ -293,7 +293,7 @@ def test_fake_tensor_shapes_with_symbolic_batch():
     with FakeTensorMode(shape_env=ShapeEnv()) as mode:
         x = mode.from_tensor(torch.empty(8, chain.in_features), static_shapes=False)
         values = torch.empty(2, 16, 24, 3)
-        y = torch.ops.ksfx.ks_chain(x, [values], chain.to_spec(), False, None)
+        y = torch.ops.ksfx.ks_chain(x, [values], chain.to_spec(), False, None, 0)
         assert y.shape[1] == chain.out_features and y.shape[0] is x.shape[0]
 
 

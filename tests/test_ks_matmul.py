@@ -107,6 +107,37 @@ def test_chain_with_permutations():
     assert rel_err(ksfx.ks_matmul(x, factors, chain=chain), y_ref) < 1e-12
 
 
+@pytest.mark.parametrize("dense", [0b01, 0b10, 0b11])
+@pytest.mark.parametrize("batch_last", [False, True])
+@pytest.mark.parametrize("interpret", [False, True], ids=["cpu", "triton-interpret"])
+def test_dense_factors_make_the_nans_of_a_dense_product(dense, batch_last, interpret, request):
+    """Bit k of ``dense``: factor k's output is what ``h @ dense(K_k).T`` gives, ``inf · 0`` included."""
+    if interpret:
+        request.getfixturevalue("triton_interpret")
+    perm_mid = IndexPerm(tuple(torch.randperm(8, generator=torch.Generator().manual_seed(1)).tolist()))
+    chain = Chain(
+        (DigitPerm((2, 3), (1, 0)), KSPattern(2, 3, 4, 1), perm_mid, KSPattern(1, 4, 2, 2), DigitPerm((2, 2), (1, 0)))
+    )
+    factors = random_factors([(2, 3, 4, 1), (1, 4, 2, 2)], torch.float64)
+    x = torch.randn(5, 4, dtype=torch.float64)
+    x[0, 1], x[1, 3], x[2, 0], x[2, 2] = float("inf"), float("nan"), float("-inf"), float("inf")
+
+    def product(h, k):  # dense (inf * 0 = nan) or restricted to the support (no structural zeros)
+        matrix = dense_of([factors[k]])
+        if dense >> k & 1:
+            return h @ matrix.T
+        return torch.stack([(h[:, matrix[i] != 0] * matrix[i, matrix[i] != 0]).sum(-1) for i in range(len(matrix))], -1)
+
+    h = product(x[:, [0, 2, 1, 3]], 1)[:, list(perm_mid.indices_)]
+    expected = product(h, 0)[:, [0, 3, 1, 4, 2, 5]]
+    xin = x.T.contiguous() if batch_last else x
+    actual = torch.ops.ksfx.ks_chain(xin, factors, chain.to_spec(), batch_last, None, dense)
+    actual = actual.T if batch_last else actual
+    assert torch.equal(actual.isnan(), expected.isnan()) and torch.equal(actual.isinf(), expected.isinf())
+    torch.testing.assert_close(actual, expected, equal_nan=True, rtol=1e-12, atol=1e-12)
+    assert expected.isnan().sum() > expected[:, :1].isnan().sum(), "the inputs must make some NaNs"
+
+
 @pytest.mark.parametrize("chain", [CHAINS[1], CHAINS[5], CHAINS[6]], ids=str)
 @pytest.mark.parametrize("batch_last", [False, True])
 def test_gradients_match_dense(chain, batch_last):

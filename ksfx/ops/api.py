@@ -102,5 +102,5 @@ def ks_matmul(
                 f"the chain {_chain_name(spec)} takes {in_features} (batch-first: last dimension)"
             )
         x2d = x.reshape(-1, in_features)
-    y = torch.ops.ksfx.ks_chain(x2d, factors, spec, batch_last, bias)
+    y = torch.ops.ksfx.ks_chain(x2d, factors, spec, batch_last, bias, 0)
     return y if batch_last else y.reshape(*x.shape[:-1], out_features)

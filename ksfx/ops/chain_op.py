@@ -16,13 +16,13 @@ import functools
 
 import torch
 
-from ksfx.ops import stats
+from ksfx.ops import stats, torch_path
 from ksfx.ops.dispatch import chain_implementation, step_implementation
 from ksfx.pattern import Chain, FactorStep, PermStep, split_chain
 
 
 # ----------------------------------------------------------------------------- validation
-def validate(x: torch.Tensor, factors: list[torch.Tensor], chain: Chain, batch_last: bool, bias) -> None:
+def validate(x: torch.Tensor, factors: list[torch.Tensor], chain: Chain, batch_last: bool, bias, dense=None) -> None:
     """Check sizes and dtypes; every message names the factor and the expected sizes."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
@@ -41,6 +41,8 @@ def validate(x: torch.Tensor, factors: list[torch.Tensor], chain: Chain, batch_l
             raise TypeError(f"factor {k} {pattern} has dtype {values.dtype} but the input has dtype {x.dtype}")
         if values.device != x.device:
             raise ValueError(f"factor {k} {pattern} is on {values.device} but the input is on {x.device}")
+    if dense is not None and not 0 <= dense < 1 << len(patterns):
+        raise ValueError(f"dense factor mask {dense} out of range for the {len(patterns)} factors of the chain {chain}")
     if bias is not None and (tuple(bias.shape) != (chain.out_features,) or bias.dtype != x.dtype):
         raise ValueError(
             f"bias of the chain {chain} must have shape ({chain.out_features},) and dtype {x.dtype}, "
@@ -61,7 +63,27 @@ def _forward_step(x, values, step: FactorStep, batch_last: bool, bias) -> torch.
     return impl.factor_forward(x, values, step, batch_last, bias)
 
 
-def run_forward(x, factors, chain: Chain, batch_last: bool, bias=None) -> torch.Tensor:
+def _nonfinite_as_dense(x: torch.Tensor, y: torch.Tensor, step: FactorStep, batch_last: bool) -> torch.Tensor:
+    """``y`` with the NaNs a dense product by the factor's matrix would have.
+
+    A masked dense weight is multiplied with its structural zeros too: an infinite or
+    NaN input entry then turns every output outside its ``(α, δ)`` block into NaN
+    (``inf · 0``). Output block ``(α, δ)`` is NaN where some *other* input block holds a
+    non-finite entry. Plain torch ops on booleans: no host sync, any device.
+    """
+    p = step.pattern
+    x_in = torch_path.apply_perm(x, step.in_perm, batch_last)
+    x_in = x_in.T if batch_last else x_in
+    n = x_in.shape[0]
+    bad = ~torch.isfinite(x_in).reshape(n, p.a, p.c, p.d).all(dim=2)  # (n, a, d)
+    others = (bad.sum(dim=(1, 2), keepdim=True) - bad.int()) > 0
+    polluted = others[:, :, None, :].expand(n, p.a, p.b, p.d).reshape(n, p.out_features)
+    polluted = torch_path.apply_perm(polluted, step.out_perm, False)
+    return y.masked_fill(polluted.T if batch_last else polluted, float("nan"))
+
+
+def run_forward(x, factors, chain: Chain, batch_last: bool, bias=None, dense: int = 0) -> torch.Tensor:
+    """``dense``: bit mask of the factors that stand for dense products (see :func:`_nonfinite_as_dense`)."""
     plan = _plan(chain)
     if isinstance(plan, PermStep):
         name, impl = chain_implementation(x)
@@ -72,7 +94,8 @@ def run_forward(x, factors, chain: Chain, batch_last: bool, bias=None) -> torch.
         return y.clone()  # op outputs must never alias the input
     values = list(reversed(factors))  # plan runs in application order
     for k, step in enumerate(plan):
-        x = _forward_step(x, values[k], step, batch_last, bias if k == len(plan) - 1 else None)
+        y = _forward_step(x, values[k], step, batch_last, bias if k == len(plan) - 1 else None)
+        x = _nonfinite_as_dense(x, y, step, batch_last) if dense >> (len(plan) - 1 - k) & 1 else y
     return x
 
 
@@ -103,18 +126,28 @@ def run_backward(grad, x, factors, chain: Chain, batch_last: bool, need_x: bool)
 # ----------------------------------------------------------------------------- the ops
 @torch.library.custom_op("ksfx::ks_chain", mutates_args=())
 def ks_chain(
-    x: torch.Tensor, factors: list[torch.Tensor], spec: str, batch_last: bool, bias: torch.Tensor | None
+    x: torch.Tensor,
+    factors: list[torch.Tensor],
+    spec: str,
+    batch_last: bool,
+    bias: torch.Tensor | None,
+    dense: int,
 ) -> torch.Tensor:
-    """``y = x @ W.T`` (batch-first) or ``y = W @ x`` (batch-last), ``W`` given by ``spec``."""
+    """``y = x @ W.T`` (batch-first) or ``y = W @ x`` (batch-last), ``W`` given by ``spec``.
+
+    ``dense`` is a bit mask over the factors (bit ``k``: factor ``k``, chain order) that replace
+    a dense product by a matrix with structural zeros: their outputs keep the NaNs that
+    product makes of non-finite inputs. (An int, not a list: autograd handles it as a scalar.)
+    """
     chain = Chain.from_spec(spec)
-    validate(x, factors, chain, batch_last, bias)
-    return run_forward(x, factors, chain, batch_last, bias).contiguous()  # the fake promises contiguous
+    validate(x, factors, chain, batch_last, bias, dense)
+    return run_forward(x, factors, chain, batch_last, bias, dense).contiguous()  # the fake promises contiguous
 
 
 @ks_chain.register_fake
-def _(x, factors, spec, batch_last, bias):
+def _(x, factors, spec, batch_last, bias, dense):
     chain = Chain.from_spec(spec)
-    validate(x, factors, chain, batch_last, bias)
+    validate(x, factors, chain, batch_last, bias, dense)
     n = x.shape[1] if batch_last else x.shape[0]
     shape = (chain.out_features, n) if batch_last else (n, chain.out_features)
     return x.new_empty(shape)
@@ -134,7 +167,7 @@ def _(grad, x, factors, spec, batch_last, need_x):
 
 
 def _setup_context(ctx, inputs, output):
-    x, factors, spec, batch_last, bias = inputs
+    x, factors, spec, batch_last, bias, _ = inputs
     ctx.save_for_backward(x, *factors)
     ctx.spec, ctx.batch_last, ctx.has_bias = spec, batch_last, bias is not None
 
@@ -146,7 +179,7 @@ def _backward(ctx, grad):
     dbias = None
     if ctx.has_bias and ctx.needs_input_grad[4]:
         dbias = grad.sum(dim=1 if ctx.batch_last else 0)
-    return (dx if need_x else None), list(dfactors), None, None, dbias
+    return (dx if need_x else None), list(dfactors), None, None, dbias, None
 
 
 ks_chain.register_autograd(_backward, setup_context=_setup_context)

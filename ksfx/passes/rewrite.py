@@ -5,7 +5,7 @@ per chain found (rewritten or not, always with a reason). Each rewritten chain b
 
     x2d    = aten.reshape(root, [-1, in])            # or [in, -1] batch-last
     values = views (or constant-index gathers) of the weights' source tensors
-    y2d    = ksfx.ks_chain(x2d, values, spec, batch_last, bias)
+    y2d    = ksfx.ks_chain(x2d, values, spec, batch_last, bias, dense)  # dense: see the op
     y      = aten.reshape(y2d, end.shape)
 
 so parameters stay graph inputs (read at every call, gradients flow to them through the
@@ -327,8 +327,9 @@ def apply(gm: fx.GraphModule, plans: list[ChainPlan]) -> None:
                 _build(gm, spec, pattern.as_tuple()) for spec, pattern in zip(plan.values, chain.patterns, strict=True)
             ]
             bias = _build(gm, plan.bias, (chain.out_features,)) if plan.bias is not None else None
+            dense = sum(1 << k for k, source in enumerate(plan.values) if source.dense)
             y2d = graph.call_function(
-                torch.ops.ksfx.ks_chain.default, (x2d, values, chain.to_spec(), plan.batch_last, bias)
+                torch.ops.ksfx.ks_chain.default, (x2d, values, chain.to_spec(), plan.batch_last, bias, dense)
             )
             y = graph.call_function(aten.reshape.default, (y2d, _end_shape(graph, plan, root)))
             layout = _end_layout(plan)

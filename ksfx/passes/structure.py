@@ -39,6 +39,7 @@ class ValueSource:
 
     source: fx.Node
     ids: torch.Tensor
+    dense: bool = False  # the original op multiplies by the structural zeros too (masked weight)
 
 
 @dataclass(frozen=True, eq=False)
@@ -200,7 +201,7 @@ def absorb_permutations(steps: list, values: list[ValueSource]) -> tuple[list, l
             start = lo if lo is not None else k
             stop = (hi if hi is not None else k) + 1
             steps[start:stop] = [pattern]
-            values[factor_index] = ValueSource(values[factor_index].source, ids)
+            values[factor_index] = replace(values[factor_index], ids=ids)
             k = start
             break
         k -= 1
@@ -289,11 +290,12 @@ def _factor(step: Factor, space: list[Atom], batch: set[Atom], applied: list) ->
     source_flops = pattern.flops(1)
     in_perm = digit_perm(space, target)
     out_perm = None
-    if bool((ids == 0).any()):
+    dense = bool((ids == 0).any())
+    if dense:
         in_perm, pattern, out_perm, ids = _refine(step, pattern, ids, space, target)
     if in_perm is not None:
         applied.append(in_perm)
-    applied.append((pattern, ValueSource(step.weight.source, ids.contiguous())))
+    applied.append((pattern, ValueSource(step.weight.source, ids.contiguous(), dense)))
     if out_perm is not None:
         applied.append(out_perm)
     return p_hi + new + p_lo, source_flops

@@ -114,13 +114,6 @@ def test_nan_and_inf_propagate_as_in_eager():
     torch.testing.assert_close(actual, expected, equal_nan=True, **TOL[torch.float32])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="semantic difference: eager F.linear(x, w * mask) multiplies the structural zeros too, so an "
-    "inf (or a nan) input entry makes inf*0 = nan spread to every output row; the rewritten KS chain skips "
-    "structural zeros and returns finite/inf values there. The pass rewrites masked weights without "
-    "guarding against non-finite inputs (nor nan/inf in masked-out weights).",
-)
 def test_nan_and_inf_through_a_masked_dense_weight_propagate_as_in_eager():
     model = model_of(MASKED)
     compiled = compile_ks(model)

@@ -59,19 +59,19 @@ CASES = [
         id="bias-shape",
     ),
     pytest.param(
-        lambda: torch.ops.ksfx.ks_chain(torch.randn(3, 16), [W.double()], SPEC, False, None),
+        lambda: torch.ops.ksfx.ks_chain(torch.randn(3, 16), [W.double()], SPEC, False, None, 0),
         TypeError,
         ["factor 0", "KS(2, 3, 4, 2)", "torch.float64", "torch.float32"],
         id="op-dtype",
     ),
     pytest.param(
-        lambda: torch.ops.ksfx.ks_chain(torch.randn(3, 16), [torch.randn(2, 3, 5, 2)], SPEC, False, None),
+        lambda: torch.ops.ksfx.ks_chain(torch.randn(3, 16), [torch.randn(2, 3, 5, 2)], SPEC, False, None, 0),
         ValueError,
         ["factor 0", "KS(2, 3, 4, 2)", "(2, 3, 4, 2)", "(2, 3, 5, 2)"],
         id="op-values-shape",
     ),
     pytest.param(
-        lambda: torch.ops.ksfx.ks_chain(torch.randn(3, 12), [W], SPEC, False, None),
+        lambda: torch.ops.ksfx.ks_chain(torch.randn(3, 12), [W], SPEC, False, None, 0),
         ValueError,
         ["12 features", "KS(2, 3, 4, 2)", "16"],
         id="op-width",

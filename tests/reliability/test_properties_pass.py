@@ -97,3 +97,24 @@ def test_compiled_low_precision_through_the_triton_interpreter(triton_interpret,
     expected_grads = outputs_and_grads(reference, x.double(), probe)[1]
     for got, want in zip(actual_grads, expected_grads, strict=True):
         torch.testing.assert_close(got.double(), want, **TOL[dtype])
+
+
+@_budget(0.5, 8)
+@given(spec=model_specs(max_width=24, max_factors=3), rows=st.integers(1, 3), data=st.data())
+def test_non_finite_inputs_propagate_as_in_eager(spec, rows, data):
+    """inf and NaN entries give NaN/inf exactly where eager's do (masked weights: ``inf · 0``)."""
+    generator = torch.Generator().manual_seed(0)
+    model = RandomKSModel(spec, generator, torch.float64)
+    x = make_input(spec, (rows,), torch.float64, generator)
+    flat = x.view(-1)
+    for value in data.draw(st.lists(st.sampled_from([math.inf, -math.inf, math.nan]), min_size=1, max_size=3)):
+        flat[data.draw(st.integers(0, flat.numel() - 1))] = value
+    compiled = compile_ks(model)
+    ksfx.stats(reset=True)
+    with torch.no_grad():
+        actual, expected = compiled(x), model(x)
+    if structured(spec):
+        assert sum(ksfx.stats().values()) >= 1, "the chain was not rewritten"
+    assert torch.equal(actual.isnan(), expected.isnan()), (actual, expected)
+    assert torch.equal(actual.isinf(), expected.isinf()), (actual, expected)
+    torch.testing.assert_close(actual, expected, equal_nan=True, **TOL[torch.float64])
