@@ -14,9 +14,10 @@ from matplotlib.ticker import ScalarFormatter  # noqa: E402
 from benchmarks.common import device_label  # noqa: E402
 
 
-def plot(data: dict, path: Path) -> Path:
-    """The plot of a result file's ``kind``: :func:`plot_patterns` or :func:`plot_models`."""
-    return (plot_patterns if data["kind"] == "patterns" else plot_models)(data, path)
+def plot(data: dict, path: Path) -> Path | None:
+    """The plot of a result file's ``kind`` (:func:`plot_patterns`, :func:`plot_models`); None for other kinds."""
+    draw = {"patterns": plot_patterns, "models": plot_models}.get(data["kind"])
+    return draw(data, path) if draw else None
 
 
 def plot_patterns(data: dict, path: Path) -> Path:
