@@ -368,6 +368,8 @@ def _non_identity(perm: Perm) -> Perm | None:
 
 def _perm(step: PermRec, space: list[Atom], applied: list) -> list[Atom]:
     src, new = leaves(step.src), leaves(step.new)
+    if not src and _prod(new) == 1:  # a table over a size-1 dimension (one feature): the identity
+        return space + new  # size-1 digits: their position does not change the flat index
     src_set = set(src)
     if not src_set <= set(space):
         raise Unsupported(f"{step.node.name} permutes or reshapes batch digits")

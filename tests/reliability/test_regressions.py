@@ -47,3 +47,10 @@ def test_swap_absorbed_into_a_diagonal_factor():
         torch.testing.assert_close(compiled(x), model(x), rtol=1e-4, atol=1e-4)
     assert not [g.note for g in reports if g.note]
     assert any(c.rewritten for g in reports for c in g.chains)
+
+
+def test_gather_over_a_single_feature():
+    """Long profile: ``x[[0]]`` on a 1-feature batch-last input made planning fail (min of no digits)."""
+    spec = ModelSpec((Gather((0,)), Factor((1, 1, 1, 1), "bmm", bias=True)), 1, True)
+    chains = _compile_and_report(spec, torch.randn(1, 2))
+    assert chains and not any("internal error" in c.reason for c in chains), [c.reason for c in chains]
