@@ -26,7 +26,7 @@ import sympy
 import torch
 import torch.fx as fx
 
-from ksfx.passes.atoms import Atom, AtomError, align, leafset, leaves, regroup, size_expr
+from ksfx.passes.atoms import Atom, AtomError, align, leafset, leaves, prod_size, regroup, size_expr
 from ksfx.passes.weights import (
     DATA_MOVEMENT,
     ZERO_PRESERVING_UNARY,
@@ -69,6 +69,10 @@ class Factor:
     node: fx.Node
     summed: tuple[Atom, ...] = ()
     out_dims: tuple | None = None  # activation dims when the factor closed (orders new digits)
+    # Split from a product by an outer-product weight: the first part carries the original
+    # product (whose FLOPs the source pays), the second only says it is a part.
+    whole: Factor | None = None
+    rest_of_split: bool = False
 
 
 @dataclass(frozen=True, eq=False)
@@ -107,7 +111,7 @@ class ActT:
         if self.pending is None:
             return self
         factor = replace(self.pending, out_dims=self.dims)
-        return replace(self, steps=self.steps + (factor,), pending=None)
+        return replace(self, steps=self.steps + _split_outer(factor), pending=None)
 
 
 #: Products: one that multiplies by a weight and cannot be followed is reported with its reason.
@@ -254,7 +258,13 @@ class Interpreter:
                 guards |= w.guards
                 supports.append(support)
             support = torch.broadcast_to(supports[0] & supports[1], tuple(val.shape))
-            return new_source(node, val, support, guards)
+            product = new_source(node, val, support, guards)
+            if bool(support.all()):
+                try:
+                    return replace(product, parts=_outer_parts(product, [self.states[a] for a in args[:2]]))
+                except AtomError:  # an operand too large or symbolic to read: a plain dense weight
+                    pass
+            return product
         if target in (aten.mul.Tensor, aten.div.Tensor) and len(node.all_input_nodes) == 1:
             w = self.states[node.all_input_nodes[0]]
             return new_source(node, val, w.dense_ids() != 0, w.guards)
@@ -491,7 +501,7 @@ class Interpreter:
             out = (a_dims[0],) * batched + (w_dims[-2], a_dims[-1])
         factor = Factor(w, tuple(act.live), node, summed=tuple(summed), out_dims=out)
         live = _live_after(act.live, w, summed)
-        return replace(act, dims=out, steps=act.steps + (factor,), live=live)
+        return replace(act, dims=out, steps=act.steps + _split_outer(factor), live=live)
 
     def _broadcast(self, node: fx.Node, act_dims, w: WeightT):
         shape = _shape(node)
@@ -531,7 +541,7 @@ class Interpreter:
         factor = replace(act.pending, summed=act.pending.summed + summed, out_dims=dims)
         summed_set = leafset(summed)
         live = tuple(a for a in leaves(act.live) if a not in summed_set)
-        return replace(act, dims=dims, steps=act.steps + (factor,), pending=None, live=live)
+        return replace(act, dims=dims, steps=act.steps + _split_outer(factor), pending=None, live=live)
 
     def _add_bias(self, node: fx.Node, act: ActT, other) -> ActT:
         if act.bias is not None or not act.steps:
@@ -541,6 +551,46 @@ class Interpreter:
         if len(dims) != len(act.dims):
             raise Unsupported("bias broadcasts the activation")
         return replace(act, dims=dims, bias=w)
+
+
+def _outer_parts(product: WeightT, operands: list[WeightT]) -> tuple[WeightT, ...]:
+    """The two factors of ``product = A * B`` when A and B broadcast along disjoint dimensions.
+
+    ``torch.kron(A, B)`` is traced this way: a product by it is a product by ``A`` (along
+    its digits) then by ``B``, two KS factors with tied values instead of a dense matrix.
+    Each part reads its own source on the product's atoms. ``()`` otherwise.
+    """
+    n = len(product.dims)
+    parts = []
+    owners = [0] * n
+    for w in operands:
+        lead = n - len(w.dims)
+        mine = [k for k in range(lead, n) if prod_size(w.dims[k - lead]) != 1]
+        if not mine or any(not product.dims[k] for k in mine):
+            return ()
+        for k in mine:
+            owners[k] += 1
+        ids = w.dense_ids()
+        core_atoms = tuple(a for k in mine for a in product.dims[k])
+        parts.append(WeightT((), w.source, ids.reshape([a.int_size() for a in core_atoms]), core_atoms, w.guards))
+    if max(owners) > 1 or not all(bool((part.core != 0).all()) for part in parts):
+        return ()
+    return tuple(parts)
+
+
+def _split_outer(factor: Factor) -> tuple[Factor, ...]:
+    """A product by ``A ⊗ B`` as a product by ``A`` (summing A's digits) then by ``B``."""
+    if not factor.weight.parts:
+        return (factor,)
+    first, second = factor.weight.parts
+    of_second = leafset(second.core_atoms)
+    summed = leaves(factor.summed)
+    summed_first = tuple(a for a in summed if a not in of_second)
+    summed_second = tuple(a for a in summed if a in of_second)
+    one = Factor(first, tuple(leaves(factor.live_before)), factor.node, summed_first, None, whole=factor)
+    live = _live_after(factor.live_before, first, summed_first)
+    two = Factor(second, live, factor.node, summed_second, factor.out_dims, rest_of_split=True)
+    return one, two
 
 
 def _live_after(live, w: WeightT, summed) -> tuple[Atom, ...]:

@@ -63,6 +63,9 @@ class WeightT:
     core: torch.Tensor  # int64 ids, one axis per atom of core_atoms
     core_atoms: tuple[Atom, ...]
     guards: frozenset = field(default_factory=frozenset)  # placeholder nodes whose values shaped the support
+    # An outer (Kronecker) product of two weights on disjoint digits: the parts, whose
+    # core atoms are this tensor's. A product by it is two products, one per part.
+    parts: tuple[WeightT, ...] = ()
 
     def fresh(self) -> WeightT:
         """A copy with new atoms, so that unifying it with an activation touches nothing else."""
@@ -76,16 +79,15 @@ class WeightT:
                 out.append(mapping[leaf])
             return out
 
+        def fresh_core(weight: WeightT) -> tuple[torch.Tensor, tuple[Atom, ...]]:
+            core_leaves = leaves(weight.core_atoms)
+            core = weight.core.reshape([leaf.int_size() for leaf in core_leaves])
+            return core, tuple(remap(core_leaves))
+
         dims = tuple(tuple(remap(d)) for d in self.dims)
-        core = self.core
-        core_leaves = []
-        shape = []
-        for atom in self.core_atoms:
-            for leaf in leaves(atom):
-                core_leaves.append(leaf)
-                shape.append(leaf.int_size())
-        core = core.reshape(shape)
-        return WeightT(dims, self.source, core, tuple(remap(core_leaves)), self.guards)
+        core, core_atoms = fresh_core(self)
+        parts = tuple(WeightT((), part.source, *fresh_core(part), part.guards) for part in self.parts)
+        return WeightT(dims, self.source, core, core_atoms, self.guards, parts)
 
     def dense_ids(self) -> torch.Tensor:
         """The id of every element, in the tensor's own shape (static shapes only)."""
