@@ -157,8 +157,9 @@ def factor_forward(
     flags = {"HAS_BIAS": bias is not None, "INT64": _needs_int64(x, y)}
     if tile is None and config.autotune:
         key = _key("forward", step, x, batch_last)
-        kernel = get_autotuned(key, config.cache_dir, _tuning_space(key, x, n))
-        kernel[lambda meta: (forward_programs(pattern, n, _meta_tile(meta), key.mode),)](*args, **flags)
+        kernel = _autotuned(key, n, x.element_size(), x.device, config.cache_dir)
+        with _launch_guard(x.device):
+            kernel[lambda meta: (forward_programs(pattern, n, _meta_tile(meta), key.mode),)](*args, **flags)
         return y
     kernel, grid, meta = _forward_launch(
         step, batch_last, x.dtype, x.device, n, tile, torch.get_float32_matmul_precision(), config.interpret
@@ -187,7 +188,7 @@ def _forward_launch(step, batch_last, dtype, device, n, tile, fp32_precision, in
 def tuned_config(x: torch.Tensor, step: FactorStep, batch_last: bool) -> TileConfig | None:
     """The config Triton's autotuner kept for ``x``'s shape (None before it tuned one)."""
     key = _key("forward", step, x, batch_last)
-    tuner = get_autotuned(key, config.cache_dir, _tuning_space(key, x, _layout(x, batch_last)[0]))
+    tuner = _autotuned(key, _layout(x, batch_last)[0], x.element_size(), x.device, config.cache_dir)
     best = getattr(tuner, "best_config", None)
     if best is None:
         return None
@@ -195,12 +196,20 @@ def tuned_config(x: torch.Tensor, step: FactorStep, batch_last: bool) -> TileCon
                       num_stages=best.num_stages)  # fmt: skip
 
 
-def _tuning_space(key: KernelKey, x: torch.Tensor, n: int) -> list[TileConfig]:
-    """The autotuning space; only the heuristic's config under the interpreter (nothing to time)."""
-    sms = _device_info(x.device)[1]
+@functools.lru_cache(maxsize=1024)
+def _autotuned(key: KernelKey, n: int, itemsize: int, device: torch.device, cache_dir):
+    """The autotuned kernel of one call signature, built once.
+
+    The space is ranked by the traffic model (10-30 ms of host time), so it must not be
+    recomputed per call; Triton's autotuner then tunes once per batch size and layout.
+    Only the heuristic's config under the interpreter (nothing to time).
+    """
+    sms = _device_info(device)[1]
     if key.interpret:
-        return [forward_heuristic(key.step.pattern, n, x.element_size(), key.batch_last, sms)]
-    return forward_config_space(key.step, n, x.element_size(), key.batch_last, sms)
+        space = [forward_heuristic(key.step.pattern, n, itemsize, key.batch_last, sms)]
+    else:
+        space = forward_config_space(key.step, n, itemsize, key.batch_last, sms)
+    return get_autotuned(key, cache_dir, space)
 
 
 def _meta_tile(meta: dict) -> TileConfig:
