@@ -431,6 +431,8 @@ class Interpreter:
             raise Unsupported("index table is not a permutation of its dimension")
         if not leafset(size) <= leafset(act.live):
             raise Unsupported("permutation of a broadcast dimension")
+        if n == 1:  # x[..., [0]] on a size-1 dimension: the identity, no digit to permute
+            return act
         act = act.closed()
         new = Atom(n)
         rec = PermRec(tuple(leaves(size)), table, (new,), node, self.evaluator.guards_of(index))

@@ -96,7 +96,7 @@ def plan_chain(act: ActT, end: fx.Node) -> ChainPlan:
     end_batch = [a for a in end_leaves if a in batch_set]
     if end_batch != leaves(batch):
         raise Unsupported("batch digits are reordered between input and output")
-    if batch and _layout(end_leaves, batch_set, "output") != batch_last:
+    if _layout(end_leaves, batch_set, "output") not in (None, batch_last):
         raise Unsupported("input and output layouts differ (batch-first vs batch-last)")
     out_features = [a for a in end_leaves if a not in batch_set]
     for atom in features + out_features:
@@ -252,10 +252,13 @@ def _split_root(root_dims, touched: set[Atom]) -> tuple[list[Atom], list[Atom], 
     return batch, features, batch_last
 
 
-def _layout(order: list[Atom], batch: set[Atom], what: str) -> bool:
-    """False for batch-first, True for batch-last; raises if batch and features interleave."""
+def _layout(order: list[Atom], batch: set[Atom], what: str) -> bool | None:
+    """False for batch-first, True for batch-last, None when either fits (no batch or no
+    feature digit); raises if batch and features interleave."""
     flags = [a in batch for a in order]
     n_batch = sum(flags)
+    if n_batch in (0, len(flags)):
+        return None
     if flags == [True] * n_batch + [False] * (len(flags) - n_batch):
         return False
     if flags == [False] * (len(flags) - n_batch) + [True] * n_batch:
@@ -372,8 +375,6 @@ def _non_identity(perm: Perm) -> Perm | None:
 
 def _perm(step: PermRec, space: list[Atom], applied: list) -> list[Atom]:
     src, new = leaves(step.src), leaves(step.new)
-    if not src and _prod(new) == 1:  # a table over a size-1 dimension (one feature): the identity
-        return space + new  # size-1 digits: their position does not change the flat index
     src_set = set(src)
     if not src_set <= set(space):
         raise Unsupported(f"{step.node.name} permutes or reshapes batch digits")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from tests.reliability.compare import compile_ks
-from tests.reliability.models import Factor, Gather, ModelSpec, RandomKSModel
+from tests.reliability.models import Factor, Gather, ModelSpec, RandomKSModel, Shuffle
 
 
 def _compile_and_report(spec: ModelSpec, x: torch.Tensor):
@@ -50,7 +50,19 @@ def test_swap_absorbed_into_a_diagonal_factor():
 
 
 def test_gather_over_a_single_feature():
-    """Long profile: ``x[[0]]`` on a 1-feature batch-last input made planning fail (min of no digits)."""
+    """Long profile: ``x[[0]]`` on a 1-feature batch-last input made planning fail (min of no digits),
+    then, with one output feature, the output was taken as batch-first ("layouts differ")."""
     spec = ModelSpec((Gather((0,)), Factor((1, 1, 1, 1), "bmm", bias=True)), 1, True)
     chains = _compile_and_report(spec, torch.randn(1, 2))
-    assert chains and not any("internal error" in c.reason for c in chains), [c.reason for c in chains]
+    assert [c.reason for c in chains] == ["dense matrix product (no Kronecker structure): left to the compiler"]
+
+
+def test_gather_over_a_single_feature_before_a_structured_chain():
+    """Long profile: the identity gather ``x[..., [0]]`` made a size-1 digit that looked broadcast."""
+    spec = ModelSpec(
+        (Gather((0,)), Factor((1, 2, 1, 1), "bmm"), Shuffle((2,), (0,)), Factor((2, 1, 1, 1), "bmm", bias=True)),
+        1,
+        False,
+    )
+    chains = _compile_and_report(spec, torch.randn(3, 1))
+    assert [c.patterns for c in chains if c.rewritten] == [[(2, 1, 1, 1), (1, 2, 1, 1)]], [c.reason for c in chains]
