@@ -179,6 +179,8 @@ class Interpreter:
                         path_error = f"{source.name}: {self.failures[source]}"
                     source = source.args[0]
                 if isinstance(self.states.get(source), WeightT):
+                    while source.target in LAYOUT_OPS and isinstance(self.states.get(source.args[0]), WeightT):
+                        source = source.args[0]  # name the parameter, not a view of it
                     reason = path_error or f"{node.name}: {error}"
                     refused.append((node, f"multiplies by the weight {source.name} but is not followed ({reason})"))
                     break
