@@ -200,3 +200,15 @@ def test_shared_layer_and_degenerate_batches():
     for batch in (1, 0):
         x = torch.randn(batch, 16)
         torch.testing.assert_close(compiled(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+def test_verification_never_materialises_a_huge_matrix(monkeypatch):
+    """The check multiplies by W densely: a chain whose ``in x out`` exceeds the budget is not
+    re-evaluated (a batch folded into tied feature digits once asked for 34 GB)."""
+    from ksfx.passes import verify
+
+    model, x = Monarch(), torch.randn(4, 16)
+    assert "reproduces" in ksfx.explain(model, x, rewrite="always").chains[0].verification
+    monkeypatch.setattr(verify, "MAX_VERIFY_ELEMENTS", 16 * 16 - 1)
+    chain = ksfx.explain(model, x, rewrite="always").chains[0]
+    assert chain.rewritten and "too large" in chain.verification
