@@ -102,6 +102,7 @@ class ActT:
     pending: Factor | None = None
     bias: WeightT | None = None
     nodes: tuple[fx.Node, ...] = ()
+    cast: torch.dtype | None = None  # a dtype cast of the input before any product (autocast)
 
     @property
     def has_work(self) -> bool:
@@ -339,6 +340,8 @@ class Interpreter:
                 if target not in VIEW_OPS or act.bias is not None:
                     raise
                 return self._reindex_view(node, act)
+        if target is aten._to_copy.default:
+            return self._cast(node, self._act_input(x, restart))
         if target in (aten.index.Tensor, aten.index_select.default):
             return self._index(node, self._act_input(x, restart))
         if target in (aten.mm.default, aten.bmm.default):
@@ -409,6 +412,25 @@ class Interpreter:
                     out.append((Atom(size, source=(node, k)),))
             return tuple(out)
         raise Unsupported(f"{target} is not a view")
+
+    def _cast(self, node: fx.Node, act: ActT) -> ActT:
+        """``x.to(dtype)`` before the first product (autocast casts the bmm operands): the op
+        then runs on the cast input, as the original products did."""
+        dtype = node.kwargs.get("dtype")
+        others = {k: v for k, v in node.kwargs.items() if k != "dtype" and v is not None}
+        device = others.pop("device", None)
+        val = node.meta.get("val")
+        if (
+            len(node.args) != 1
+            or others
+            or not isinstance(dtype, torch.dtype)
+            or not dtype.is_floating_point
+            or (device is not None and isinstance(val, torch.Tensor) and torch.device(device) != val.device)
+        ):
+            raise Unsupported("a copy that changes more than the floating dtype")
+        if act.has_work or act.bias is not None or act.cast is not None:
+            raise Unsupported("a dtype cast after a product (the op computes in one dtype)")
+        return replace(act, cast=dtype)
 
     def _index(self, node: fx.Node, act: ActT) -> ActT:
         if act.bias is not None:

@@ -202,16 +202,15 @@ def _end_layout(plan: ChainPlan) -> list[int] | None:
 def _check_dtypes(plan: ChainPlan) -> None:
     """The op computes in one floating dtype on one device: input, values, bias and output."""
     root, end = plan.root.meta["val"], plan.end.meta["val"]
+    dtype = plan.cast or root.dtype
     sources = [v.source.meta["val"] for v in plan.values]
     if plan.bias is not None:
         sources.append(plan.bias.source.meta["val"])
-    if not root.dtype.is_floating_point or root.dtype != end.dtype:
-        raise Unsupported(f"the chain maps {root.dtype} to {end.dtype}")
+    if not root.dtype.is_floating_point or dtype != end.dtype:
+        raise Unsupported(f"the chain maps {dtype} to {end.dtype}")
     for val in sources:
-        if val.dtype != root.dtype or val.device != root.device:
-            raise Unsupported(
-                f"weights in {val.dtype} on {val.device} but activations in {root.dtype} on {root.device}"
-            )
+        if val.dtype != dtype or val.device != root.device:
+            raise Unsupported(f"weights in {val.dtype} on {val.device} but activations in {dtype} on {root.device}")
 
 
 def _check_no_mutation(plan: ChainPlan, order: dict) -> None:
@@ -323,6 +322,8 @@ def apply(gm: fx.GraphModule, plans: list[ChainPlan]) -> None:
         with graph.inserting_before(plan.end):
             fin = chain.in_features
             x2d = graph.call_function(aten.reshape.default, (root, [fin, -1] if plan.batch_last else [-1, fin]))
+            if plan.cast is not None:
+                x2d = graph.call_function(aten._to_copy.default, (x2d,), {"dtype": plan.cast})
             values = [
                 _build(gm, spec, pattern.as_tuple()) for spec, pattern in zip(plan.values, chain.patterns, strict=True)
             ]

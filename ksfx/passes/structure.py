@@ -57,6 +57,7 @@ class ChainPlan:
     guards: frozenset
     source_flops: int  # per batch row, as the original ops compute it
     tied: int = 1  # product of the feature digits no weight depends on (1: none)
+    cast: torch.dtype | None = None  # the root is cast to this dtype first (autocast)
 
 
 def _sizes(atoms) -> list[int]:
@@ -152,6 +153,7 @@ def plan_chain(act: ActT, end: fx.Node) -> ChainPlan:
         guards=frozenset(guards),
         source_flops=source_flops,
         tied=_prod(tied),
+        cast=act.cast,
     )
 
 
@@ -166,7 +168,8 @@ def reroot(act: ActT, node: fx.Node, state: ActT) -> ActT:
     if state.has_work or state.bias is not None or state.chain_id != act.chain_id or node not in act.nodes:
         raise Unsupported(f"{node.name} is not a view of the chain's root")
     position = act.nodes.index(node)
-    return replace(act, root=node, root_dims=state.dims, nodes=act.nodes[position + 1 :])
+    cast = None if state.cast is not None else act.cast  # a view after the cast is already cast
+    return replace(act, root=node, root_dims=state.dims, nodes=act.nodes[position + 1 :], cast=cast)
 
 
 def absorb_permutations(steps: list, values: list[ValueSource]) -> tuple[list, list[ValueSource]]:
