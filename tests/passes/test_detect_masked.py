@@ -12,6 +12,8 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+import torch.nn.utils.parametrize
+import torch.nn.utils.prune
 from ksfx_checks import assert_compiled_matches_eager, compile_ks, rewritten_patterns
 from torch import nn
 
@@ -100,3 +102,28 @@ def test_trainable_dense_weight_is_dense():
     with torch.no_grad():
         linear.weight.mul_(KSPattern(2, 4, 4, 1).support())
     assert rewritten_patterns(linear, torch.randn(3, 8)) == []
+
+
+class _MaskParametrization(nn.Module):
+    def __init__(self, mask: torch.Tensor):
+        super().__init__()
+        self.register_buffer("mask", mask)
+
+    def forward(self, weight):
+        return weight * self.mask
+
+
+@pytest.mark.parametrize("api", ["parametrize", "prune"])
+def test_masks_applied_by_torch_utilities(api):
+    """The two library ways to mask an ``nn.Linear``: a parametrization, and ``torch.nn.utils.prune``
+    (``weight = weight_orig * weight_mask`` recomputed by a forward pre-hook)."""
+    torch.manual_seed(0)
+    support = KSPattern(4, 2, 4, 2).support()
+    layer = nn.Linear(32, 16)
+    if api == "parametrize":
+        torch.nn.utils.parametrize.register_parametrization(layer, "weight", _MaskParametrization(support.float()))
+    else:
+        torch.nn.utils.prune.custom_from_mask(layer, "weight", support)
+    x = torch.randn(5, 32)
+    assert rewritten_patterns(layer, x, rewrite="auto") == [[(4, 2, 4, 2)]]
+    assert_compiled_matches_eager(layer, x)
