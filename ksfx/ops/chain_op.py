@@ -69,19 +69,29 @@ def _nonfinite_as_dense(x: torch.Tensor, y: torch.Tensor, step: FactorStep, batc
     A masked dense weight is multiplied with its structural zeros too: an infinite or
     NaN input entry then turns every output outside its ``(α, δ)`` block into NaN
     (``inf · 0``). Output block ``(α, δ)`` is NaN where some *other* input block holds a
-    non-finite entry. Plain torch ops on booleans: no host sync, any device.
+    non-finite entry. A block's float64 sum is non-finite exactly when it holds one (no
+    float32/16 input can overflow it); one reduction over ``x`` and one broadcast add of
+    0/NaN onto ``y``, no host sync, any device.
     """
     p = step.pattern
     if p.a * p.d == 1:  # one block: no structural zero meets an input entry
         return y
     x_in = torch_path.apply_perm(x, step.in_perm, batch_last)
-    x_in = x_in.T if batch_last else x_in
-    n = x_in.shape[0]
-    bad = ~torch.isfinite(x_in).reshape(n, p.a, p.c, p.d).all(dim=2)  # (n, a, d)
-    others = (bad.sum(dim=(1, 2), keepdim=True) - bad.int()) > 0
-    polluted = others[:, :, None, :].expand(n, p.a, p.b, p.d).reshape(n, p.out_features)
-    polluted = torch_path.apply_perm(polluted, step.out_perm, False)
-    return y.masked_fill(polluted.T if batch_last else polluted, float("nan"))
+    if batch_last:  # blocks (a, c, d) over the rows, batch last
+        bad = ~torch.isfinite(x_in.reshape(p.a, p.c, p.d, -1).sum(1, dtype=torch.float64))  # (a, d, n)
+        others = (bad.sum(dim=(0, 1), keepdim=True) - bad.int()) > 0
+        others, blocks = others[:, None], (p.a, p.b, p.d, -1)
+    else:
+        bad = ~torch.isfinite(x_in.reshape(-1, p.a, p.c, p.d).sum(2, dtype=torch.float64))  # (n, a, d)
+        others = (bad.sum(dim=(1, 2), keepdim=True) - bad.int()) > 0
+        others, blocks = others[:, :, None], (-1, p.a, p.b, p.d)
+    poison = torch.zeros(others.shape, dtype=y.dtype, device=y.device).masked_fill_(others, float("nan"))
+    if step.out_perm is None and y.is_contiguous():
+        y.view(blocks).add_(poison)  # y is this step's fresh output
+        return y
+    shape = (p.out_features, -1) if batch_last else (-1, p.out_features)
+    full = poison.expand(torch.broadcast_shapes(poison.shape, y.reshape(blocks).shape)).reshape(shape)
+    return y + torch_path.apply_perm(full, step.out_perm, batch_last)
 
 
 def run_forward(x, factors, chain: Chain, batch_last: bool, bias=None, dense: int = 0) -> torch.Tensor:
