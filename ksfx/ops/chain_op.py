@@ -22,7 +22,7 @@ from ksfx.pattern import Chain, FactorStep, PermStep, split_chain
 
 
 # ----------------------------------------------------------------------------- validation
-def validate(x: torch.Tensor, factors: list[torch.Tensor], chain: Chain, batch_last: bool, bias, dense=None) -> None:
+def validate(x: torch.Tensor, factors: list[torch.Tensor], chain: Chain, batch_last: bool, bias, dense: int) -> None:
     """Check sizes and dtypes; every message names the factor and the expected sizes."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
@@ -41,7 +41,7 @@ def validate(x: torch.Tensor, factors: list[torch.Tensor], chain: Chain, batch_l
             raise TypeError(f"factor {k} {pattern} has dtype {values.dtype} but the input has dtype {x.dtype}")
         if values.device != x.device:
             raise ValueError(f"factor {k} {pattern} is on {values.device} but the input is on {x.device}")
-    if dense is not None and not 0 <= dense < 1 << len(patterns):
+    if not 0 <= dense < 1 << len(patterns):
         raise ValueError(f"dense factor mask {dense} out of range for the {len(patterns)} factors of the chain {chain}")
     if bias is not None and (tuple(bias.shape) != (chain.out_features,) or bias.dtype != x.dtype):
         raise ValueError(
@@ -77,20 +77,20 @@ def _nonfinite_as_dense(x: torch.Tensor, y: torch.Tensor, step: FactorStep, batc
     if p.a * p.d == 1:  # one block: no structural zero meets an input entry
         return y
     x_in = torch_path.apply_perm(x, step.in_perm, batch_last)
+    n = x.shape[1] if batch_last else x.shape[0]
     if batch_last:  # blocks (a, c, d) over the rows, batch last
-        bad = ~torch.isfinite(x_in.reshape(p.a, p.c, p.d, -1).sum(1, dtype=torch.float64))  # (a, d, n)
+        bad = ~torch.isfinite(x_in.reshape(p.a, p.c, p.d, n).sum(1, dtype=torch.float64))  # (a, d, n)
         others = (bad.sum(dim=(0, 1), keepdim=True) - bad.int()) > 0
-        others, blocks = others[:, None], (p.a, p.b, p.d, -1)
+        others, blocks = others[:, None], (p.a, p.b, p.d, n)
     else:
-        bad = ~torch.isfinite(x_in.reshape(-1, p.a, p.c, p.d).sum(2, dtype=torch.float64))  # (n, a, d)
+        bad = ~torch.isfinite(x_in.reshape(n, p.a, p.c, p.d).sum(2, dtype=torch.float64))  # (n, a, d)
         others = (bad.sum(dim=(1, 2), keepdim=True) - bad.int()) > 0
-        others, blocks = others[:, :, None], (-1, p.a, p.b, p.d)
+        others, blocks = others[:, :, None], (n, p.a, p.b, p.d)
     poison = torch.zeros(others.shape, dtype=y.dtype, device=y.device).masked_fill_(others, float("nan"))
     if step.out_perm is None and y.is_contiguous():
         y.view(blocks).add_(poison)  # y is this step's fresh output
         return y
-    shape = (p.out_features, -1) if batch_last else (-1, p.out_features)
-    full = poison.expand(torch.broadcast_shapes(poison.shape, y.reshape(blocks).shape)).reshape(shape)
+    full = poison.expand(blocks).reshape(y.shape)  # in the factor's own output order
     return y + torch_path.apply_perm(full, step.out_perm, batch_last)
 
 
