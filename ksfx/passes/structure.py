@@ -295,9 +295,10 @@ def _factor(step: Factor, space: list[Atom], batch: set[Atom], applied: list) ->
     ids = read_core(step.weight, p_hi + new + contracted + p_lo).reshape(pattern.as_tuple())
     source_flops = 0 if step.rest_of_split else pattern.flops(1)
     if step.whole is not None:  # the original multiplies by the whole outer-product matrix
-        whole_new = [a for a in leaves(step.whole.weight.core_atoms) if a not in leafset(step.whole.live_before)]
-        whole_summed = [a for a in space if a in leafset(step.whole.summed)]
-        source_flops = 2 * _prod([a for a in space if a not in whole_summed]) * _prod(whole_new) * _prod(whole_summed)
+        live, summed_whole = leafset(step.whole.live_before), leafset(step.whole.summed)
+        whole_new = [a for a in leaves(step.whole.weight.core_atoms) if a not in live]
+        kept = [a for a in space if a not in summed_whole]
+        source_flops = 2 * _prod(kept) * _prod(whole_new) * _prod([a for a in space if a in summed_whole])
     in_perm = digit_perm(space, target)
     out_perm = None
     dense = bool((ids == 0).any())
