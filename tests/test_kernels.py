@@ -24,7 +24,9 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GP
 TOL = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
 
 PATTERNS = [
-    (2, 16, 24, 3),  # dot: a, d > 1, b != c, c not a power of two
+    (2, 16, 24, 3),  # dot (batch-last) / dot3 masked δ tile (batch-first): a, d > 1, b != c, c not a power of two
+    (1, 24, 20, 4),  # dot3 flat (γ, δ) runs: masked β and γ tiles
+    (2, 32, 16, 16),  # dot3 3-D tiles: two δ tiles per α
     (1, 17, 33, 1),  # dot: odd sizes, masked tiles
     (3, 2, 5, 2),  # fma: small blocks
     (4, 2, 2, 8),  # fma: a butterfly factor
@@ -396,9 +398,16 @@ def test_traffic_model_hand_computed():
     # b = 32 with 16-wide β tiles: x read twice; two batch tiles: values read twice.
     t = traffic.bytes_moved(FactorStep(KSPattern(2, 32, 16, 1)), 64, True, TileConfig(32, 16, 16), 4)
     assert t.x == 2 * (2 * 16 * 64 * 4) and t.values == 2 * (2 * 32 * 16 * 4) and t.y == 2 * 32 * 64 * 4
-    # Batch-first d = 8 in 32-byte sectors: each fp32 x element of a group sits in its own sector.
-    t = traffic.bytes_moved(FactorStep(KSPattern(1, 16, 16, 8)), 32, False, TileConfig(32, 16, 16), 4, sector=32)
-    assert t.x == 8 * 32 * 16 * 32 and t.y == 8 * 32 * 16 * 32
+    # d = 8 in 32-byte sectors: batch-last (dot, one δ per program) reads whole sectors along the
+    # batch; batch-first the δ-tiled kernel moves contiguous (γ, δ) runs, also whole sectors ...
+    p = KSPattern(1, 16, 16, 8)
+    for batch_last in (True, False):
+        t = traffic.bytes_moved(FactorStep(p), 32, batch_last, TileConfig(32, 16, 16), 4, sector=32)
+        assert t.x == 32 * 128 * 4 and t.y == 32 * 128 * 4
+    # ... where one δ per program would put each fp32 x element of a group in its own sector.
+    assert traffic.bytes_moved(FactorStep(p), 32, False, TileConfig(32, 16, 16), 4, sector=32, mode="dot").x == (
+        8 * 32 * 16 * 32
+    )
     # FMA rows tile = one α block of 16 rows; an index table costs one int32 per lookup.
     step = FactorStep(KSPattern(4, 2, 2, 8), IndexPerm(tuple(reversed(range(64)))))
     t = traffic.bytes_moved(step, 32, False, TileConfig(32, 16), 4)

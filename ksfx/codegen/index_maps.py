@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import sympy
 
-from ksfx.pattern import BETA, GAMMA, DigitPerm, FactorStep, IndexPerm, J, Perm, to_code
+from ksfx.pattern import BETA, DELTA, GAMMA, DigitPerm, FactorStep, IndexPerm, J, Perm, to_code
 from ksfx.pattern.ks import mixed_radix_digits
 
 #: Runtime strides of the values tensor (it may be a strided view, e.g. a transpose).
@@ -30,6 +30,12 @@ VALUE_STRIDES = sympy.symbols("stride_v0 stride_v1 stride_v2 stride_v3", integer
 FLAT = sympy.Symbol("flat", integer=True, nonnegative=True)
 #: 2-D views of the β / γ vectors, broadcast to a ``[γ, β]`` tile of the values.
 BETA_TILE, GAMMA_TILE = sympy.symbols("beta_tile gamma_tile", integer=True, nonnegative=True)
+#: δ-tiled kernels: first γ and β of the tile, and offsets into a tile that covers every δ,
+#: flattened over ``(γ, δ)`` / ``(β, δ)`` (contiguous runs in the ``(α, γ, δ)`` radix).
+K0, B0 = sympy.symbols("k0 b0", integer=True, nonnegative=True)
+FLAT_K, FLAT_N = sympy.symbols("flat_k flat_n", integer=True, nonnegative=True)
+#: δ-tiled kernels whose tile covers part of δ: 3-D broadcasts of the digit vectors.
+GAMMA3, BETA3, DELTA3 = sympy.symbols("gamma3 beta3 delta3", integer=True, nonnegative=True)
 
 
 @dataclass(frozen=True)
@@ -80,6 +86,44 @@ def value_offset(step: FactorStep, strided: bool = True, tile: bool = False) -> 
     """
     expr = step.pattern.value_offset_expr(VALUE_STRIDES if strided else None)
     return expr.subs({BETA: BETA_TILE, GAMMA: GAMMA_TILE}) if tile else expr
+
+
+def _flatten(expr: sympy.Expr, digit: sympy.Symbol, start: sympy.Symbol, flat: sympy.Symbol, d: int) -> sympy.Expr:
+    """``expr`` with ``digit = start + flat // d`` and ``δ = flat % d``, folded to ``start*d + flat``.
+
+    Valid because ``digit`` and ``δ`` are the two least significant digits of ``expr``
+    (coefficients ``d`` and 1), which is what makes a tile over every δ contiguous.
+    """
+    if expr.coeff(DELTA) != 1 or expr.coeff(digit) != d:
+        raise ValueError(f"{expr}: {digit} and delta are not its two lowest digits (radix {d})")
+    return expr.subs({digit: start, DELTA: flat})
+
+
+def x_feature_tile(step: FactorStep, flat: bool) -> FeatureExpr:
+    """Feature of ``x`` read by a δ-tiled kernel: of ``(k0, flat_k)`` or of ``(gamma3, delta3)``."""
+    p = step.pattern
+    col = _flatten(p.col_expr, GAMMA, K0, FLAT_K, p.d) if flat else p.col_expr.subs({GAMMA: GAMMA3, DELTA: DELTA3})
+    return through(step.in_perm, col, "in_table_ptr")
+
+
+def y_feature_tile(step: FactorStep, flat: bool) -> FeatureExpr:
+    """Feature of ``y`` written by a δ-tiled kernel: of ``(b0, flat_n)`` or of ``(beta3, delta3)``."""
+    p = step.pattern
+    row = _flatten(p.row_expr, BETA, B0, FLAT_N, p.d) if flat else p.row_expr.subs({BETA: BETA3, DELTA: DELTA3})
+    return through(store_perm(step), row, "out_table_ptr")
+
+
+def value_offset_tile(step: FactorStep, flat: bool) -> sympy.Expr:
+    """Offset of the ``[β, γ, δ]`` values tile of a δ-tiled kernel (β as ``beta_tile``).
+
+    The flat form needs values whose last two dimensions are contiguous (strides ``d``
+    and 1; the launcher passes such values): the ``(γ, δ)`` run of one β is one run.
+    """
+    p = step.pattern
+    if flat:
+        expr = p.value_offset_expr((*VALUE_STRIDES[:2], p.d, 1)).subs(BETA, BETA_TILE)
+        return _flatten(expr, GAMMA, K0, FLAT_K, p.d)
+    return p.value_offset_expr(VALUE_STRIDES).subs({BETA: BETA_TILE, GAMMA: GAMMA3, DELTA: DELTA3})
 
 
 def group_digits(step: FactorStep, group: sympy.Symbol) -> tuple[sympy.Expr, sympy.Expr]:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import sympy
 
 from ksfx.codegen import index_maps as im
+from ksfx.codegen.tiling import delta_tile, delta_tiles
 from ksfx.pattern import ROW, FactorStep
 
 # The kernels call no @jit helper of triton.language (tl.cdiv, tl.sum, tl.zeros, ...): when triton
@@ -137,6 +138,100 @@ def forward_fma(
             w = tl.load(v_ptr + {v_offset}, mask=mask_r, other=0.0)
         acc += x_tile.to(tl.float32) * w.to(tl.float32)[None, :]
 {epilogue}'''
+
+FORWARD_DOT3 = """
+@triton.jit
+def forward_dot3(
+{args}
+):
+    \"\"\"{step}: program = (batch tile, (alpha, tile of {D} deltas), beta tile), loop over gamma tiles.
+
+    x, the values and y move in (gamma, delta) / (beta, delta) runs along the contiguous
+    axis (not gathered with stride d); a dot batched over the delta tile does the {D}
+    block products of the tile.
+    \"\"\"
+    pid = tl.program_id(0)
+    tiles_b = ({b} + BLOCK_N - 1) // BLOCK_N
+    tile_b = pid % tiles_b
+    group = (pid // tiles_b) % {groups}
+    tile_m = pid // (tiles_b * {groups})
+    alpha = group // {tiles_d}
+    offs_m = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < n
+    if INT64:
+        offs_m = offs_m.to(tl.int64)
+    b0 = tile_b * BLOCK_N
+    beta = b0 + tl.arange(0, BLOCK_N)
+    mask_b = beta < {b}
+{setup}
+    acc = tl.full(({D}, BLOCK_M, BLOCK_N), 0.0, tl.float32)
+    for k0 in range(0, {c}, BLOCK_K):
+{load}
+        acc = {dot}
+{epilogue}"""
+
+# Loads of the δ-tiled kernel when its tile covers every δ: rows of x and of the values
+# are single (γ, δ) runs, regrouped on chip into [δ, ·, γ] operands.
+DOT3_FLAT_SETUP = """    beta_tile = beta[:, None]
+    flat_k = tl.arange(0, BLOCK_K * {D})"""
+DOT3_FLAT_LOAD = """        mask_k = k0 + flat_k // {D} < {c}
+        x_feature = {x_feature}
+        if INT64:
+            x_feature = x_feature.to(tl.int64)
+        x_ptrs = x_ptr + offs_m[:, None] * stride_xm + x_feature[None, :] * stride_xf
+        v_ptrs = v_ptr + {v_offset}
+        if {c} % BLOCK_K == 0:
+            x_tile = tl.load(x_ptrs, mask=mask_m[:, None], other=0.0)
+            if {b} % BLOCK_N == 0:
+                v_tile = tl.load(v_ptrs)
+            else:
+                v_tile = tl.load(v_ptrs, mask=mask_b[:, None], other=0.0)
+        else:
+            x_tile = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+            v_tile = tl.load(v_ptrs, mask=mask_b[:, None] & mask_k[None, :], other=0.0)
+        x_tile = tl.permute(tl.reshape(x_tile, (BLOCK_M, BLOCK_K, {D})), (2, 0, 1))
+        v_tile = tl.permute(tl.reshape(v_tile, (BLOCK_N, BLOCK_K, {D})), (2, 1, 0))"""
+DOT3_FLAT_OUT = """    acc = tl.reshape(tl.permute(acc, (1, 2, 0)), (BLOCK_M, BLOCK_N * {D}))
+    flat_n = tl.arange(0, BLOCK_N * {D})
+    mask_n = b0 + flat_n // {D} < {b}
+"""
+
+# Loads when the tile covers part of δ: 3-D [·, γ, δ] tiles, contiguous along δ.
+DOT3_TILE_SETUP = """    beta_tile = beta[:, None, None]
+    delta3 = (group % {tiles_d}) * {D} + tl.arange(0, {D})[None, None, :]
+    mask_d3 = delta3 < {d}"""
+DOT3_TILE_LOAD = """        gamma3 = (k0 + tl.arange(0, BLOCK_K))[None, :, None]
+        mask_k3 = (gamma3 < {c}) & mask_d3
+        x_feature = {x_feature}
+        if INT64:
+            x_feature = x_feature.to(tl.int64)
+        x_ptrs = x_ptr + offs_m[:, None, None] * stride_xm + x_feature * stride_xf
+        v_ptrs = v_ptr + {v_offset}
+        if {c} % BLOCK_K == 0 and {whole_d}:
+            x_tile = tl.load(x_ptrs, mask=mask_m[:, None, None], other=0.0)
+            if {b} % BLOCK_N == 0:
+                v_tile = tl.load(v_ptrs)
+            else:
+                v_tile = tl.load(v_ptrs, mask=mask_b[:, None, None], other=0.0)
+        else:
+            x_tile = tl.load(x_ptrs, mask=mask_m[:, None, None] & mask_k3, other=0.0)
+            v_tile = tl.load(v_ptrs, mask=mask_b[:, None, None] & mask_k3, other=0.0)
+        x_tile = tl.permute(x_tile, (2, 0, 1))
+        v_tile = tl.permute(v_tile, (2, 1, 0))"""
+DOT3_TILE_EPILOGUE = """    acc = tl.permute(acc, (1, 2, 0))
+    beta3 = beta[None, :, None]
+    mask_n3 = (beta3 < {b}) & mask_d3
+    y_feature = {y_feature}
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + y_feature, mask=mask_n3, other=0.0).to(tl.float32)
+    if INT64:
+        y_feature = y_feature.to(tl.int64)
+    y_ptrs = y_ptr + offs_m[:, None, None] * stride_ym + y_feature * stride_yf
+    if {b} % BLOCK_N == 0 and {whole_d}:
+        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None, None])
+    else:
+        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None, None] & mask_n3)
+"""
 
 GRAD_DOT = '''
 @triton.jit
@@ -264,6 +359,8 @@ def forward_source(step: FactorStep, mode: str, dtype: str, interpret: bool, pre
                 y_feature=im.code(im.y_feature(step), mask="mask_b"), mask="mask_b", size=p.b
             ),
         )
+    elif mode == "dot3":
+        body = _forward_dot3(step, dtype, interpret, precision)
     elif mode == "fma":
         alpha, beta, delta = im.row_digits(step)
         body = FORWARD_FMA.format(
@@ -281,8 +378,41 @@ def forward_source(step: FactorStep, mode: str, dtype: str, interpret: bool, pre
             ),
         )
     else:
-        raise ValueError(f"unknown kernel mode {mode!r} (expected 'dot' or 'fma')")
+        raise ValueError(f"unknown kernel mode {mode!r} (expected 'dot', 'dot3' or 'fma')")
     return HEADER.format(step=step) + body
+
+
+def _forward_dot3(step: FactorStep, dtype: str, interpret: bool, precision: str) -> str:
+    """``forward_dot3``: flat (γ, δ) runs when the δ tile is all of ``d``, 3-D tiles otherwise."""
+    p = step.pattern
+    width = delta_tile(p)
+    flat = width == p.d
+    sizes = {"b": p.b, "c": p.c, "d": p.d, "D": width, "whole_d": p.d % width == 0}
+    if flat:
+        setup, load = DOT3_FLAT_SETUP, DOT3_FLAT_LOAD
+        epilogue = DOT3_FLAT_OUT.format(**sizes) + FORWARD_EPILOGUE.format(
+            y_feature=im.code(im.y_feature_tile(step, True), mask="mask_n"), mask="mask_n", size=p.b
+        )
+        x_mask = "mask_k"
+    else:
+        setup, load = DOT3_TILE_SETUP, DOT3_TILE_LOAD
+        epilogue = DOT3_TILE_EPILOGUE.format(y_feature=im.code(im.y_feature_tile(step, False), mask="mask_n3"), **sizes)
+        x_mask = "mask_k3"
+    return FORWARD_DOT3.format(
+        args=FORWARD_ARGS,
+        step=step,
+        groups=p.a * delta_tiles(p),
+        tiles_d=delta_tiles(p),
+        setup=setup.format(tiles_d=delta_tiles(p), **sizes),
+        load=load.format(
+            x_feature=im.code(im.x_feature_tile(step, flat), mask=x_mask),
+            v_offset=im.code(im.value_offset_tile(step, flat)),
+            **sizes,
+        ),
+        dot=dot_code("x_tile", "v_tile", "acc", dtype, interpret, precision),
+        epilogue=epilogue,
+        **sizes,
+    )
 
 
 def grad_source(step: FactorStep, mode: str, dtype: str, interpret: bool, precision: str) -> str:

@@ -55,9 +55,35 @@ def clamp_pow2(value: int, low: int, high: int) -> int:
     return max(low, min(high, next_pow2(value)))
 
 
-def kernel_mode(pattern: KSPattern) -> str:
-    """``dot`` (tensor cores) when a ``b×c`` block fills a 16×16 tile, else ``fma``."""
-    return "dot" if pattern.b >= MIN_DOT and pattern.c >= MIN_DOT else "fma"
+#: Most δ one program of the ``dot3`` kernel covers: 8 contiguous values are a 16-byte
+#: (16-bit) or 32-byte (fp32) run, and a wider δ tile would shrink the batch and β tiles.
+MAX_DELTA_TILE = 8
+#: Accumulator elements per program of the ``dot3`` kernel (64 fp32 registers a thread at 8 warps).
+DOT3_ACC = 128 * 128
+
+
+def kernel_mode(pattern: KSPattern, batch_last: bool = False) -> str:
+    """Which forward/grad kernel a pattern gets.
+
+    ``dot`` (tensor cores, one δ per program) when a ``b×c`` block fills a 16×16 tile;
+    ``dot3`` for such blocks with ``d > 1`` batch-first, where one δ per program would
+    gather ``x`` and ``y`` with stride ``d`` along the contiguous axis: a program owns a δ
+    tile and moves contiguous ``(γ, δ)`` runs instead; ``fma`` for smaller blocks.
+    """
+    if pattern.b < MIN_DOT or pattern.c < MIN_DOT:
+        return "fma"
+    return "dot3" if pattern.d > 1 and not batch_last else "dot"
+
+
+def delta_tile(pattern: KSPattern) -> int:
+    """δ per ``dot3`` program: the largest power of two dividing ``d`` (so tiles never straddle
+    a γ run), at most :data:`MAX_DELTA_TILE`; an odd ``d`` is covered by a masked tile."""
+    low = pattern.d & -pattern.d
+    return min(low if low > 1 else next_pow2(pattern.d), MAX_DELTA_TILE)
+
+
+def delta_tiles(pattern: KSPattern) -> int:
+    return cdiv(pattern.d, delta_tile(pattern))
 
 
 def cdiv(a: int, b: int) -> int:
@@ -68,6 +94,8 @@ def forward_programs(pattern: KSPattern, n: int, cfg: TileConfig, mode: str) -> 
     """Grid size of the forward kernel."""
     if mode == "dot":
         return cdiv(n, cfg.block_m) * pattern.groups * cdiv(pattern.b, cfg.block_n)
+    if mode == "dot3":
+        return cdiv(n, cfg.block_m) * pattern.a * delta_tiles(pattern) * cdiv(pattern.b, cfg.block_n)
     return cdiv(n, cfg.block_m) * cdiv(pattern.out_features, cfg.block_n)
 
 
@@ -85,7 +113,9 @@ def forward_heuristic(pattern: KSPattern, n: int, itemsize: int, batch_last: boo
     grid gives every SM a few programs. fma: tiles of flat output rows wide along the
     contiguous feature axis (batch-first) or deep along the batch (batch-last).
     """
-    mode = kernel_mode(pattern)
+    mode = kernel_mode(pattern, batch_last)
+    if mode == "dot3":
+        return _dot3_heuristic(pattern, n, itemsize, num_sms)
     if mode == "dot":
         block_n = clamp_pow2(pattern.b, MIN_DOT, 128)
         block_k = clamp_pow2(pattern.c, MIN_DOT, 64 if itemsize <= 2 else 32)
@@ -102,6 +132,35 @@ def forward_heuristic(pattern: KSPattern, n: int, itemsize: int, batch_last: boo
         block_m, block_n = 32, clamp_pow2(rows, 1, 128)
     block_m = min(block_m, clamp_pow2(n, 1, block_m))
     return TileConfig(block_m, block_n, 1, num_warps=4, num_stages=1)
+
+
+#: Shared memory a config may use (bytes); conservative for sm_80 and later.
+SMEM_BUDGET = 160 * 1024
+
+
+def _dividing_pow2(size: int, cap: int) -> int:
+    """A reduction tile for ``size``: the largest power of two <= ``cap`` dividing it when that
+    is at least :data:`MIN_DOT` (no mask, so loads stay wide), else the smallest covering one."""
+    low = min(size & -size, cap)
+    return low if low >= MIN_DOT else clamp_pow2(size, MIN_DOT, cap)
+
+
+def _dot3_heuristic(pattern: KSPattern, n: int, itemsize: int, num_sms: int) -> TileConfig:
+    """dot3: the accumulator ``[δ tile, batch, β]`` within :data:`DOT3_ACC`, a batch tile of at
+    least 64 where the block allows (values are re-read once per batch tile), and the
+    deepest γ tile whose three pipeline stages fit in shared memory."""
+    width = delta_tile(pattern)
+    budget = DOT3_ACC if itemsize <= 2 else DOT3_ACC // 2  # fp32 dots hold their operands in registers too
+    masked = pattern.d % width != 0  # a masked δ tile loads element by element: its pointers fill registers
+    block_n = _dividing_pow2(pattern.b, max(MIN_DOT, budget // (64 * width)))
+    block_m = min(128, max(MIN_DOT, budget // (width * block_n)), clamp_pow2(n, MIN_DOT, 128))
+    while block_m > 32 and forward_programs(pattern, n, TileConfig(block_m, block_n), "dot3") < 2 * num_sms:
+        block_m //= 2
+    block_k = MIN_DOT if masked else _dividing_pow2(pattern.c, 64 if itemsize <= 2 else 32)
+    while block_k > MIN_DOT and 3 * width * (block_m + block_n) * block_k * itemsize > SMEM_BUDGET:
+        block_k //= 2
+    num_warps = 8 if width * block_m * block_n >= 64 * 128 else 4
+    return TileConfig(block_m, block_n, block_k, num_warps=num_warps, num_stages=3)
 
 
 def grad_heuristic(pattern: KSPattern, n: int, itemsize: int, batch_last: bool, num_sms: int) -> TileConfig:

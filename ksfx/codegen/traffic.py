@@ -23,7 +23,7 @@ import sympy
 import torch
 
 from ksfx.codegen import index_maps as im
-from ksfx.codegen.tiling import TileConfig, cdiv, kernel_mode
+from ksfx.codegen.tiling import TileConfig, cdiv, delta_tile, kernel_mode
 from ksfx.pattern import ALPHA, BETA, DELTA, GAMMA, ROW, FactorStep, evaluate
 
 TABLE_ITEMSIZE = 4  # int32 index tables
@@ -82,25 +82,41 @@ def _batch_bytes(n: int, block_m: int, itemsize: int, sector: int, batch_last: b
     return full * per_tile + (cdiv(rest * itemsize, sector) * sector if rest else 0)
 
 
-def bytes_moved(step: FactorStep, n: int, batch_last: bool, cfg: TileConfig, itemsize: int, sector: int = 0) -> Traffic:
-    """Global bytes the forward kernel moves with tile config ``cfg`` (see module doc)."""
+def bytes_moved(
+    step: FactorStep, n: int, batch_last: bool, cfg: TileConfig, itemsize: int, sector: int = 0, mode: str | None = None
+) -> Traffic:
+    """Global bytes the forward kernel moves with tile config ``cfg`` (see module doc).
+
+    ``mode`` defaults to the kernel the step gets (:func:`~ksfx.codegen.tiling.kernel_mode`).
+    """
     p = step.pattern
-    mode = kernel_mode(p)
+    mode = mode or kernel_mode(p, batch_last)
     tiles_m = cdiv(n, cfg.block_m)
-    if mode == "dot":
-        groups = torch.arange(p.groups)
-        alpha, delta = (groups // p.d)[:, None], (groups % p.d)[:, None]
-        tiles_b = cdiv(p.b, cfg.block_n)
-        gamma = torch.arange(p.c)[None, :]
-        x_feat = _features(im.x_feature(step), step, {ALPHA: alpha, GAMMA: gamma, DELTA: delta}).expand(-1, p.c)
-        x_units = _units(x_feat, torch.ones_like(x_feat, dtype=torch.bool), itemsize, sector, batch_last)
-        x_units = x_units.repeat_interleave(tiles_b)  # one program per (group, β tile)
-        beta = torch.arange(tiles_b * cfg.block_n)
-        y_feat = _features(im.y_feature(step), step, {ALPHA: alpha, BETA: beta[None, :] % p.b, DELTA: delta})
-        y_feat = y_feat.expand(p.groups, -1).reshape(p.groups * tiles_b, cfg.block_n)
-        y_valid = (beta < p.b).reshape(tiles_b, cfg.block_n).repeat(p.groups, 1)
+    if mode in ("dot", "dot3"):
+        # A program owns (α, a tile of `width` δ), a β tile and a batch tile; dot: width 1.
+        width = delta_tile(p) if mode == "dot3" else 1
+        tiles_d, tiles_b = cdiv(p.d, width), cdiv(p.b, cfg.block_n)
+        groups = p.a * tiles_d
+        alpha = (torch.arange(groups) // tiles_d)[:, None, None]
+        delta = (torch.arange(groups) % tiles_d)[:, None, None] * width + torch.arange(width)
+        d_valid = delta < p.d
+        delta = torch.where(d_valid, delta, 0)
+        gamma = torch.arange(p.c)[None, :, None]
+        x_feat = _features(im.x_feature(step), step, {ALPHA: alpha, GAMMA: gamma, DELTA: delta})
+        x_feat = x_feat.expand(groups, p.c, width).reshape(groups, -1)
+        x_valid = d_valid.expand(groups, p.c, width).reshape(groups, -1)
+        x_units = _units(x_feat, x_valid, itemsize, sector, batch_last).repeat_interleave(tiles_b)
+        beta = torch.arange(tiles_b * cfg.block_n)[None, :, None]
+        y_feat = _features(im.y_feature(step), step, {ALPHA: alpha, BETA: beta % p.b, DELTA: delta})
+        y_valid = (beta < p.b) & d_valid
+
+        def per_program(t: torch.Tensor) -> torch.Tensor:  # [group, β, δ] -> [program, β tile x δ]
+            t = t.expand(groups, tiles_b * cfg.block_n, width)
+            return t.reshape(groups, tiles_b, cfg.block_n, width).reshape(groups * tiles_b, -1)
+
+        y_feat, y_valid = per_program(y_feat), per_program(y_valid)
         per_program_values = p.c * y_valid.sum(dim=1)
-        x_lookups = p.c * p.groups * tiles_b
+        x_lookups = p.c * int(d_valid.sum()) * tiles_b
     else:
         tiles_r = cdiv(p.out_features, cfg.block_n)
         rows = torch.arange(tiles_r * cfg.block_n)

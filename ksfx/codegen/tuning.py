@@ -11,9 +11,12 @@ from __future__ import annotations
 import itertools
 
 from ksfx.codegen.tiling import (
+    DOT3_ACC,
     MIN_DOT,
+    SMEM_BUDGET,
     TileConfig,
     clamp_pow2,
+    delta_tile,
     forward_heuristic,
     forward_programs,
     kernel_mode,
@@ -21,19 +24,21 @@ from ksfx.codegen.tiling import (
 from ksfx.codegen.traffic import bytes_moved
 from ksfx.pattern import FactorStep
 
-#: Shared memory a dot config may use (bytes); conservative for sm_80 and later.
-SMEM_BUDGET = 160 * 1024
 
-
-def _tilings(step: FactorStep, n: int, itemsize: int) -> list[tuple[int, int, int]]:
+def _tilings(step: FactorStep, n: int, itemsize: int, mode: str) -> list[tuple[int, int, int]]:
     p = step.pattern
-    if kernel_mode(p) == "dot":
+    if mode in ("dot", "dot3"):
+        width = delta_tile(p) if mode == "dot3" else 1  # dot3 tiles are `width` block products deep
         max_n, max_k = clamp_pow2(p.b, MIN_DOT, 128), clamp_pow2(p.c, MIN_DOT, 64)
         max_m = clamp_pow2(n, 32, 128)
         return [
             (bm, bn, bk)
             for bm, bn, bk in itertools.product((32, 64, 128), (16, 32, 64, 128), (16, 32, 64))
-            if bm <= max_m and bn <= max_n and bk <= max_k and 3 * (bm * bk + bk * bn) * itemsize <= SMEM_BUDGET
+            if bm <= max_m
+            and bn <= max_n
+            and bk <= max_k
+            and width * bm * bn <= 2 * DOT3_ACC
+            and 3 * width * (bm * bk + bk * bn) * itemsize <= SMEM_BUDGET
         ]
     max_n, max_m = clamp_pow2(p.out_features, 16, 256), clamp_pow2(n, 16, 128)
     return [
@@ -43,9 +48,9 @@ def _tilings(step: FactorStep, n: int, itemsize: int) -> list[tuple[int, int, in
     ]
 
 
-def _variants(step: FactorStep, bm: int, bn: int, bk: int) -> list[TileConfig]:
-    if kernel_mode(step.pattern) == "dot":
-        warps = 8 if bm * bn >= 128 * 64 else 4
+def _variants(mode: str, width: int, bm: int, bn: int, bk: int) -> list[TileConfig]:
+    if mode in ("dot", "dot3"):
+        warps = 8 if width * bm * bn >= 128 * 64 else 4
         return [TileConfig(bm, bn, bk, warps, 3), TileConfig(bm, bn, bk, warps, 4)]
     warps = max(1, min(8, bm * bn // 512))
     return [TileConfig(bm, bn, 1, warps, 1), TileConfig(bm, bn, 1, max(1, warps // 2), 1)]
@@ -55,8 +60,9 @@ def forward_config_space(
     step: FactorStep, n: int, itemsize: int, batch_last: bool, num_sms: int, tilings: int = 6
 ) -> list[TileConfig]:
     """At most ``2 * tilings + 1`` configs: the least-traffic tilings that still fill the GPU."""
-    candidates = _tilings(step, n, itemsize)
-    mode = kernel_mode(step.pattern)
+    mode = kernel_mode(step.pattern, batch_last)
+    width = delta_tile(step.pattern) if mode == "dot3" else 1
+    candidates = _tilings(step, n, itemsize, mode)
     filling = [t for t in candidates if forward_programs(step.pattern, n, TileConfig(*t), mode) >= num_sms]
     candidates = filling or candidates
 
@@ -70,7 +76,7 @@ def forward_config_space(
 
     best = sorted(((bm, bn, bk) for (bm, bn), bk in deepest.items()), key=cost)[:tilings]
     configs = [forward_heuristic(step.pattern, n, itemsize, batch_last, num_sms)]
-    for config in (c for tiling in best for c in _variants(step, *tiling)):
+    for config in (c for tiling in best for c in _variants(mode, width, *tiling)):
         if config not in configs:
             configs.append(config)
     return configs

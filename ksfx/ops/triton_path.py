@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import threading
+from dataclasses import dataclass
 
 import torch
 
@@ -82,29 +83,46 @@ def _precision(dtype: torch.dtype) -> str:
     return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
 
 
+@dataclass(frozen=True)
+class Target:
+    """What a launch is specialised for: the GPU (or the interpreter) it runs on."""
+
+    capability: tuple[int, int] | None
+    sms: int
+    interpret: bool
+
+
 @functools.lru_cache(maxsize=16)
-def _device_info(device: torch.device) -> tuple[tuple[int, int] | None, int]:
-    """``(compute capability, SM count)``; nominal values under the interpreter."""
+def device_target(device: torch.device) -> Target:
+    """The target of tensors on ``device``; nominal SM count under the interpreter.
+
+    ``config.interpret`` mirrors TRITON_INTERPRET, which makes triton.jit interpret even
+    CUDA tensors; the interpreted source differs (bf16 dots are upcast).
+    """
     if device.type != "cuda":
-        return None, INTERPRETER_SMS
+        return Target(None, INTERPRETER_SMS, True)
     props = torch.cuda.get_device_properties(device)
-    return (props.major, props.minor), props.multi_processor_count
+    return Target((props.major, props.minor), props.multi_processor_count, config.interpret)
 
 
-def _key(kind: str, step: FactorStep, t: torch.Tensor, batch_last: bool) -> KernelKey:
-    capability, _ = _device_info(t.device)
+def kernel_key(kind: str, step: FactorStep, dtype: torch.dtype, batch_last: bool, target: Target) -> KernelKey:
+    """The kernel a launch of ``kind`` (``forward`` | ``grad``) runs for this step."""
+    # The weight gradient has no δ-tiled kernel yet: dot3 patterns use the dot one.
+    mode = kernel_mode(step.pattern, batch_last)
     return KernelKey(
         kind=kind,
         step=step,
-        mode=kernel_mode(step.pattern),
+        mode="dot" if kind == "grad" and mode == "dot3" else mode,
         batch_last=batch_last,
-        dtype=str(t.dtype).removeprefix("torch."),
-        # config.interpret mirrors TRITON_INTERPRET, which makes triton.jit interpret
-        # even CUDA tensors; the interpreted source differs (bf16 dots are upcast).
-        interpret=config.interpret or t.device.type != "cuda",
-        precision=_precision(t.dtype),
-        capability=capability,
+        dtype=str(dtype).removeprefix("torch."),
+        interpret=target.interpret,
+        precision=_precision(dtype),
+        capability=target.capability,
     )
+
+
+def _key(kind: str, step: FactorStep, t: torch.Tensor, batch_last: bool) -> KernelKey:
+    return kernel_key(kind, step, t.dtype, batch_last, device_target(t.device))
 
 
 def _check(x: torch.Tensor, values: torch.Tensor | None, step: FactorStep, batch_last: bool) -> None:
@@ -141,20 +159,12 @@ def factor_forward(
     """
     _check(x, values, step, batch_last)
     pattern = step.pattern
-    if bias is not None:
-        bias = bias.contiguous()
-    n, stride_xm, stride_xf = _layout(x, batch_last)
+    n = _layout(x, batch_last)[0]
     shape = (pattern.out_features, n) if batch_last else (n, pattern.out_features)
     y = torch.empty(shape, dtype=x.dtype, device=x.device)
     if n == 0:
         return y
-    _, stride_ym, stride_yf = _layout(y, batch_last)
-    in_table, out_table = _tables(step, x.device, y)
-    args = (
-        x, values, y, y if bias is None else bias, in_table, out_table,
-        n, stride_xm, stride_xf, stride_ym, stride_yf, *values.stride(),
-    )  # fmt: skip
-    flags = {"HAS_BIAS": bias is not None, "INT64": _needs_int64(x, y)}
+    args, flags = forward_arguments(x, values, y, step, batch_last, bias)
     if tile is None and config.autotune:
         key = _key("forward", step, x, batch_last)
         kernel = _autotuned(key, n, x.element_size(), x.device, config.cache_dir)
@@ -169,6 +179,31 @@ def factor_forward(
     return y
 
 
+def forward_arguments(x, values, y, step: FactorStep, batch_last: bool, bias=None) -> tuple[tuple, dict]:
+    """Positional arguments and flags of a forward launch (any device, ``meta`` included)."""
+    pattern = step.pattern
+    if bias is not None:
+        bias = bias.contiguous()
+    if kernel_mode(pattern, batch_last) == "dot3" and values.stride()[2:] != (pattern.d, 1):
+        values = values.contiguous()  # dot3 reads (γ, δ) runs of the values (a copy of |W|)
+    n, stride_xm, stride_xf = _layout(x, batch_last)
+    _, stride_ym, stride_yf = _layout(y, batch_last)
+    in_table, out_table = _tables(step, x.device, y)
+    args = (
+        x, values, y, y if bias is None else bias, in_table, out_table,
+        n, stride_xm, stride_xf, stride_ym, stride_yf, *values.stride(),
+    )  # fmt: skip
+    return args, {"HAS_BIAS": bias is not None, "INT64": _needs_int64(x, y)}
+
+
+def forward_plan(step, batch_last, dtype, n, target: Target, tile=None) -> tuple[KernelKey, TileConfig, int]:
+    """Kernel key, tile config and grid size of a forward launch."""
+    key = kernel_key("forward", step, dtype, batch_last, target)
+    if tile is None:
+        tile = forward_heuristic(step.pattern, n, dtype.itemsize, batch_last, target.sms)
+    return key, tile, forward_programs(step.pattern, n, tile, key.mode)
+
+
 @functools.lru_cache(maxsize=4096)
 def _forward_launch(step, batch_last, dtype, device, n, tile, fp32_precision, interpret):
     """Kernel, grid and launch options of one call signature, decided once.
@@ -176,13 +211,9 @@ def _forward_launch(step, batch_last, dtype, device, n, tile, fp32_precision, in
     Keyed on everything the decision reads (fp32 precision and interpretation too, since
     they change the generated source), so the per-call host cost is one cache lookup.
     """
-    probe = torch.empty(0, dtype=dtype, device=device)
-    key = _key("forward", step, probe, batch_last)
-    if tile is None:
-        tile = forward_heuristic(step.pattern, n, probe.element_size(), batch_last, _device_info(device)[1])
+    key, tile, programs = forward_plan(step, batch_last, dtype, n, device_target(device), tile)
     kernel = get_kernel(key, config.cache_dir)
-    grid = (forward_programs(step.pattern, n, tile, key.mode),)
-    return kernel, grid, {**tile.meta(), "num_warps": tile.num_warps, "num_stages": tile.num_stages}
+    return kernel, (programs,), {**tile.meta(), "num_warps": tile.num_warps, "num_stages": tile.num_stages}
 
 
 def tuned_config(x: torch.Tensor, step: FactorStep, batch_last: bool) -> TileConfig | None:
@@ -204,7 +235,7 @@ def _autotuned(key: KernelKey, n: int, itemsize: int, device: torch.device, cach
     recomputed per call; Triton's autotuner then tunes once per batch size and layout.
     Only the heuristic's config under the interpreter (nothing to time).
     """
-    sms = _device_info(device)[1]
+    sms = device_target(device).sms
     if key.interpret:
         space = [forward_heuristic(key.step.pattern, n, itemsize, key.batch_last, sms)]
     else:
@@ -226,38 +257,45 @@ def factor_grad_values(
     """
     pattern = step.pattern
     _check(x, None, step, batch_last)
-    n, stride_xm, stride_xf = _layout(x, batch_last)
+    n = _layout(x, batch_last)[0]
     expected = (pattern.out_features, n) if batch_last else (n, pattern.out_features)
     if tuple(dy.shape) != expected:
         raise ValueError(f"{step}: dy of shape {tuple(dy.shape)} does not match x of shape {tuple(x.shape)}")
     if dy.dtype != x.dtype or dy.device != x.device:
         raise TypeError(f"{step}: dy ({dy.dtype}, {dy.device}) must match x ({x.dtype}, {x.device})")
-    _, stride_dm, stride_df = _layout(dy, batch_last)
     if n == 0:
         return torch.zeros(pattern.as_tuple(), dtype=x.dtype, device=x.device)
     kernel, chunk, splits, grid, meta = _grad_launch(
         step, batch_last, x.dtype, x.device, n, tile, torch.get_float32_matmul_precision(), config.interpret
     )
     partials = torch.empty((splits, *pattern.as_tuple()), dtype=torch.float32, device=x.device)
-    in_table, out_table = _tables(step, x.device, partials)
+    args, flags = grad_arguments(dy, x, partials, chunk, step, batch_last)
     with _launch_guard(x.device):
-        kernel[grid](
-        dy, x, partials, in_table, out_table,
-        n, chunk, stride_dm, stride_df, stride_xm, stride_xf,
-        INT64=_needs_int64(dy, x), **meta,
-    )  # fmt: skip
+        kernel[grid](*args, **flags, **meta)
     return partials.sum(0).to(x.dtype)
+
+
+def grad_arguments(dy, x, partials, chunk: int, step: FactorStep, batch_last: bool) -> tuple[tuple, dict]:
+    """Positional arguments and flags of a weight-gradient launch (any device, ``meta`` included)."""
+    n, stride_xm, stride_xf = _layout(x, batch_last)
+    _, stride_dm, stride_df = _layout(dy, batch_last)
+    in_table, out_table = _tables(step, x.device, partials)
+    args = (dy, x, partials, in_table, out_table, n, chunk, stride_dm, stride_df, stride_xm, stride_xf)
+    return args, {"INT64": _needs_int64(dy, x)}
+
+
+def grad_plan(step, batch_last, dtype, n, target: Target, tile=None) -> tuple[KernelKey, TileConfig, int, int]:
+    """Kernel key, tile config, batch chunk and grid size of a weight-gradient launch."""
+    key = kernel_key("grad", step, dtype, batch_last, target)
+    if tile is None:
+        tile = grad_heuristic(step.pattern, n, dtype.itemsize, batch_last, target.sms)
+    chunk = cdiv(cdiv(n, tile.splits), tile.block_m) * tile.block_m
+    return key, tile, chunk, cdiv(n, chunk) * grad_programs_per_split(step.pattern, tile, key.mode)
 
 
 @functools.lru_cache(maxsize=4096)
 def _grad_launch(step, batch_last, dtype, device, n, tile, fp32_precision, interpret):
     """Kernel, batch chunking, grid and launch options of one weight-gradient call signature."""
-    probe = torch.empty(0, dtype=dtype, device=device)
-    key = _key("grad", step, probe, batch_last)
-    if tile is None:
-        tile = grad_heuristic(step.pattern, n, probe.element_size(), batch_last, _device_info(device)[1])
-    chunk = cdiv(cdiv(n, tile.splits), tile.block_m) * tile.block_m
-    splits = cdiv(n, chunk)
-    grid = (splits * grad_programs_per_split(step.pattern, tile, key.mode),)
+    key, tile, chunk, programs = grad_plan(step, batch_last, dtype, n, device_target(device), tile)
     meta = {**tile.meta(), "num_warps": tile.num_warps, "num_stages": tile.num_stages}
-    return get_kernel(key, config.cache_dir), chunk, splits, grid, meta
+    return get_kernel(key, config.cache_dir), chunk, cdiv(n, chunk), (programs,), meta
