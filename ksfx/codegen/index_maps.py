@@ -114,7 +114,7 @@ def y_feature_tile(step: FactorStep, flat: bool) -> FeatureExpr:
 
 
 def value_offset_tile(step: FactorStep, flat: bool) -> sympy.Expr:
-    """Offset of the ``[β, γ, δ]`` values tile of a δ-tiled kernel (β as ``beta_tile``).
+    """Offset of the values tile of a δ-tiled kernel: ``[β, (γ, δ)]`` flat, else ``[γ, β, δ]``.
 
     The flat form needs values whose last two dimensions are contiguous (strides ``d``
     and 1; the launcher passes such values): the ``(γ, δ)`` run of one β is one run.
@@ -123,7 +123,7 @@ def value_offset_tile(step: FactorStep, flat: bool) -> sympy.Expr:
     if flat:
         expr = p.value_offset_expr((*VALUE_STRIDES[:2], p.d, 1)).subs(BETA, BETA_TILE)
         return _flatten(expr, GAMMA, K0, FLAT_K, p.d)
-    return p.value_offset_expr(VALUE_STRIDES).subs({BETA: BETA_TILE, GAMMA: GAMMA3, DELTA: DELTA3})
+    return p.value_offset_expr(VALUE_STRIDES).subs({BETA: BETA_TILE, GAMMA: GAMMA_TILE, DELTA: DELTA3})
 
 
 def group_digits(step: FactorStep, group: sympy.Symbol) -> tuple[sympy.Expr, sympy.Expr]:

@@ -164,10 +164,11 @@ def forward_dot3(
     beta = b0 + tl.arange(0, BLOCK_N)
     mask_b = beta < {b}
 {setup}
-    acc = tl.full(({D}, BLOCK_M, BLOCK_N), 0.0, tl.float32)
+{acc_init}
     for k0 in range(0, {c}, BLOCK_K):
 {load}
-        acc = {dot}
+{products}
+{acc_out}
 {epilogue}"""
 
 # Loads of the δ-tiled kernel when its tile covers every δ: rows of x and of the values
@@ -189,19 +190,21 @@ DOT3_FLAT_LOAD = """        mask_k = k0 + flat_k // {D} < {c}
         else:
             x_tile = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
             v_tile = tl.load(v_ptrs, mask=mask_b[:, None] & mask_k[None, :], other=0.0)
-        x_tile = tl.permute(tl.reshape(x_tile, (BLOCK_M, BLOCK_K, {D})), (2, 0, 1))
-        v_tile = tl.permute(tl.reshape(v_tile, (BLOCK_N, BLOCK_K, {D})), (2, 1, 0))"""
-DOT3_FLAT_OUT = """    acc = tl.reshape(tl.permute(acc, (1, 2, 0)), (BLOCK_M, BLOCK_N * {D}))
+        x_tile = tl.reshape(x_tile, (BLOCK_M, BLOCK_K, {D}))
+        v_tile = tl.reshape(v_tile, (BLOCK_N, BLOCK_K, {D}))"""
+DOT3_FLAT_OUT = """    acc = tl.reshape(acc, (BLOCK_M, BLOCK_N * {D}))
     flat_n = tl.arange(0, BLOCK_N * {D})
     mask_n = b0 + flat_n // {D} < {b}
 """
 
 # Loads when the tile covers part of δ: 3-D [·, γ, δ] tiles, contiguous along δ.
-DOT3_TILE_SETUP = """    beta_tile = beta[:, None, None]
+DOT3_TILE_SETUP = """    beta_tile = beta[None, :, None]
     delta3 = (group % {tiles_d}) * {D} + tl.arange(0, {D})[None, None, :]
     mask_d3 = delta3 < {d}"""
 DOT3_TILE_LOAD = """        gamma3 = (k0 + tl.arange(0, BLOCK_K))[None, :, None]
         mask_k3 = (gamma3 < {c}) & mask_d3
+        gamma_tile = tl.reshape(gamma3, (BLOCK_K, 1, 1))
+        mask_v3 = (gamma_tile < {c}) & mask_d3
         x_feature = {x_feature}
         if INT64:
             x_feature = x_feature.to(tl.int64)
@@ -212,14 +215,11 @@ DOT3_TILE_LOAD = """        gamma3 = (k0 + tl.arange(0, BLOCK_K))[None, :, None]
             if {b} % BLOCK_N == 0:
                 v_tile = tl.load(v_ptrs)
             else:
-                v_tile = tl.load(v_ptrs, mask=mask_b[:, None, None], other=0.0)
+                v_tile = tl.load(v_ptrs, mask=mask_b[None, :, None], other=0.0)
         else:
             x_tile = tl.load(x_ptrs, mask=mask_m[:, None, None] & mask_k3, other=0.0)
-            v_tile = tl.load(v_ptrs, mask=mask_b[:, None, None] & mask_k3, other=0.0)
-        x_tile = tl.permute(x_tile, (2, 0, 1))
-        v_tile = tl.permute(v_tile, (2, 1, 0))"""
-DOT3_TILE_EPILOGUE = """    acc = tl.permute(acc, (1, 2, 0))
-    beta3 = beta[None, :, None]
+            v_tile = tl.load(v_ptrs, mask=mask_b[None, :, None] & mask_v3, other=0.0)"""
+DOT3_TILE_EPILOGUE = """    beta3 = beta[None, :, None]
     mask_n3 = (beta3 < {b}) & mask_d3
     y_feature = {y_feature}
     if HAS_BIAS:
@@ -398,9 +398,15 @@ def _forward_dot3(step: FactorStep, dtype: str, interpret: bool, precision: str)
         setup, load = DOT3_TILE_SETUP, DOT3_TILE_LOAD
         epilogue = DOT3_TILE_EPILOGUE.format(y_feature=im.code(im.y_feature_tile(step, False), mask="mask_n3"), **sizes)
         x_mask = "mask_k3"
+    # 3-D tiles batch the dot: per-δ 2-D dots on them crash triton 3.6's dot-operand pass (sm_90).
+    batched = precision == "ieee" or not flat
+    acc_init, products, acc_out = delta_products(width, dtype, interpret, precision, batched, flat)
     return FORWARD_DOT3.format(
         args=FORWARD_ARGS,
         step=step,
+        acc_init=acc_init,
+        products=products,
+        acc_out=acc_out,
         groups=p.a * delta_tiles(p),
         tiles_d=delta_tiles(p),
         setup=setup.format(tiles_d=delta_tiles(p), **sizes),
@@ -409,10 +415,65 @@ def _forward_dot3(step: FactorStep, dtype: str, interpret: bool, precision: str)
             v_offset=im.code(im.value_offset_tile(step, flat)),
             **sizes,
         ),
-        dot=dot_code("x_tile", "v_tile", "acc", dtype, interpret, precision),
         epilogue=epilogue,
         **sizes,
     )
+
+
+def delta_products(
+    width: int, dtype: str, interpret: bool, precision: str, batched: bool, v_rows_beta: bool
+) -> tuple[str, str, str]:
+    """Accumulator setup, per-γ-tile update and final ``[batch, β, δ]`` accumulator of dot3.
+
+    The loads leave ``x_tile`` as ``[BLOCK_M, BLOCK_K, width]`` and ``v_tile`` as
+    ``[BLOCK_N, BLOCK_K, width]`` (``v_rows_beta``) or ``[BLOCK_K, BLOCK_N, width]``.
+    ``batched``: one 3-D dot over δ (mma.sync on sm_90, the FMA loop for IEEE fp32).
+    Otherwise the δ axis is split in halves down to ``width`` 2-D dots (wgmma on sm_90)
+    and the accumulators joined back at the end.
+    """
+    v_order = (2, 1, 0) if v_rows_beta else (2, 0, 1)
+    if batched:
+        x, v = "tl.permute(x_tile, (2, 0, 1))", f"tl.permute(v_tile, {v_order})"
+        dot = dot_code(x, v, "acc", dtype, interpret, precision)
+        return (
+            f"    acc = tl.full(({width}, BLOCK_M, BLOCK_N), 0.0, tl.float32)",
+            f"        acc = {dot}",
+            "    acc = tl.permute(acc, (1, 2, 0))",
+        )
+    bits = width.bit_length() - 1
+    lines = []
+    v_shape = "BLOCK_N, BLOCK_K" if v_rows_beta else "BLOCK_K, BLOCK_N"
+    # Split the lowest δ bit first: the leaf named "b0b1..." holds δ = Σ b_i 2^i.
+    for name, shape in (("x", "BLOCK_M, BLOCK_K"), ("v", v_shape)):
+        level = [""]
+        for depth in range(bits):
+            size = width >> (depth + 1)
+            nxt = []
+            for path in level:
+                src = f"{name}_tile{path}"
+                lines.append(
+                    f"        {name}_tile{path}0, {name}_tile{path}1 = "
+                    f"tl.split(tl.reshape({src}, ({shape}, {size}, 2)))"
+                )
+                nxt += [path + "0", path + "1"]
+            level = nxt
+    leaves = [format(delta, f"0{bits}b")[::-1] for delta in range(width)]
+    for path in leaves:
+        x = f"tl.reshape(x_tile{path}, (BLOCK_M, BLOCK_K))"
+        v = f"tl.reshape(v_tile{path}, ({v_shape}))"
+        v = f"tl.trans({v})" if v_rows_beta else v
+        lines.append(f"        acc{path} = {dot_code(x, v, f'acc{path}', dtype, interpret, precision)}")
+    init = "\n".join(f"    acc{path} = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)" for path in leaves)
+    out = []
+    level = leaves
+    for depth in reversed(range(bits)):  # join the highest split first, back to [M, N, width]
+        size = 1 << (bits - depth)
+        parents = sorted({path[:depth] for path in level})
+        for path in parents:
+            a, b = (f"tl.reshape(acc{path}{bit}, (BLOCK_M, BLOCK_N, {size // 2}))" for bit in "01")
+            out.append(f"    acc{path} = tl.reshape(tl.join({a}, {b}), (BLOCK_M, BLOCK_N, {size}))")
+        level = parents
+    return init, "\n".join(lines), "\n".join(out)
 
 
 def grad_source(step: FactorStep, mode: str, dtype: str, interpret: bool, precision: str) -> str:

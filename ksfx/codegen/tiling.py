@@ -75,6 +75,19 @@ def kernel_mode(pattern: KSPattern, batch_last: bool = False) -> str:
     return "dot3" if pattern.d > 1 and not batch_last else "dot"
 
 
+def values_order(pattern: KSPattern, batch_last: bool) -> tuple[int, int, int, int]:
+    """The order of the values' ``(α, β, γ, δ)`` dimensions in memory (outermost first) that
+    the forward kernel loads contiguously; the launcher re-lays values out to it (|W| copied).
+
+    ``dot3`` reads ``(γ, δ)`` runs: the stored ``(a, b, c, d)`` order. ``dot`` with ``d > 1``
+    reads a ``[γ, β]`` tile at one δ, strided by ``d`` in the stored order: β innermost
+    instead. Other kernels take the values as they are stored.
+    """
+    if kernel_mode(pattern, batch_last) == "dot" and pattern.d > 1:
+        return (0, 3, 2, 1)
+    return (0, 1, 2, 3)
+
+
 def delta_tile(pattern: KSPattern) -> int:
     """δ per ``dot3`` program: the largest power of two dividing ``d`` (so tiles never straddle
     a γ run), at most :data:`MAX_DELTA_TILE`; an odd ``d`` is covered by a masked tile."""

@@ -4,7 +4,8 @@ The model counts, for every program of the grid, the distinct elements it loads 
 stores (a program that reads the same address twice is assumed to hit in L1), summed
 over programs (re-reads by *different* programs count again, even if L2 serves them).
 So it sees what the tiling costs: ``x`` re-read once per β tile, the values re-read
-once per batch tile, index tables read per program, ``y`` written once. The lower
+once per batch tile, index tables read per program, ``y`` written once, and the copy of
+the values into the order the kernel loads (:func:`~ksfx.codegen.tiling.values_order`). The lower
 bound is ``|X| + |W| + |Y|`` (:meth:`KSPattern.min_bytes`).
 
 With ``sector=32`` the count is in 32-byte sectors along the contiguous axis, which is
@@ -23,7 +24,7 @@ import sympy
 import torch
 
 from ksfx.codegen import index_maps as im
-from ksfx.codegen.tiling import TileConfig, cdiv, delta_tile, kernel_mode
+from ksfx.codegen.tiling import TileConfig, cdiv, delta_tile, kernel_mode, values_order
 from ksfx.pattern import ALPHA, BETA, DELTA, GAMMA, ROW, FactorStep, evaluate
 
 TABLE_ITEMSIZE = 4  # int32 index tables
@@ -38,10 +39,11 @@ class Traffic:
     y: int
     tables: int
     lower_bound: int
+    relayout: int = 0  # values copied into the order the kernel loads (read + write of |W|)
 
     @property
     def total(self) -> int:
-        return self.x + self.values + self.y + self.tables
+        return self.x + self.values + self.y + self.tables + self.relayout
 
     @property
     def ratio(self) -> float:
@@ -147,4 +149,5 @@ def bytes_moved(
         y=int(y_units.sum()) * batch,
         tables=tables,
         lower_bound=p.min_bytes(n, itemsize),
+        relayout=0 if values_order(p, batch_last) == (0, 1, 2, 3) else 2 * p.nnz * itemsize,
     )

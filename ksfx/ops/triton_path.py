@@ -23,6 +23,7 @@ from ksfx.codegen.tiling import (
     forward_programs,
     grad_heuristic,
     grad_programs_per_split,
+    values_order,
 )
 from ksfx.codegen.tuning import forward_config_space
 from ksfx.config import config
@@ -179,13 +180,21 @@ def factor_forward(
     return y
 
 
+def _laid_out(values: torch.Tensor, order: tuple[int, ...]) -> torch.Tensor:
+    """``values`` (same shape) stored in dimension ``order``; a copy only when they are not."""
+    stored = values.permute(order)
+    if stored.is_contiguous():
+        return values
+    inverse = tuple(order.index(dim) for dim in range(len(order)))
+    return stored.contiguous().permute(inverse)
+
+
 def forward_arguments(x, values, y, step: FactorStep, batch_last: bool, bias=None) -> tuple[tuple, dict]:
     """Positional arguments and flags of a forward launch (any device, ``meta`` included)."""
     pattern = step.pattern
     if bias is not None:
         bias = bias.contiguous()
-    if kernel_mode(pattern, batch_last) == "dot3" and values.stride()[2:] != (pattern.d, 1):
-        values = values.contiguous()  # dot3 reads (γ, δ) runs of the values (a copy of |W|)
+    values = _laid_out(values, values_order(pattern, batch_last))
     n, stride_xm, stride_xf = _layout(x, batch_last)
     _, stride_ym, stride_yf = _layout(y, batch_last)
     in_table, out_table = _tables(step, x.device, y)

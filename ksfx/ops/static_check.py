@@ -1,0 +1,174 @@
+"""Every kernel the op would launch for a chain, compiled for a GPU on a machine without one.
+
+The launches are planned by the same functions the op runs (:func:`triton_path.forward_plan`,
+:func:`triton_path.forward_arguments`, ...) on ``meta`` tensors, with the target's SM
+count and compute capability, so the compiled kernels are the ones a real launch of the
+op would build: same source, tile, specialisation. Each is reported with its SASS census
+(:mod:`ksfx.codegen.census`), the traffic model's bytes next to ``|X| + |W| + |Y|``, and the
+roofline time on a named device (:mod:`ksfx.codegen.devices`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ksfx.codegen import census as sass
+from ksfx.codegen import get_kernel, traffic
+from ksfx.codegen.devices import DEVICES, Device, roofline_seconds, unit_of
+from ksfx.config import config
+from ksfx.ops import triton_path
+from ksfx.ops.chain_op import _plan
+from ksfx.ops.dispatch import prefers_triton
+from ksfx.pattern import Chain, FactorStep, KSPattern
+
+
+@dataclass(frozen=True)
+class PlannedLaunch:
+    """One kernel launch of the op: what it computes and how it is launched."""
+
+    kind: str  # "forward" | "dx" | "grad"
+    step: FactorStep
+    key: object  # KernelKey
+    tile: object  # TileConfig
+    programs: int
+    args: tuple
+    flags: dict
+    n: int
+    dtype: torch.dtype
+    batch_last: bool
+
+
+def _activation(features: int, n: int, dtype, batch_last: bool) -> torch.Tensor:
+    shape = (features, n) if batch_last else (n, features)
+    return torch.empty(shape, dtype=dtype, device="meta")
+
+
+def _forward(kind, step, values, n, dtype, batch_last, target) -> PlannedLaunch:
+    p = step.pattern
+    x, y = _activation(p.in_features, n, dtype, batch_last), _activation(p.out_features, n, dtype, batch_last)
+    key, tile, programs = triton_path.forward_plan(step, batch_last, dtype, n, target)
+    args, flags = triton_path.forward_arguments(x, values, y, step, batch_last)
+    return PlannedLaunch(kind, step, key, tile, programs, args, flags, n, dtype, batch_last)
+
+
+def _grad(step, n, dtype, batch_last, target) -> PlannedLaunch:
+    p = step.pattern
+    x, dy = _activation(p.in_features, n, dtype, batch_last), _activation(p.out_features, n, dtype, batch_last)
+    key, tile, chunk, programs = triton_path.grad_plan(step, batch_last, dtype, n, target)
+    partials = torch.empty((triton_path.cdiv(n, chunk), *p.as_tuple()), dtype=torch.float32, device="meta")
+    args, flags = triton_path.grad_arguments(dy, x, partials, chunk, step, batch_last)
+    return PlannedLaunch("grad", step, key, tile, programs, args, flags, n, dtype, batch_last)
+
+
+def chain_launches(
+    chain: Chain, dtype: torch.dtype, batch_last: bool, n: int, device: Device, backward: bool = False
+) -> list[PlannedLaunch]:
+    """The launches of one forward (and, with ``backward``, one backward) of ``chain``.
+
+    Mirrors :func:`ksfx.ops.chain_op.run_forward` / ``run_backward``: one forward launch per
+    step in application order; the backward adds, per step, the weight gradient and
+    ``dx`` as the forward kernel of the transposed step on the transposed values view.
+    """
+    plan = _plan(chain)
+    if not isinstance(plan, list):
+        return []  # a lone permutation is a torch gather, no generated kernel
+    target = triton_path.Target((device.capability // 10, device.capability % 10), device.sms, False)
+    launches = []
+    for step in plan:
+        values = torch.empty(step.pattern.as_tuple(), dtype=dtype, device="meta")
+        launches.append(_forward("forward", step, values, n, dtype, batch_last, target))
+        if backward:
+            launches.append(_grad(step, n, dtype, batch_last, target))
+            launches.append(_forward("dx", step.transpose(), values.permute(0, 2, 1, 3), n, dtype, batch_last, target))
+    return launches
+
+
+def _launch_bytes(launch: PlannedLaunch) -> tuple[int | None, int]:
+    """``(traffic model bytes in 32-byte sectors, |X| + |W| + |Y|)``; the model covers forward kernels."""
+    p, itemsize = launch.step.pattern, launch.dtype.itemsize
+    lower = p.min_bytes(launch.n, itemsize)
+    if launch.kind == "grad":
+        return None, lower
+    return traffic.bytes_moved(launch.step, launch.n, launch.batch_last, launch.tile, itemsize, sector=32).total, lower
+
+
+def check(launch: PlannedLaunch, device: Device, dump_dir: Path | None = None) -> dict:
+    """Compile one launch for ``device`` and report census, bytes and roofline (a JSON-able dict)."""
+    key, tile = launch.key, launch.tile
+    kernel = get_kernel(key, config.cache_dir)
+    cubin, shared = sass.compile_cubin(
+        kernel, launch.args, {**launch.flags, **tile.meta()}, tile.num_warps, tile.num_stages, device.capability
+    )
+    counts = sass.census(cubin)
+    cubin_path = None
+    if dump_dir is not None:
+        dump_dir.mkdir(parents=True, exist_ok=True)
+        cubin_path = dump_dir / f"{launch.kind}_{key.mode}_{_slug(launch.step)}_{key.dtype}.cubin"
+        cubin_path.write_bytes(cubin)
+    model_bytes, lower = _launch_bytes(launch)
+    flops = launch.step.pattern.flops(launch.n)
+    summary = counts.summary()
+    summary["shared_bytes"] = shared  # dynamic shared memory, which cuobjdump does not see
+    unit = unit_of(summary["hgmma"], summary["hmma"], key.dtype)
+    p = launch.step.pattern
+    return {
+        "kind": launch.kind,
+        "pattern": list(p.as_tuple()),
+        "step": str(launch.step),
+        "mode": key.mode,
+        "dtype": key.dtype,
+        "layout": "batch-last" if launch.batch_last else "batch-first",
+        "batch": launch.n,
+        "target": f"sm_{device.capability}",
+        "tile": {**tile.meta(), "num_warps": tile.num_warps, "num_stages": tile.num_stages, "splits": tile.splits},
+        "programs": launch.programs,
+        "dispatch": "triton" if prefers_triton(launch.step, launch.batch_last, launch.dtype) else "torch",
+        "cubin": None if cubin_path is None else str(cubin_path),
+        **summary,
+        "wide_load_fraction": counts.wide_load_fraction,
+        "unit": unit,
+        "model_bytes": model_bytes,
+        "min_bytes": lower,
+        "model_ratio": None if model_bytes is None else model_bytes / lower,
+        "flops": flops,
+        "device": device.name,
+        "roofline_us": 1e6 * roofline_seconds(device, lower, flops, unit),
+    }
+
+
+def passes(report: dict, min_wide: float = 0.75) -> list[str]:
+    """What keeps a kernel from the static check's bar (empty: it passes).
+
+    The bar: no spills; at least ``min_wide`` of its global loads 8/16 bytes wide (or TMA);
+    wgmma where 16-bit tensor cores apply (a ``dot`` / ``dot3`` kernel in fp16/bf16).
+    """
+    problems = []
+    if report["spills"] or report["local_bytes"]:
+        problems.append(f"{report['spills']} local-memory instructions (spills)")
+    if report["wide_load_fraction"] < min_wide:
+        problems.append(f"{report['wide_loads']}/{report['global_loads']} global loads wide")
+    if report["mode"] in ("dot", "dot3") and report["dtype"] in ("float16", "bfloat16") and not report["hgmma"]:
+        problems.append(f"no wgmma ({report['unit']})")
+    return problems
+
+
+def _slug(step: FactorStep) -> str:
+    text = "x".join(map(str, step.pattern.as_tuple()))
+    return text + ("_perm" if step.in_perm is not None or step.out_perm is not None else "")
+
+
+def parse_chain(patterns: list[str]) -> Chain:
+    """A chain from ``a,b,c,d`` strings, leftmost factor first."""
+    factors = []
+    for text in patterns:
+        parts = text.replace("(", "").replace(")", "").split(",")
+        if len(parts) != 4:
+            raise ValueError(f"a pattern is a,b,c,d; got {text!r}")
+        factors.append(KSPattern(*(int(v) for v in parts)))
+    return Chain(tuple(factors))
+
+
+__all__ = ["DEVICES", "PlannedLaunch", "chain_launches", "check", "parse_chain", "passes"]
