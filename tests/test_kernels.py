@@ -26,6 +26,7 @@ TOL = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
 PATTERNS = [
     (2, 16, 24, 3),  # dot (batch-last) / dot3 masked δ tile (batch-first): a, d > 1, b != c, c not a power of two
     (1, 24, 20, 4),  # dot3 flat (γ, δ) runs: masked β and γ tiles
+    (2, 32, 16, 2),  # dot3 flat, tiles dividing b and c (the unmasked loads)
     (2, 32, 16, 16),  # dot3 3-D tiles: two δ tiles per α
     (1, 17, 33, 1),  # dot: odd sizes, masked tiles
     (3, 2, 5, 2),  # fma: small blocks
@@ -132,7 +133,7 @@ def with_perms(pattern, kind):
     return FactorStep(p, in_perm, out_perm)
 
 
-@pytest.mark.parametrize("pattern", [(2, 16, 24, 3), (3, 2, 5, 2)], ids=str)
+@pytest.mark.parametrize("pattern", [(2, 16, 24, 3), (1, 24, 20, 4), (3, 2, 5, 2)], ids=str)
 @pytest.mark.parametrize("kind", PERMS)
 @pytest.mark.parametrize("batch_last", [False, True], ids=["bfirst", "blast"])
 def test_forward_folds_permutations(device, pattern, kind, batch_last):

@@ -113,17 +113,19 @@ def y_feature_tile(step: FactorStep, flat: bool) -> FeatureExpr:
     return through(store_perm(step), row, "out_table_ptr")
 
 
-def value_offset_tile(step: FactorStep, flat: bool) -> sympy.Expr:
-    """Offset of the values tile of a δ-tiled kernel: ``[β, (γ, δ)]`` flat, else ``[γ, β, δ]``.
+def value_offset_tile(step: FactorStep, flat: bool, strided: bool = True) -> sympy.Expr:
+    """Offset of the values tile of a δ-tiled kernel: ``[β, (γ, δ)]`` flat, else ``[γ, β, δ]``
+    (``[β, γ, δ]`` when not ``strided``: the weight gradient's contiguous partials).
 
     The flat form needs values whose last two dimensions are contiguous (strides ``d``
     and 1; the launcher passes such values): the ``(γ, δ)`` run of one β is one run.
     """
     p = step.pattern
+    strides = VALUE_STRIDES if strided else (p.b * p.c * p.d, p.c * p.d, p.d, 1)
     if flat:
-        expr = p.value_offset_expr((*VALUE_STRIDES[:2], p.d, 1)).subs(BETA, BETA_TILE)
+        expr = p.value_offset_expr((*strides[:2], p.d, 1)).subs(BETA, BETA_TILE)
         return _flatten(expr, GAMMA, K0, FLAT_K, p.d)
-    return p.value_offset_expr(VALUE_STRIDES).subs({BETA: BETA_TILE, GAMMA: GAMMA_TILE, DELTA: DELTA3})
+    return p.value_offset_expr(strides).subs({BETA: BETA_TILE, GAMMA: GAMMA_TILE if strided else GAMMA3, DELTA: DELTA3})
 
 
 def group_digits(step: FactorStep, group: sympy.Symbol) -> tuple[sympy.Expr, sympy.Expr]:

@@ -19,6 +19,8 @@ The only pattern-specific text is what :mod:`ksfx.codegen.index_maps` prints.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import sympy
 
 from ksfx.codegen import index_maps as im
@@ -321,6 +323,85 @@ def grad_fma(
     tl.store(part_ptr + split * {nnz} + flat, tl.reduce(acc, 0, _add), mask=mask_v)
 '''
 
+GRAD_DOT3 = """
+@triton.jit
+def grad_dot3(
+{args}
+):
+    \"\"\"{step}: program = (batch split, (alpha, tile of {D} deltas), beta tile, gamma tile).
+
+    acc[delta][beta, gamma] += dy'^T x' over the split's batch, dy' and x' read in
+    (beta, delta) / (gamma, delta) runs along the contiguous axis.
+    \"\"\"
+    pid = tl.program_id(0)
+    tiles_b = ({b} + BLOCK_N - 1) // BLOCK_N
+    tiles_c = ({c} + BLOCK_K - 1) // BLOCK_K
+    tile_c = pid % tiles_c
+    tile_b = (pid // tiles_c) % tiles_b
+    group = (pid // (tiles_c * tiles_b)) % {groups}
+    split = pid // (tiles_c * tiles_b * {groups})
+    alpha = group // {tiles_d}
+    b0 = tile_b * BLOCK_N
+    k0 = tile_c * BLOCK_K
+    beta = b0 + tl.arange(0, BLOCK_N)
+{setup}
+    if INT64:
+        y_feature = y_feature.to(tl.int64)
+        x_feature = x_feature.to(tl.int64)
+    m_start = split * chunk
+    m_end = tl.minimum(m_start + chunk, n)
+{acc_init}
+    for m0 in range(m_start, m_end, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        mask_m = offs_m < m_end
+        if INT64:
+            offs_m = offs_m.to(tl.int64)
+{load}
+{products}
+{acc_out}
+{store}"""
+GRAD_DOT3_FLAT_SETUP = """    beta_tile = beta[:, None]
+    flat_n = tl.arange(0, BLOCK_N * {D})
+    flat_k = tl.arange(0, BLOCK_K * {D})
+    mask_n = b0 + flat_n // {D} < {b}
+    mask_k = k0 + flat_k // {D} < {c}
+    y_feature = {y_feature}
+    x_feature = {x_feature}"""
+GRAD_DOT3_FLAT_LOAD = """        dy_ptrs = dy_ptr + offs_m[:, None] * stride_dm + y_feature[None, :] * stride_df
+        x_ptrs = x_ptr + offs_m[:, None] * stride_xm + x_feature[None, :] * stride_xf
+        if {b} % BLOCK_N == 0 and {c} % BLOCK_K == 0:  # a feature mask would stop wide loads
+            dy_tile = tl.load(dy_ptrs, mask=mask_m[:, None], other=0.0)
+            x_tile = tl.load(x_ptrs, mask=mask_m[:, None], other=0.0)
+        else:
+            dy_tile = tl.load(dy_ptrs, mask=mask_m[:, None] & mask_n[None, :], other=0.0)
+            x_tile = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        dy_tile = tl.reshape(dy_tile, (BLOCK_M, BLOCK_N, {D}))
+        x_tile = tl.reshape(x_tile, (BLOCK_M, BLOCK_K, {D}))"""
+GRAD_DOT3_FLAT_STORE = """    acc = tl.reshape(acc, (BLOCK_N, BLOCK_K * {D}))
+    tl.store(part_ptr + split * {nnz} + {part_offset}, acc, mask=(beta < {b})[:, None] & mask_k[None, :])
+"""
+GRAD_DOT3_TILE_SETUP = """    delta3 = (group % {tiles_d}) * {D} + tl.arange(0, {D})[None, None, :]
+    mask_d3 = delta3 < {d}
+    beta3 = beta[None, :, None]
+    gamma3 = (k0 + tl.arange(0, BLOCK_K))[None, :, None]
+    mask_n3 = (beta3 < {b}) & mask_d3
+    mask_k3 = (gamma3 < {c}) & mask_d3
+    y_feature = {y_feature}
+    x_feature = {x_feature}"""
+GRAD_DOT3_TILE_LOAD = """        dy_tile = tl.load(
+            dy_ptr + offs_m[:, None, None] * stride_dm + y_feature * stride_df,
+            mask=mask_m[:, None, None] & mask_n3,
+            other=0.0,
+        )
+        x_tile = tl.load(
+            x_ptr + offs_m[:, None, None] * stride_xm + x_feature * stride_xf,
+            mask=mask_m[:, None, None] & mask_k3,
+            other=0.0,
+        )"""
+GRAD_DOT3_TILE_STORE = """    beta_tile = tl.reshape(beta3, (BLOCK_N, 1, 1))
+    tl.store(part_ptr + split * {nnz} + {part_offset}, acc, mask=(beta_tile < {b}) & mask_k3)
+"""
+
 #: Largest ``c`` whose γ loop is unrolled in the FMA kernel.
 UNROLL_LIMIT = 16
 
@@ -400,7 +481,14 @@ def _forward_dot3(step: FactorStep, dtype: str, interpret: bool, precision: str)
         x_mask = "mask_k3"
     # 3-D tiles batch the dot: per-δ 2-D dots on them crash triton 3.6's dot-operand pass (sm_90).
     batched = precision == "ieee" or not flat
-    acc_init, products, acc_out = delta_products(width, dtype, interpret, precision, batched, flat)
+    x = DeltaOperand("x_tile", "BLOCK_M", "BLOCK_K")
+    if flat:  # [β, (γ, δ)] runs
+        v = DeltaOperand("v_tile", "BLOCK_N", "BLOCK_K", transpose=True)
+    else:
+        v = DeltaOperand("v_tile", "BLOCK_K", "BLOCK_N")
+    acc_init, products, acc_out = delta_products(
+        x, v, ("BLOCK_M", "BLOCK_N"), width, dtype, interpret, precision, batched
+    )
     return FORWARD_DOT3.format(
         args=FORWARD_ARGS,
         step=step,
@@ -420,60 +508,101 @@ def _forward_dot3(step: FactorStep, dtype: str, interpret: bool, precision: str)
     )
 
 
-def delta_products(
-    width: int, dtype: str, interpret: bool, precision: str, batched: bool, v_rows_beta: bool
-) -> tuple[str, str, str]:
-    """Accumulator setup, per-γ-tile update and final ``[batch, β, δ]`` accumulator of dot3.
+@dataclass(frozen=True)
+class DeltaOperand:
+    """A dot3 operand as loaded: ``name`` is ``[rows, cols, width]``; the dot takes each δ's
+    ``[rows, cols]`` slice, or its transpose with ``transpose``."""
 
-    The loads leave ``x_tile`` as ``[BLOCK_M, BLOCK_K, width]`` and ``v_tile`` as
-    ``[BLOCK_N, BLOCK_K, width]`` (``v_rows_beta``) or ``[BLOCK_K, BLOCK_N, width]``.
-    ``batched``: one 3-D dot over δ (mma.sync on sm_90, the FMA loop for IEEE fp32).
-    Otherwise the δ axis is split in halves down to ``width`` 2-D dots (wgmma on sm_90)
-    and the accumulators joined back at the end.
+    name: str
+    rows: str
+    cols: str
+    transpose: bool = False
+
+
+def delta_products(
+    a: DeltaOperand, b: DeltaOperand, out: tuple[str, str], width: int, dtype: str, interpret: bool, precision: str,
+    batched: bool,
+) -> tuple[str, str, str]:  # fmt: skip
+    """Accumulator setup, per-step update and final ``[*out, width]`` accumulator of a dot3 kernel.
+
+    ``acc[δ] += a[δ] @ b[δ]`` for every δ of the tile. ``batched``: one 3-D dot over δ
+    (mma.sync on sm_90, the FMA loop for IEEE fp32). Otherwise the δ axis is split in
+    halves down to ``width`` 2-D dots (wgmma on sm_90) and the accumulators are joined
+    back at the end.
     """
-    v_order = (2, 1, 0) if v_rows_beta else (2, 0, 1)
+    rows, cols = out
     if batched:
-        x, v = "tl.permute(x_tile, (2, 0, 1))", f"tl.permute(v_tile, {v_order})"
-        dot = dot_code(x, v, "acc", dtype, interpret, precision)
+        operands = [f"tl.permute({op.name}, {(2, 1, 0) if op.transpose else (2, 0, 1)})" for op in (a, b)]
         return (
-            f"    acc = tl.full(({width}, BLOCK_M, BLOCK_N), 0.0, tl.float32)",
-            f"        acc = {dot}",
+            f"    acc = tl.full(({width}, {rows}, {cols}), 0.0, tl.float32)",
+            f"        acc = {dot_code(*operands, 'acc', dtype, interpret, precision)}",
             "    acc = tl.permute(acc, (1, 2, 0))",
         )
     bits = width.bit_length() - 1
     lines = []
-    v_shape = "BLOCK_N, BLOCK_K" if v_rows_beta else "BLOCK_K, BLOCK_N"
     # Split the lowest δ bit first: the leaf named "b0b1..." holds δ = Σ b_i 2^i.
-    for name, shape in (("x", "BLOCK_M, BLOCK_K"), ("v", v_shape)):
+    for op in (a, b):
         level = [""]
         for depth in range(bits):
             size = width >> (depth + 1)
-            nxt = []
             for path in level:
-                src = f"{name}_tile{path}"
                 lines.append(
-                    f"        {name}_tile{path}0, {name}_tile{path}1 = "
-                    f"tl.split(tl.reshape({src}, ({shape}, {size}, 2)))"
+                    f"        {op.name}{path}0, {op.name}{path}1 = "
+                    f"tl.split(tl.reshape({op.name}{path}, ({op.rows}, {op.cols}, {size}, 2)))"
                 )
-                nxt += [path + "0", path + "1"]
-            level = nxt
+            level = [path + bit for path in level for bit in "01"]
     leaves = [format(delta, f"0{bits}b")[::-1] for delta in range(width)]
     for path in leaves:
-        x = f"tl.reshape(x_tile{path}, (BLOCK_M, BLOCK_K))"
-        v = f"tl.reshape(v_tile{path}, ({v_shape}))"
-        v = f"tl.trans({v})" if v_rows_beta else v
-        lines.append(f"        acc{path} = {dot_code(x, v, f'acc{path}', dtype, interpret, precision)}")
-    init = "\n".join(f"    acc{path} = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)" for path in leaves)
-    out = []
+        left, right = (f"tl.reshape({op.name}{path}, ({op.rows}, {op.cols}))" for op in (a, b))
+        left, right = (f"tl.trans({t})" if op.transpose else t for t, op in ((left, a), (right, b)))
+        lines.append(f"        acc{path} = {dot_code(left, right, f'acc{path}', dtype, interpret, precision)}")
+    init = "\n".join(f"    acc{path} = tl.full(({rows}, {cols}), 0.0, tl.float32)" for path in leaves)
+    joins = []
     level = leaves
-    for depth in reversed(range(bits)):  # join the highest split first, back to [M, N, width]
+    for depth in reversed(range(bits)):  # join the highest split first, back to [rows, cols, width]
         size = 1 << (bits - depth)
         parents = sorted({path[:depth] for path in level})
         for path in parents:
-            a, b = (f"tl.reshape(acc{path}{bit}, (BLOCK_M, BLOCK_N, {size // 2}))" for bit in "01")
-            out.append(f"    acc{path} = tl.reshape(tl.join({a}, {b}), (BLOCK_M, BLOCK_N, {size}))")
+            halves = (f"tl.reshape(acc{path}{bit}, ({rows}, {cols}, {size // 2}))" for bit in "01")
+            joins.append(f"    acc{path} = tl.reshape(tl.join({', '.join(halves)}), ({rows}, {cols}, {size}))")
         level = parents
-    return init, "\n".join(lines), "\n".join(out)
+    return init, "\n".join(lines), "\n".join(joins)
+
+
+def _grad_dot3(step: FactorStep, dtype: str, interpret: bool, precision: str) -> str:
+    """``grad_dot3``: the weight gradient with the forward dot3's δ tiles and runs."""
+    p = step.pattern
+    width = delta_tile(p)
+    flat = width == p.d
+    sizes = {"b": p.b, "c": p.c, "d": p.d, "D": width, "nnz": p.nnz, "tiles_d": delta_tiles(p)}
+    if flat:
+        setup, load, store = GRAD_DOT3_FLAT_SETUP, GRAD_DOT3_FLAT_LOAD, GRAD_DOT3_FLAT_STORE
+        y_mask, x_mask = "mask_n", "mask_k"
+    else:
+        setup, load, store = GRAD_DOT3_TILE_SETUP, GRAD_DOT3_TILE_LOAD, GRAD_DOT3_TILE_STORE
+        y_mask, x_mask = "mask_n3", "mask_k3"
+    dy = DeltaOperand("dy_tile", "BLOCK_M", "BLOCK_N", transpose=True)
+    x = DeltaOperand("x_tile", "BLOCK_M", "BLOCK_K")
+    batched = precision == "ieee" or not flat  # as in the forward dot3
+    acc_init, products, acc_out = delta_products(
+        dy, x, ("BLOCK_N", "BLOCK_K"), width, dtype, interpret, precision, batched
+    )
+    return GRAD_DOT3.format(
+        args=GRAD_ARGS,
+        step=step,
+        groups=p.a * delta_tiles(p),
+        setup=setup.format(
+            y_feature=im.code(im.y_feature_tile(step, flat), mask=y_mask),
+            x_feature=im.code(im.x_feature_tile(step, flat), mask=x_mask),
+            **sizes,
+        ),
+        load=load.format(**sizes),
+        acc_init=acc_init,
+        products=products,
+        acc_out=acc_out,
+        store=store.format(part_offset=im.code(im.value_offset_tile(step, flat, strided=False)), **sizes),
+        **sizes,
+    )
 
 
 def grad_source(step: FactorStep, mode: str, dtype: str, interpret: bool, precision: str) -> str:
@@ -495,6 +624,8 @@ def grad_source(step: FactorStep, mode: str, dtype: str, interpret: bool, precis
             part_offset=im.code(im.value_offset(step, strided=False, tile=True)),
             dot=dot_code("dy_tile", "x_tile", "acc", dtype, interpret, precision),
         )
+    elif mode == "dot3":
+        body = _grad_dot3(step, dtype, interpret, precision)
     elif mode == "fma":
         alpha, beta, gamma, delta = im.flat_value_digits(step)
         body = GRAD_FMA.format(
@@ -509,5 +640,5 @@ def grad_source(step: FactorStep, mode: str, dtype: str, interpret: bool, precis
             x_feature=im.code(im.x_feature(step), mask="mask_v"),
         )
     else:
-        raise ValueError(f"unknown kernel mode {mode!r} (expected 'dot' or 'fma')")
+        raise ValueError(f"unknown kernel mode {mode!r} (expected 'dot', 'dot3' or 'fma')")
     return HEADER.format(step=step) + body

@@ -115,6 +115,8 @@ def forward_programs(pattern: KSPattern, n: int, cfg: TileConfig, mode: str) -> 
 def grad_programs_per_split(pattern: KSPattern, cfg: TileConfig, mode: str) -> int:
     if mode == "dot":
         return pattern.groups * cdiv(pattern.b, cfg.block_n) * cdiv(pattern.c, cfg.block_k)
+    if mode == "dot3":
+        return pattern.a * delta_tiles(pattern) * cdiv(pattern.b, cfg.block_n) * cdiv(pattern.c, cfg.block_k)
     return cdiv(pattern.nnz, cfg.block_n)
 
 
@@ -178,8 +180,21 @@ def _dot3_heuristic(pattern: KSPattern, n: int, itemsize: int, num_sms: int) -> 
 
 def grad_heuristic(pattern: KSPattern, n: int, itemsize: int, batch_last: bool, num_sms: int) -> TileConfig:
     """Weight-gradient config: whole blocks per program and enough batch splits to fill the GPU."""
-    mode = kernel_mode(pattern)
-    if mode == "dot":
+    mode = kernel_mode(pattern, batch_last)
+    if mode == "dot3":
+        width = delta_tile(pattern)
+        budget = (DOT3_ACC if itemsize <= 2 else DOT3_ACC // 2) // width
+        block_n = _dividing_pow2(pattern.b, 64)
+        block_k = _dividing_pow2(pattern.c, 64)
+        while block_n * block_k > budget and max(block_n, block_k) > MIN_DOT:
+            if block_n >= block_k:
+                block_n //= 2
+            else:
+                block_k //= 2
+        block_m = 32 if itemsize > 2 or pattern.d % width else 64
+        warps = 8 if width * block_n * block_k >= 8192 else 4
+        cfg = TileConfig(block_m, block_n, block_k, num_warps=warps, num_stages=3)
+    elif mode == "dot":
         cfg = TileConfig(
             block_m=32 if itemsize > 2 else 64,
             block_n=clamp_pow2(pattern.b, MIN_DOT, 64),

@@ -108,12 +108,10 @@ def device_target(device: torch.device) -> Target:
 
 def kernel_key(kind: str, step: FactorStep, dtype: torch.dtype, batch_last: bool, target: Target) -> KernelKey:
     """The kernel a launch of ``kind`` (``forward`` | ``grad``) runs for this step."""
-    # The weight gradient has no δ-tiled kernel yet: dot3 patterns use the dot one.
-    mode = kernel_mode(step.pattern, batch_last)
     return KernelKey(
         kind=kind,
         step=step,
-        mode="dot" if kind == "grad" and mode == "dot3" else mode,
+        mode=kernel_mode(step.pattern, batch_last),
         batch_last=batch_last,
         dtype=str(dtype).removeprefix("torch."),
         interpret=target.interpret,
