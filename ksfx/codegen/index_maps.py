@@ -30,12 +30,10 @@ VALUE_STRIDES = sympy.symbols("stride_v0 stride_v1 stride_v2 stride_v3", integer
 FLAT = sympy.Symbol("flat", integer=True, nonnegative=True)
 #: 2-D views of the β / γ vectors, broadcast to a ``[γ, β]`` tile of the values.
 BETA_TILE, GAMMA_TILE = sympy.symbols("beta_tile gamma_tile", integer=True, nonnegative=True)
-#: δ-tiled kernels: first γ and β of the tile, and offsets into a tile that covers every δ,
-#: flattened over ``(γ, δ)`` / ``(β, δ)`` (contiguous runs in the ``(α, γ, δ)`` radix).
-K0, B0 = sympy.symbols("k0 b0", integer=True, nonnegative=True)
+#: δ-tiled kernels: first γ, β and δ of the tile, and the offsets into a tile flattened
+#: over ``(γ, δ)`` / ``(β, δ)`` (runs along the contiguous axis of the ``(α, γ, δ)`` radix).
+K0, B0, D0 = sympy.symbols("k0 b0 d0", integer=True, nonnegative=True)
 FLAT_K, FLAT_N = sympy.symbols("flat_k flat_n", integer=True, nonnegative=True)
-#: δ-tiled kernels whose tile covers part of δ: 3-D broadcasts of the digit vectors.
-GAMMA3, BETA3, DELTA3 = sympy.symbols("gamma3 beta3 delta3", integer=True, nonnegative=True)
 
 
 @dataclass(frozen=True)
@@ -88,44 +86,42 @@ def value_offset(step: FactorStep, strided: bool = True, tile: bool = False) -> 
     return expr.subs({BETA: BETA_TILE, GAMMA: GAMMA_TILE}) if tile else expr
 
 
-def _flatten(expr: sympy.Expr, digit: sympy.Symbol, start: sympy.Symbol, flat: sympy.Symbol, d: int) -> sympy.Expr:
-    """``expr`` with ``digit = start + flat // d`` and ``δ = flat % d``, folded to ``start*d + flat``.
+def _tile(expr: sympy.Expr, digit: sympy.Symbol, start: sympy.Symbol, flat: sympy.Symbol, d: int, width: int):
+    """``expr`` over a tile flattened as ``digit = start + flat // width``, ``δ = d0 + flat % width``.
 
-    Valid because ``digit`` and ``δ`` are the two least significant digits of ``expr``
-    (coefficients ``d`` and 1), which is what makes a tile over every δ contiguous.
+    When the tile covers every δ, ``digit`` and δ being the two least significant digits of
+    ``expr`` (coefficients ``d`` and 1) fold it to ``start * d + flat``: one contiguous run.
     """
+    if width != d:
+        return expr.subs({digit: start + sympy.floor(flat / width), DELTA: D0 + sympy.Mod(flat, width)})
     if expr.coeff(DELTA) != 1 or expr.coeff(digit) != d:
         raise ValueError(f"{expr}: {digit} and delta are not its two lowest digits (radix {d})")
     return expr.subs({digit: start, DELTA: flat})
 
 
-def x_feature_tile(step: FactorStep, flat: bool) -> FeatureExpr:
-    """Feature of ``x`` read by a δ-tiled kernel: of ``(k0, flat_k)`` or of ``(gamma3, delta3)``."""
+def x_feature_tile(step: FactorStep, width: int) -> FeatureExpr:
+    """Feature of ``x`` at flat offset ``flat_k`` of a δ-tiled kernel's ``(γ, δ)`` tile."""
     p = step.pattern
-    col = _flatten(p.col_expr, GAMMA, K0, FLAT_K, p.d) if flat else p.col_expr.subs({GAMMA: GAMMA3, DELTA: DELTA3})
-    return through(step.in_perm, col, "in_table_ptr")
+    return through(step.in_perm, _tile(p.col_expr, GAMMA, K0, FLAT_K, p.d, width), "in_table_ptr")
 
 
-def y_feature_tile(step: FactorStep, flat: bool) -> FeatureExpr:
-    """Feature of ``y`` written by a δ-tiled kernel: of ``(b0, flat_n)`` or of ``(beta3, delta3)``."""
+def y_feature_tile(step: FactorStep, width: int) -> FeatureExpr:
+    """Feature of ``y`` at flat offset ``flat_n`` of a δ-tiled kernel's ``(β, δ)`` tile."""
     p = step.pattern
-    row = _flatten(p.row_expr, BETA, B0, FLAT_N, p.d) if flat else p.row_expr.subs({BETA: BETA3, DELTA: DELTA3})
-    return through(store_perm(step), row, "out_table_ptr")
+    return through(store_perm(step), _tile(p.row_expr, BETA, B0, FLAT_N, p.d, width), "out_table_ptr")
 
 
-def value_offset_tile(step: FactorStep, flat: bool, strided: bool = True) -> sympy.Expr:
-    """Offset of the values tile of a δ-tiled kernel: ``[β, (γ, δ)]`` flat, else ``[γ, β, δ]``
-    (``[β, γ, δ]`` when not ``strided``: the weight gradient's contiguous partials).
+def value_offset_tile(step: FactorStep, width: int, strided: bool = True) -> sympy.Expr:
+    """Offset of a δ-tiled kernel's ``[β, (γ, δ)]`` values tile (β as ``beta_tile``).
 
-    The flat form needs values whose last two dimensions are contiguous (strides ``d``
-    and 1; the launcher passes such values): the ``(γ, δ)`` run of one β is one run.
+    The last two dimensions are taken contiguous (strides ``d`` and 1; the launcher lays
+    the values out so, :func:`~ksfx.codegen.tiling.values_order`); the outer two are the
+    runtime strides, or contiguous when not ``strided`` (the weight gradient's partials).
     """
     p = step.pattern
-    strides = VALUE_STRIDES if strided else (p.b * p.c * p.d, p.c * p.d, p.d, 1)
-    if flat:
-        expr = p.value_offset_expr((*strides[:2], p.d, 1)).subs(BETA, BETA_TILE)
-        return _flatten(expr, GAMMA, K0, FLAT_K, p.d)
-    return p.value_offset_expr(strides).subs({BETA: BETA_TILE, GAMMA: GAMMA_TILE if strided else GAMMA3, DELTA: DELTA3})
+    outer = VALUE_STRIDES[:2] if strided else (p.b * p.c * p.d, p.c * p.d)
+    expr = p.value_offset_expr((*outer, p.d, 1)).subs(BETA, BETA_TILE)
+    return _tile(expr, GAMMA, K0, FLAT_K, p.d, width)
 
 
 def group_digits(step: FactorStep, group: sympy.Symbol) -> tuple[sympy.Expr, sympy.Expr]:

@@ -49,15 +49,15 @@ GRAD_ARGS = """    dy_ptr, x_ptr, part_ptr, in_table_ptr, out_table_ptr,
     INT64: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,"""
 
-# Bias and store of both forward kernels; {mask} covers the output features of the tile,
-# which has {size} of them (the mask is left out when BLOCK_N divides it).
+# Bias and store of the forward kernels; {mask} covers the output features of the tile
+# (left out when {full}, i.e. when the tiles divide the sizes).
 FORWARD_EPILOGUE = """    y_feature = {y_feature}
     if HAS_BIAS:
         acc += tl.load(bias_ptr + y_feature, mask={mask}, other=0.0).to(tl.float32)[None, :]
     if INT64:
         y_feature = y_feature.to(tl.int64)
     y_ptrs = y_ptr + offs_m[:, None] * stride_ym + y_feature[None, :] * stride_yf
-    if {size} % BLOCK_N == 0:
+    if {full}:
         tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None])
     else:
         tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & {mask}[None, :])
@@ -149,8 +149,9 @@ def forward_dot3(
     \"\"\"{step}: program = (batch tile, (alpha, tile of {D} deltas), beta tile), loop over gamma tiles.
 
     x, the values and y move in (gamma, delta) / (beta, delta) runs along the contiguous
-    axis (not gathered with stride d); a dot batched over the delta tile does the {D}
-    block products of the tile.
+    axis (not gathered with stride d): a tile is flat over (gamma, delta in the tile),
+    reshaped on chip to [., gamma, delta], and the {D} block products of the tile are
+    one dot per delta.
     \"\"\"
     pid = tl.program_id(0)
     tiles_b = ({b} + BLOCK_N - 1) // BLOCK_N
@@ -158,6 +159,7 @@ def forward_dot3(
     group = (pid // tiles_b) % {groups}
     tile_m = pid // (tiles_b * {groups})
     alpha = group // {tiles_d}
+    d0 = (group % {tiles_d}) * {D}
     offs_m = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_m = offs_m < n
     if INT64:
@@ -165,25 +167,19 @@ def forward_dot3(
     b0 = tile_b * BLOCK_N
     beta = b0 + tl.arange(0, BLOCK_N)
     mask_b = beta < {b}
-{setup}
+    beta_tile = beta[:, None]
+    flat_k = tl.arange(0, BLOCK_K * {D})
 {acc_init}
     for k0 in range(0, {c}, BLOCK_K):
-{load}
-{products}
-{acc_out}
-{epilogue}"""
-
-# Loads of the δ-tiled kernel when its tile covers every δ: rows of x and of the values
-# are single (γ, δ) runs, regrouped on chip into [δ, ·, γ] operands.
-DOT3_FLAT_SETUP = """    beta_tile = beta[:, None]
-    flat_k = tl.arange(0, BLOCK_K * {D})"""
-DOT3_FLAT_LOAD = """        mask_k = k0 + flat_k // {D} < {c}
+        mask_k = {mask_k}
         x_feature = {x_feature}
         if INT64:
             x_feature = x_feature.to(tl.int64)
         x_ptrs = x_ptr + offs_m[:, None] * stride_xm + x_feature[None, :] * stride_xf
         v_ptrs = v_ptr + {v_offset}
-        if {c} % BLOCK_K == 0:
+        # Static branches: a mask along a tile that divides its size would stop Triton
+        # from vectorising the loads, so it is left out at compile time.
+        if {c} % BLOCK_K == 0 and {whole_d}:
             x_tile = tl.load(x_ptrs, mask=mask_m[:, None], other=0.0)
             if {b} % BLOCK_N == 0:
                 v_tile = tl.load(v_ptrs)
@@ -193,47 +189,13 @@ DOT3_FLAT_LOAD = """        mask_k = k0 + flat_k // {D} < {c}
             x_tile = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
             v_tile = tl.load(v_ptrs, mask=mask_b[:, None] & mask_k[None, :], other=0.0)
         x_tile = tl.reshape(x_tile, (BLOCK_M, BLOCK_K, {D}))
-        v_tile = tl.reshape(v_tile, (BLOCK_N, BLOCK_K, {D}))"""
-DOT3_FLAT_OUT = """    acc = tl.reshape(acc, (BLOCK_M, BLOCK_N * {D}))
+        v_tile = tl.reshape(v_tile, (BLOCK_N, BLOCK_K, {D}))
+{products}
+{acc_out}
+    acc = tl.reshape(acc, (BLOCK_M, BLOCK_N * {D}))
     flat_n = tl.arange(0, BLOCK_N * {D})
-    mask_n = b0 + flat_n // {D} < {b}
-"""
-
-# Loads when the tile covers part of δ: 3-D [·, γ, δ] tiles, contiguous along δ.
-DOT3_TILE_SETUP = """    beta_tile = beta[None, :, None]
-    delta3 = (group % {tiles_d}) * {D} + tl.arange(0, {D})[None, None, :]
-    mask_d3 = delta3 < {d}"""
-DOT3_TILE_LOAD = """        gamma3 = (k0 + tl.arange(0, BLOCK_K))[None, :, None]
-        mask_k3 = (gamma3 < {c}) & mask_d3
-        gamma_tile = tl.reshape(gamma3, (BLOCK_K, 1, 1))
-        mask_v3 = (gamma_tile < {c}) & mask_d3
-        x_feature = {x_feature}
-        if INT64:
-            x_feature = x_feature.to(tl.int64)
-        x_ptrs = x_ptr + offs_m[:, None, None] * stride_xm + x_feature * stride_xf
-        v_ptrs = v_ptr + {v_offset}
-        if {c} % BLOCK_K == 0 and {whole_d}:
-            x_tile = tl.load(x_ptrs, mask=mask_m[:, None, None], other=0.0)
-            if {b} % BLOCK_N == 0:
-                v_tile = tl.load(v_ptrs)
-            else:
-                v_tile = tl.load(v_ptrs, mask=mask_b[None, :, None], other=0.0)
-        else:
-            x_tile = tl.load(x_ptrs, mask=mask_m[:, None, None] & mask_k3, other=0.0)
-            v_tile = tl.load(v_ptrs, mask=mask_b[None, :, None] & mask_v3, other=0.0)"""
-DOT3_TILE_EPILOGUE = """    beta3 = beta[None, :, None]
-    mask_n3 = (beta3 < {b}) & mask_d3
-    y_feature = {y_feature}
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + y_feature, mask=mask_n3, other=0.0).to(tl.float32)
-    if INT64:
-        y_feature = y_feature.to(tl.int64)
-    y_ptrs = y_ptr + offs_m[:, None, None] * stride_ym + y_feature * stride_yf
-    if {b} % BLOCK_N == 0 and {whole_d}:
-        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None, None])
-    else:
-        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None, None] & mask_n3)
-"""
+    mask_n = {mask_n}
+{epilogue}"""
 
 GRAD_DOT = '''
 @triton.jit
@@ -331,7 +293,7 @@ def grad_dot3(
     \"\"\"{step}: program = (batch split, (alpha, tile of {D} deltas), beta tile, gamma tile).
 
     acc[delta][beta, gamma] += dy'^T x' over the split's batch, dy' and x' read in
-    (beta, delta) / (gamma, delta) runs along the contiguous axis.
+    (beta, delta) / (gamma, delta) runs along the contiguous axis, as in forward_dot3.
     \"\"\"
     pid = tl.program_id(0)
     tiles_b = ({b} + BLOCK_N - 1) // BLOCK_N
@@ -341,10 +303,17 @@ def grad_dot3(
     group = (pid // (tiles_c * tiles_b)) % {groups}
     split = pid // (tiles_c * tiles_b * {groups})
     alpha = group // {tiles_d}
+    d0 = (group % {tiles_d}) * {D}
     b0 = tile_b * BLOCK_N
     k0 = tile_c * BLOCK_K
     beta = b0 + tl.arange(0, BLOCK_N)
-{setup}
+    beta_tile = beta[:, None]
+    flat_n = tl.arange(0, BLOCK_N * {D})
+    flat_k = tl.arange(0, BLOCK_K * {D})
+    mask_n = {mask_n}
+    mask_k = {mask_k}
+    y_feature = {y_feature}
+    x_feature = {x_feature}
     if INT64:
         y_feature = y_feature.to(tl.int64)
         x_feature = x_feature.to(tl.int64)
@@ -356,50 +325,20 @@ def grad_dot3(
         mask_m = offs_m < m_end
         if INT64:
             offs_m = offs_m.to(tl.int64)
-{load}
-{products}
-{acc_out}
-{store}"""
-GRAD_DOT3_FLAT_SETUP = """    beta_tile = beta[:, None]
-    flat_n = tl.arange(0, BLOCK_N * {D})
-    flat_k = tl.arange(0, BLOCK_K * {D})
-    mask_n = b0 + flat_n // {D} < {b}
-    mask_k = k0 + flat_k // {D} < {c}
-    y_feature = {y_feature}
-    x_feature = {x_feature}"""
-GRAD_DOT3_FLAT_LOAD = """        dy_ptrs = dy_ptr + offs_m[:, None] * stride_dm + y_feature[None, :] * stride_df
+        dy_ptrs = dy_ptr + offs_m[:, None] * stride_dm + y_feature[None, :] * stride_df
         x_ptrs = x_ptr + offs_m[:, None] * stride_xm + x_feature[None, :] * stride_xf
-        if {b} % BLOCK_N == 0 and {c} % BLOCK_K == 0:  # a feature mask would stop wide loads
+        if {b} % BLOCK_N == 0 and {c} % BLOCK_K == 0 and {whole_d}:  # a feature mask would stop wide loads
             dy_tile = tl.load(dy_ptrs, mask=mask_m[:, None], other=0.0)
             x_tile = tl.load(x_ptrs, mask=mask_m[:, None], other=0.0)
         else:
             dy_tile = tl.load(dy_ptrs, mask=mask_m[:, None] & mask_n[None, :], other=0.0)
             x_tile = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         dy_tile = tl.reshape(dy_tile, (BLOCK_M, BLOCK_N, {D}))
-        x_tile = tl.reshape(x_tile, (BLOCK_M, BLOCK_K, {D}))"""
-GRAD_DOT3_FLAT_STORE = """    acc = tl.reshape(acc, (BLOCK_N, BLOCK_K * {D}))
+        x_tile = tl.reshape(x_tile, (BLOCK_M, BLOCK_K, {D}))
+{products}
+{acc_out}
+    acc = tl.reshape(acc, (BLOCK_N, BLOCK_K * {D}))
     tl.store(part_ptr + split * {nnz} + {part_offset}, acc, mask=(beta < {b})[:, None] & mask_k[None, :])
-"""
-GRAD_DOT3_TILE_SETUP = """    delta3 = (group % {tiles_d}) * {D} + tl.arange(0, {D})[None, None, :]
-    mask_d3 = delta3 < {d}
-    beta3 = beta[None, :, None]
-    gamma3 = (k0 + tl.arange(0, BLOCK_K))[None, :, None]
-    mask_n3 = (beta3 < {b}) & mask_d3
-    mask_k3 = (gamma3 < {c}) & mask_d3
-    y_feature = {y_feature}
-    x_feature = {x_feature}"""
-GRAD_DOT3_TILE_LOAD = """        dy_tile = tl.load(
-            dy_ptr + offs_m[:, None, None] * stride_dm + y_feature * stride_df,
-            mask=mask_m[:, None, None] & mask_n3,
-            other=0.0,
-        )
-        x_tile = tl.load(
-            x_ptr + offs_m[:, None, None] * stride_xm + x_feature * stride_xf,
-            mask=mask_m[:, None, None] & mask_k3,
-            other=0.0,
-        )"""
-GRAD_DOT3_TILE_STORE = """    beta_tile = tl.reshape(beta3, (BLOCK_N, 1, 1))
-    tl.store(part_ptr + split * {nnz} + {part_offset}, acc, mask=(beta_tile < {b}) & mask_k3)
 """
 
 #: Largest ``c`` whose γ loop is unrolled in the FMA kernel.
@@ -437,7 +376,7 @@ def forward_source(step: FactorStep, mode: str, dtype: str, interpret: bool, pre
             v_offset=im.code(im.value_offset(step, tile=True)),
             dot=dot_code("x_tile", "v_tile", "acc", dtype, interpret, precision),
             epilogue=FORWARD_EPILOGUE.format(
-                y_feature=im.code(im.y_feature(step), mask="mask_b"), mask="mask_b", size=p.b
+                y_feature=im.code(im.y_feature(step), mask="mask_b"), mask="mask_b", full=f"{p.b} % BLOCK_N == 0"
             ),
         )
     elif mode == "dot3":
@@ -455,7 +394,9 @@ def forward_source(step: FactorStep, mode: str, dtype: str, interpret: bool, pre
             x_feature=im.code(im.x_feature(step), mask="mask_r"),
             v_offset=im.code(im.value_offset(step)),
             epilogue=FORWARD_EPILOGUE.format(
-                y_feature=im.code(im.y_feature(step, ROW), mask="mask_r"), mask="mask_r", size=p.out_features
+                y_feature=im.code(im.y_feature(step, ROW), mask="mask_r"),
+                mask="mask_r",
+                full=f"{p.out_features} % BLOCK_N == 0",
             ),
         )
     else:
@@ -463,31 +404,33 @@ def forward_source(step: FactorStep, mode: str, dtype: str, interpret: bool, pre
     return HEADER.format(step=step) + body
 
 
-def _forward_dot3(step: FactorStep, dtype: str, interpret: bool, precision: str) -> str:
-    """``forward_dot3``: flat (γ, δ) runs when the δ tile is all of ``d``, 3-D tiles otherwise."""
+def _dot3_sizes(step: FactorStep) -> dict:
+    """Sizes, δ tile and the tile masks shared by the dot3 kernels' templates."""
     p = step.pattern
     width = delta_tile(p)
-    flat = width == p.d
-    sizes = {"b": p.b, "c": p.c, "d": p.d, "D": width, "whole_d": p.d % width == 0}
-    if flat:
-        setup, load = DOT3_FLAT_SETUP, DOT3_FLAT_LOAD
-        epilogue = DOT3_FLAT_OUT.format(**sizes) + FORWARD_EPILOGUE.format(
-            y_feature=im.code(im.y_feature_tile(step, True), mask="mask_n"), mask="mask_n", size=p.b
-        )
-        x_mask = "mask_k"
-    else:
-        setup, load = DOT3_TILE_SETUP, DOT3_TILE_LOAD
-        epilogue = DOT3_TILE_EPILOGUE.format(y_feature=im.code(im.y_feature_tile(step, False), mask="mask_n3"), **sizes)
-        x_mask = "mask_k3"
-    # 3-D tiles batch the dot: per-δ 2-D dots on them crash triton 3.6's dot-operand pass (sm_90).
-    batched = precision == "ieee" or not flat
+    whole = p.d % width == 0
+    delta_mask = "" if whole else f" & (d0 + {{flat}} % {width} < {p.d})"
+    return {
+        "b": p.b, "c": p.c, "d": p.d, "D": width, "nnz": p.nnz, "tiles_d": delta_tiles(p),
+        "groups": p.a * delta_tiles(p), "whole_d": whole,
+        "mask_k": f"(k0 + flat_k // {width} < {p.c})" + delta_mask.format(flat="flat_k"),
+        "mask_n": f"(b0 + flat_n // {width} < {p.b})" + delta_mask.format(flat="flat_n"),
+    }  # fmt: skip
+
+
+def _forward_dot3(step: FactorStep, dtype: str, interpret: bool, precision: str) -> str:
+    """``forward_dot3``: per-δ 2-D dots (wgmma), or one batched dot for IEEE fp32 (FMA anyway)."""
+    sizes = _dot3_sizes(step)
+    width = sizes["D"]
     x = DeltaOperand("x_tile", "BLOCK_M", "BLOCK_K")
-    if flat:  # [β, (γ, δ)] runs
-        v = DeltaOperand("v_tile", "BLOCK_N", "BLOCK_K", transpose=True)
-    else:
-        v = DeltaOperand("v_tile", "BLOCK_K", "BLOCK_N")
+    v = DeltaOperand("v_tile", "BLOCK_N", "BLOCK_K", transpose=True)
     acc_init, products, acc_out = delta_products(
-        x, v, ("BLOCK_M", "BLOCK_N"), width, dtype, interpret, precision, batched
+        x, v, ("BLOCK_M", "BLOCK_N"), width, dtype, interpret, precision, batched=precision == "ieee"
+    )
+    epilogue = FORWARD_EPILOGUE.format(
+        y_feature=im.code(im.y_feature_tile(step, width), mask="mask_n"),
+        mask="mask_n",
+        full=f"{step.pattern.b} % BLOCK_N == 0 and {sizes['whole_d']}",
     )
     return FORWARD_DOT3.format(
         args=FORWARD_ARGS,
@@ -495,14 +438,8 @@ def _forward_dot3(step: FactorStep, dtype: str, interpret: bool, precision: str)
         acc_init=acc_init,
         products=products,
         acc_out=acc_out,
-        groups=p.a * delta_tiles(p),
-        tiles_d=delta_tiles(p),
-        setup=setup.format(tiles_d=delta_tiles(p), **sizes),
-        load=load.format(
-            x_feature=im.code(im.x_feature_tile(step, flat), mask=x_mask),
-            v_offset=im.code(im.value_offset_tile(step, flat)),
-            **sizes,
-        ),
+        x_feature=im.code(im.x_feature_tile(step, width), mask="mask_k"),
+        v_offset=im.code(im.value_offset_tile(step, width)),
         epilogue=epilogue,
         **sizes,
     )
@@ -570,37 +507,23 @@ def delta_products(
 
 
 def _grad_dot3(step: FactorStep, dtype: str, interpret: bool, precision: str) -> str:
-    """``grad_dot3``: the weight gradient with the forward dot3's δ tiles and runs."""
-    p = step.pattern
-    width = delta_tile(p)
-    flat = width == p.d
-    sizes = {"b": p.b, "c": p.c, "d": p.d, "D": width, "nnz": p.nnz, "tiles_d": delta_tiles(p)}
-    if flat:
-        setup, load, store = GRAD_DOT3_FLAT_SETUP, GRAD_DOT3_FLAT_LOAD, GRAD_DOT3_FLAT_STORE
-        y_mask, x_mask = "mask_n", "mask_k"
-    else:
-        setup, load, store = GRAD_DOT3_TILE_SETUP, GRAD_DOT3_TILE_LOAD, GRAD_DOT3_TILE_STORE
-        y_mask, x_mask = "mask_n3", "mask_k3"
+    """``grad_dot3``: the weight gradient with the forward dot3's δ tiles, runs and dots."""
+    sizes = _dot3_sizes(step)
+    width = sizes["D"]
     dy = DeltaOperand("dy_tile", "BLOCK_M", "BLOCK_N", transpose=True)
     x = DeltaOperand("x_tile", "BLOCK_M", "BLOCK_K")
-    batched = precision == "ieee" or not flat  # as in the forward dot3
     acc_init, products, acc_out = delta_products(
-        dy, x, ("BLOCK_N", "BLOCK_K"), width, dtype, interpret, precision, batched
+        dy, x, ("BLOCK_N", "BLOCK_K"), width, dtype, interpret, precision, batched=precision == "ieee"
     )
     return GRAD_DOT3.format(
         args=GRAD_ARGS,
         step=step,
-        groups=p.a * delta_tiles(p),
-        setup=setup.format(
-            y_feature=im.code(im.y_feature_tile(step, flat), mask=y_mask),
-            x_feature=im.code(im.x_feature_tile(step, flat), mask=x_mask),
-            **sizes,
-        ),
-        load=load.format(**sizes),
+        y_feature=im.code(im.y_feature_tile(step, width), mask="mask_n"),
+        x_feature=im.code(im.x_feature_tile(step, width), mask="mask_k"),
         acc_init=acc_init,
         products=products,
         acc_out=acc_out,
-        store=store.format(part_offset=im.code(im.value_offset_tile(step, flat, strided=False)), **sizes),
+        part_offset=im.code(im.value_offset_tile(step, width, strided=False)),
         **sizes,
     )
 

@@ -136,7 +136,10 @@ def forward_heuristic(pattern: KSPattern, n: int, itemsize: int, batch_last: boo
         block_k = clamp_pow2(pattern.c, MIN_DOT, 64 if itemsize <= 2 else 32)
         block_m = 128 if block_n <= 64 else 64
         block_m = min(block_m, clamp_pow2(n, MIN_DOT, 128))
-        while block_m > 32 and forward_programs(pattern, n, TileConfig(block_m, block_n, block_k), mode) < 2 * num_sms:
+        while (
+            block_m > _min_batch_tile(itemsize)
+            and forward_programs(pattern, n, TileConfig(block_m, block_n, block_k), mode) < 2 * num_sms
+        ):
             block_m //= 2
         num_warps = 8 if block_m * block_n >= 128 * 128 else 4
         return TileConfig(block_m, block_n, block_k, num_warps=num_warps, num_stages=3)
@@ -151,6 +154,12 @@ def forward_heuristic(pattern: KSPattern, n: int, itemsize: int, batch_last: boo
 
 #: Shared memory a config may use (bytes); conservative for sm_80 and later.
 SMEM_BUDGET = 160 * 1024
+
+
+def _min_batch_tile(itemsize: int) -> int:
+    """Smallest batch tile the grid-filling loop may cut to: 64 rows for 16-bit operands
+    (a wgmma tile; fewer fall back to mma.sync), 32 otherwise."""
+    return 64 if itemsize <= 2 else 32
 
 
 def _dividing_pow2(size: int, cap: int) -> int:
@@ -169,9 +178,12 @@ def _dot3_heuristic(pattern: KSPattern, n: int, itemsize: int, num_sms: int) -> 
     masked = pattern.d % width != 0  # a masked δ tile loads element by element: its pointers fill registers
     block_n = _dividing_pow2(pattern.b, max(MIN_DOT, budget // (64 * width)))
     block_m = min(128, max(MIN_DOT, budget // (width * block_n)), clamp_pow2(n, MIN_DOT, 128))
-    while block_m > 32 and forward_programs(pattern, n, TileConfig(block_m, block_n), "dot3") < 2 * num_sms:
+    while (
+        block_m > _min_batch_tile(itemsize)
+        and forward_programs(pattern, n, TileConfig(block_m, block_n), "dot3") < 2 * num_sms
+    ):
         block_m //= 2
-    block_k = MIN_DOT if masked else _dividing_pow2(pattern.c, 64 if itemsize <= 2 else 32)
+    block_k = MIN_DOT if masked else _dividing_pow2(pattern.c, 64 if itemsize <= 2 else 16)
     while block_k > MIN_DOT and 3 * width * (block_m + block_n) * block_k * itemsize > SMEM_BUDGET:
         block_k //= 2
     num_warps = 8 if width * block_m * block_n >= 64 * 128 else 4
@@ -184,14 +196,11 @@ def grad_heuristic(pattern: KSPattern, n: int, itemsize: int, batch_last: bool, 
     if mode == "dot3":
         width = delta_tile(pattern)
         budget = (DOT3_ACC if itemsize <= 2 else DOT3_ACC // 2) // width
+        # Each δ's accumulator is [β, γ]: 64 β rows make one wgmma tile (fewer fall back to
+        # mma.sync), so the γ tile gives way first; a deep δ tile takes a shorter batch step.
         block_n = _dividing_pow2(pattern.b, 64)
-        block_k = _dividing_pow2(pattern.c, 64)
-        while block_n * block_k > budget and max(block_n, block_k) > MIN_DOT:
-            if block_n >= block_k:
-                block_n //= 2
-            else:
-                block_k //= 2
-        block_m = 32 if itemsize > 2 or pattern.d % width else 64
+        block_k = max(MIN_DOT, min(_dividing_pow2(pattern.c, 64), budget // block_n))
+        block_m = 32 if itemsize > 2 or pattern.d % width or width > 2 else 64
         warps = 8 if width * block_n * block_k >= 8192 else 4
         cfg = TileConfig(block_m, block_n, block_k, num_warps=warps, num_stages=3)
     elif mode == "dot":
