@@ -51,7 +51,10 @@ def test_dense_projections_are_dense_only_ks_chains_rewritten(mode):
     # the out-projection reads the transposed view: its rows are (B, T), nothing is tied
     assert dense[1].root.startswith("transpose") and dense[1].permutations == []
     rewritten = [chain.patterns for chain in report.chains if chain.rewritten]
-    assert rewritten == ([] if mode == "never" else [list(UP), list(DOWN)])  # 2-factor chains: auto on CPU too
+    # auto on CPU leaves bmm chains to Inductor (no measurement shows the op ahead there)
+    assert rewritten == ([list(UP), list(DOWN)] if mode == "always" else [])
+    if mode == "auto":
+        assert all("Inductor" in chain.reason for chain in report.chains if len(chain.patterns) == 2)
 
 
 def test_dense_block_compiled_matches_eager():

@@ -122,7 +122,7 @@ def test_rewrite_modes():
     never = ksfx.explain(model, x, rewrite="never").chains
     assert [c.patterns for c in never] == [MONARCH] and not never[0].rewritten and "never" in never[0].reason
     auto = ksfx.explain(model, x, rewrite="auto").chains[0]
-    assert auto.rewritten and "2-factor chain" in auto.reason and "cpu" in auto.reason
+    assert not auto.rewritten and "Inductor" in auto.reason and "patterns_cpu_" in auto.reason  # the measurement
 
     class OneFactor(nn.Module):
         def __init__(self):
@@ -133,7 +133,7 @@ def test_rewrite_modes():
             return torch.einsum("nacd,abcd->nabd", x.reshape(-1, 2, 4, 2), self.w).reshape(-1, 16)
 
     single = ksfx.explain(OneFactor(), x, rewrite="auto").chains[0]
-    assert single.patterns == [(2, 4, 4, 2)] and not single.rewritten and "one factor on cpu" in single.reason
+    assert single.patterns == [(2, 4, 4, 2)] and not single.rewritten and "on cpu the original ops" in single.reason
 
     class Masked(nn.Module):
         def __init__(self):
