@@ -108,3 +108,23 @@ def test_model_benchmark_and_report(tmp_path):
     models_table = text.split("<!-- report:models -->")[1].split("<!-- /report:models -->")[0]
     assert models_table.count("| gpt2 | quick | fp32 |") == 2
     assert "[models.json](results/models.json)" in text
+
+
+@pytest.mark.slow
+def test_gpu_suite_dry_run(tmp_path):
+    """Every step of the GPU suite on tiny shapes through the interpreter; the summary reads them."""
+    from benchmarks import gpu_suite
+
+    assert gpu_suite.main(["--dry-run", "--budget", "400", "--out-dir", str(tmp_path)]) == 0
+    (state_path,) = tmp_path.glob("gpu_suite_cpu-dry-run_*.json")
+    state = json.loads(state_path.read_text())
+    assert set(state["steps"]) == {"tests", "patterns", "models"}
+    assert all(step["returncode"] == 0 for step in state["steps"].values())
+    groups = state["patterns"]["groups"]
+    assert set(groups) == {f"{dt} {lay}" for dt in ("fp32", "bf16") for lay in ("batch-first", "batch-last")}
+    assert all(g["cases"] == 2 and g["out_of_tolerance"] == 0 for g in groups.values())
+    assert [row["key"].split("|")[0] for row in state["models"]] == ["gpt2"]
+    assert state["environment"]["dry_run"] and state["environment"]["fp32_precision"] == "highest"
+    # resumes: finished steps are not run again
+    assert gpu_suite.main(["--dry-run", "--budget", "400", "--out-dir", str(tmp_path)]) == 0
+    assert json.loads(state_path.read_text())["steps"] == state["steps"]
