@@ -163,8 +163,8 @@ def _min_batch_tile(itemsize: int) -> int:
 
 
 def _dividing_pow2(size: int, cap: int) -> int:
-    """A reduction tile for ``size``: the largest power of two <= ``cap`` dividing it when that
-    is at least :data:`MIN_DOT` (no mask, so loads stay wide), else the smallest covering one."""
+    """A tile along ``size``: the largest power of two <= ``cap`` dividing it when that is at
+    least :data:`MIN_DOT` (no mask, so loads and stores stay wide), else the smallest covering one."""
     low = min(size & -size, cap)
     return low if low >= MIN_DOT else clamp_pow2(size, MIN_DOT, cap)
 

@@ -11,7 +11,11 @@ The policy is measured, not assumed. On an H100 (torch 2.11, triton 3.6, batch 2
   (batch-first with ``d > 1``: 0.2-0.7x) and, so far, with fp32 operands (IEEE or TF32
   ``tl.dot`` against cuBLAS).
 
-Those steps run the plain-torch path (reshape/einsum, i.e. cuBLAS bmm) on CUDA. The
+Those steps run the plain-torch path (reshape/einsum, i.e. cuBLAS bmm) on CUDA. These
+timings are of the one-δ-per-program kernel: batch-first ``d > 1`` now runs the δ-tiled
+``forward_dot3`` (contiguous runs, wgmma in the sm_90 census), not measured on a GPU yet;
+``benchmarks.gpu_suite`` times the generated kernels on every case, the data to re-derive
+this policy from (``KSFX_DISPATCH=triton`` runs them meanwhile). The
 interpreter always runs the kernels (it exists to test them), and
 ``ksfx.config.dispatch`` = ``"triton"`` / ``"torch"`` overrides the policy.
 """
