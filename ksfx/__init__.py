@@ -8,8 +8,21 @@ detection and rewrite) → ``backend`` (torch.compile glue).
 from ksfx.backend import backend, explain  # the function `ksfx.backend` shadows the subpackage name
 from ksfx.nn import KSLinear
 from ksfx.ops import ks_matmul, stats
+from ksfx.passes.graph_breaks import make_traceable, trace_autograd_functions
 from ksfx.pattern import Chain, DigitPerm, IndexPerm, KSPattern
 
 __version__ = "0.1.0"
 
-__all__ = ["Chain", "DigitPerm", "IndexPerm", "KSLinear", "KSPattern", "backend", "explain", "ks_matmul", "stats"]
+__all__ = [
+    "Chain",
+    "DigitPerm",
+    "IndexPerm",
+    "KSLinear",
+    "KSPattern",
+    "backend",
+    "explain",
+    "ks_matmul",
+    "make_traceable",
+    "stats",
+    "trace_autograd_functions",
+]

@@ -211,8 +211,9 @@ def _hint(message: str, reason: str, filename: str, lineno: int, op: str | None,
         parts.append(" ".join(dynamo_hints) if dynamo_hints else "see GraphBreak.message for Dynamo's explanation")
     if fn_cls is not None:
         parts.append(
-            f"or, without editing the code, call ksfx.passes.graph_breaks.make_traceable({fn_cls.__qualname__}) "
-            "before torch.compile so that AOTAutograd traces the whole autograd.Function (docs/graph_breaks.md)"
+            f"or, without editing the code, call ksfx.make_traceable({fn_cls.__qualname__}) (or "
+            "ksfx.trace_autograd_functions(model, *inputs) for every such Function) before torch.compile so that "
+            "AOTAutograd traces the whole autograd.Function (docs/graph_breaks.md)"
         )
     return "; ".join(parts)
 

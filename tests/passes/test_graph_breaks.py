@@ -16,6 +16,7 @@ from realworld import layers
 from realworld.zoo import ZOO_BY_NAME
 from torch._functorch.aot_autograd import aot_module_simplified
 
+import ksfx
 from ksfx.passes.graph_breaks import GraphBreak, find_graph_breaks, make_traceable, trace_autograd_functions
 
 LAYERS_FILE = inspect.getsourcefile(layers)
@@ -62,7 +63,8 @@ def test_reports_out_bmm_breaks_with_source_line_and_hint():
         assert b.op == "torch.bmm" and "torch.bmm(" in b.source and "out=" in b.source
         assert b.autograd_function is layers.BlockdiagButterflyOutFn
         assert b.hides_ks_work
-        assert "make_traceable(BlockdiagButterflyOutFn)" in b.hint and "torch.bmm(a, b)" in b.hint
+        assert "ksfx.make_traceable(BlockdiagButterflyOutFn)" in b.hint and "torch.bmm(a, b)" in b.hint
+        assert "ksfx.trace_autograd_functions(model, *inputs)" in b.hint  # the top-level API the hint names
         assert "BlockdiagButterflyOutFn" in str(b) and b.source in str(b)
     # np.prod(batch_shape) makes the batch size a traced value: reported inside the Function too.
     assert all(b.autograd_function is layers.BlockdiagButterflyOutFn for b in breaks)
@@ -115,6 +117,11 @@ def _recording_backend(graphs: list):
 
 def _bmm_count(gm) -> int:
     return sum(node.target is torch.ops.aten.bmm.default for node in gm.graph.nodes)
+
+
+def test_the_fix_is_top_level_api():
+    assert ksfx.make_traceable is make_traceable and ksfx.trace_autograd_functions is trace_autograd_functions
+    assert {"make_traceable", "trace_autograd_functions"} <= set(ksfx.__all__)
 
 
 def test_make_traceable_puts_the_function_in_one_graph_with_same_numerics():
