@@ -422,3 +422,17 @@ def test_traffic_model_handles_radix_one_digits(abcd):
     t = traffic.bytes_moved(FactorStep(p), 8, False, TileConfig(8, 16), 4)
     assert (t.x, t.values, t.y) == (p.in_features * 8 * 4, p.nnz * 4, p.out_features * 8 * 4)
     assert t.total == t.lower_bound
+
+
+@pytest.mark.parametrize("pattern", [(2, 16, 24, 3), (1, 24, 20, 4), (3, 2, 5, 2)], ids=str)
+def test_64_bit_index_variant(triton_interpret, monkeypatch, pattern):
+    """The INT64 branch (tensors whose offsets pass 2**31) computes the same, forward and dvalues."""
+    monkeypatch.setattr(triton_path, "_needs_int64", lambda *tensors: True)
+    step = with_perms(pattern, "both")
+    x, values = make(pattern, 19, False, torch.float32, "cpu")
+    bias = torch.randn(step.pattern.out_features)
+    y = triton_path.factor_forward(x, values, step, False, bias)
+    assert_close(y, reference(step, x, values, False, bias), torch.float32)
+    dy = torch.randn(19, step.pattern.out_features)
+    grad = triton_path.factor_grad_values(dy, x, step, False)
+    assert_close(grad, dense_grad_values(step, dy, x, values, False), torch.float32)
