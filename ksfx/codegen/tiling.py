@@ -141,7 +141,8 @@ def forward_heuristic(pattern: KSPattern, n: int, itemsize: int, batch_last: boo
             and forward_programs(pattern, n, TileConfig(block_m, block_n, block_k), mode) < 2 * num_sms
         ):
             block_m //= 2
-        num_warps = 8 if block_m * block_n >= 128 * 128 else 4
+        # fp32 dots on the FMA path hold their operand tiles in registers: 4 warps spill at 64 x 128.
+        num_warps = 8 if block_m * block_n >= (128 * 128 if itemsize <= 2 else 64 * 128) else 4
         return TileConfig(block_m, block_n, block_k, num_warps=num_warps, num_stages=3)
     rows = pattern.out_features
     if batch_last:
@@ -177,7 +178,7 @@ def _dot3_heuristic(pattern: KSPattern, n: int, itemsize: int, num_sms: int) -> 
     budget = DOT3_ACC if itemsize <= 2 else DOT3_ACC // 2  # fp32 dots hold their operands in registers too
     masked = pattern.d % width != 0  # a masked δ tile loads element by element: its pointers fill registers
     block_n = _dividing_pow2(pattern.b, max(MIN_DOT, budget // (64 * width)))
-    block_m = min(128, max(MIN_DOT, budget // (width * block_n)), clamp_pow2(n, MIN_DOT, 128))
+    block_m = min(128 if itemsize <= 2 else 64, max(MIN_DOT, budget // (width * block_n)), clamp_pow2(n, MIN_DOT, 128))
     while (
         block_m > _min_batch_tile(itemsize)
         and forward_programs(pattern, n, TileConfig(block_m, block_n), "dot3") < 2 * num_sms
