@@ -6,6 +6,7 @@ layouts and dtypes, and the backward of the MLP-up chain. What the bar is, and t
 below it, are in :func:`ksfx.ops.static_check.passes` and ``docs/kernels.md``.
 """
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -130,3 +131,11 @@ def test_cli_json_and_dump_dir(tmp_path):
     for report in found:
         assert (tmp_path / report["cubin"]).is_file() and report["problems"] == []
         assert report["roofline_us"] > 0 and report["min_bytes"] > 0
+
+
+def test_sm80_code_uses_mma_sync_and_meets_the_bar():
+    a100_code = dataclasses.replace(H100, capability=80)
+    launches = static_check.chain_launches(chain(CHAINS["vit-mlp-up"]), torch.bfloat16, False, 25088, a100_code)
+    for report in (static_check.check(launch, a100_code) for launch in launches):
+        assert report["target"] == "sm_80" and report["hgmma"] == 0 and report["hmma"] > 0
+        assert not static_check.passes(report), static_check.passes(report)

@@ -143,15 +143,19 @@ def passes(report: dict, min_wide: float = 0.75) -> list[str]:
     """What keeps a kernel from the static check's bar (empty: it passes).
 
     The bar: no spills; at least ``min_wide`` of its global loads 8/16 bytes wide (or TMA);
-    wgmma where 16-bit tensor cores apply (a ``dot`` / ``dot3`` kernel in fp16/bf16).
+    tensor cores where 16-bit ones apply (a ``dot`` / ``dot3`` kernel in fp16/bf16): wgmma
+    on sm_90, mma.sync before it.
     """
     problems = []
     if report["spills"] or report["local_bytes"]:
         problems.append(f"{report['spills']} local-memory instructions (spills)")
     if report["wide_load_fraction"] < min_wide:
         problems.append(f"{report['wide_loads']}/{report['global_loads']} global loads wide")
-    if report["mode"] in ("dot", "dot3") and report["dtype"] in ("float16", "bfloat16") and not report["hgmma"]:
-        problems.append(f"no wgmma ({report['unit']})")
+    if report["mode"] in ("dot", "dot3") and report["dtype"] in ("float16", "bfloat16"):
+        if report["target"] == "sm_90" and not report["hgmma"]:
+            problems.append(f"no wgmma ({report['unit']})")
+        elif not (report["hgmma"] or report["hmma"]):
+            problems.append(f"no tensor cores ({report['unit']})")
     return problems
 
 
