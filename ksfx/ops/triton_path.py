@@ -94,16 +94,23 @@ class Target:
 
 
 @functools.lru_cache(maxsize=16)
+def _device_info(device: torch.device) -> tuple[tuple[int, int] | None, int]:
+    """``(compute capability, SM count)``; nominal values under the interpreter."""
+    if device.type != "cuda":
+        return None, INTERPRETER_SMS
+    props = torch.cuda.get_device_properties(device)
+    return (props.major, props.minor), props.multi_processor_count
+
+
 def device_target(device: torch.device) -> Target:
-    """The target of tensors on ``device``; nominal SM count under the interpreter.
+    """The target of tensors on ``device``.
 
     ``config.interpret`` mirrors TRITON_INTERPRET, which makes triton.jit interpret even
-    CUDA tensors; the interpreted source differs (bf16 dots are upcast).
+    CUDA tensors; the interpreted source differs (bf16 dots are upcast). It is read at
+    each call (tests switch it), so only the device properties are cached.
     """
-    if device.type != "cuda":
-        return Target(None, INTERPRETER_SMS, True)
-    props = torch.cuda.get_device_properties(device)
-    return Target((props.major, props.minor), props.multi_processor_count, config.interpret)
+    capability, sms = _device_info(device)
+    return Target(capability, sms, config.interpret or device.type != "cuda")
 
 
 def kernel_key(kind: str, step: FactorStep, dtype: torch.dtype, batch_last: bool, target: Target) -> KernelKey:
