@@ -140,8 +140,12 @@ def compile_cubin(fn, args: tuple, constexprs: dict, num_warps: int, num_stages:
     return compiled.asm["cubin"], compiled.metadata.shared
 
 
-def census(cubin: bytes) -> Census:
-    """Registers, local memory and the opcode counts of a cubin (``cuobjdump``)."""
+def census(cubin: bytes, shared_bytes: int) -> Census:
+    """Registers, local memory and the opcode counts of a cubin (``cuobjdump``).
+
+    ``shared_bytes`` comes from the compiler: Triton's shared memory is dynamic, which
+    cuobjdump's static count does not see.
+    """
     with tempfile.NamedTemporaryFile(suffix=".cubin") as handle:
         handle.write(cubin)
         handle.flush()
@@ -149,12 +153,11 @@ def census(cubin: bytes) -> Census:
         sass = _run("cuobjdump", "-sass", handle.name)
     registers = re.search(r"REG:(\d+)", usage)
     local = re.search(r"LOCAL:(\d+)", usage)
-    shared = re.search(r"SHARED:(\d+)", usage)
     ops = Counter(m.group(1) for line in sass.splitlines() if (m := _OPCODE.match(line)))
     return Census(
         registers=int(registers.group(1)) if registers else 0,
         local_bytes=int(local.group(1)) if local else 0,
-        shared_bytes=int(shared.group(1)) if shared else 0,
+        shared_bytes=shared_bytes,
         ops=dict(sorted(ops.items())),
     )
 

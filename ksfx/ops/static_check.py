@@ -102,7 +102,7 @@ def check(launch: PlannedLaunch, device: Device, dump_dir: Path | None = None) -
     cubin, shared = sass.compile_cubin(
         kernel, launch.args, {**launch.flags, **tile.meta()}, tile.num_warps, tile.num_stages, device.capability
     )
-    counts = sass.census(cubin)
+    counts = sass.census(cubin, shared)
     cubin_path = None
     if dump_dir is not None:
         dump_dir.mkdir(parents=True, exist_ok=True)
@@ -111,7 +111,6 @@ def check(launch: PlannedLaunch, device: Device, dump_dir: Path | None = None) -
     model_bytes, lower = _launch_bytes(launch)
     flops = launch.step.pattern.flops(launch.n)
     summary = counts.summary()
-    summary["shared_bytes"] = shared  # dynamic shared memory, which cuobjdump does not see
     unit = unit_of(summary["hgmma"], summary["hmma"], key.dtype)
     p = launch.step.pattern
     return {
