@@ -256,7 +256,10 @@ def run_pass(
     """Detect, decide, verify and rewrite ``gm`` in place; returns the reports.
 
     ``refuse``: a reason that holds for the whole graph; chains are reported, not rewritten.
+    Dead code goes first: a user with no path to an output (a probe that only reads a
+    dtype, say) computes nothing the graph returns, so it must not end a chain.
     """
+    gm.graph.eliminate_dead_code(_is_impure)
     reports = []
     accepted: list[ChainPlan] = []
     for plan, reason, end, state in find_chains(gm, weights, known):
@@ -309,6 +312,35 @@ def run_pass(
     if accepted:
         apply(gm, accepted)
     return reports
+
+
+def _is_impure(node: fx.Node) -> bool:
+    """``node.is_impure()``, except for an in-place op on a temporary nothing else reads.
+
+    ``x @ v`` with a 1-D operand decomposes to ``mm`` then ``squeeze_``: the in-place
+    squeeze of a fresh, otherwise unused product is dead when its result is.
+    """
+    if not node.is_impure():
+        return False
+    target = node.target
+    if node.op != "call_function" or not isinstance(target, torch._ops.OpOverload):
+        return True
+    written = [
+        arg
+        for arg, schema in zip(node.args, target._schema.arguments, strict=False)
+        if schema.alias_info is not None and schema.alias_info.is_write
+    ]
+    return not written or not all(_private_temporary(arg, node) for arg in written)
+
+
+def _private_temporary(arg, user: fx.Node) -> bool:
+    """``arg`` is a fresh tensor (aliasing no other) that only ``user`` reads."""
+    if not isinstance(arg, fx.Node) or arg.op != "call_function" or set(arg.users) != {user}:
+        return False
+    target = arg.target
+    if not isinstance(target, torch._ops.OpOverload) or target._schema.is_mutable:
+        return False
+    return all(ret.alias_info is None for ret in target._schema.returns)
 
 
 # ----------------------------------------------------------------------------- graph surgery

@@ -212,3 +212,44 @@ def test_verification_never_materialises_a_huge_matrix(monkeypatch):
     monkeypatch.setattr(verify, "MAX_VERIFY_ELEMENTS", 16 * 16 - 1)
     chain = ksfx.explain(model, x, rewrite="always").chains[0]
     assert chain.rewritten and "too large" in chain.verification
+
+
+class ProbedMonarch(nn.Module):
+    """Monarch factors as broadcast matmuls, each step probing the result dtype with a
+    row-times-column product it never uses (lazylinop's array-API path does this)."""
+
+    def __init__(self, m=4):
+        super().__init__()
+        self.m = m
+        self.values = nn.ParameterList(nn.Parameter(torch.randn(m, m, m) / m**0.5) for _ in range(2))
+
+    def forward(self, x):  # x: (m*m, batch), batch-last
+        m, batch = self.m, x.shape[1]
+        for v in self.values:
+            _ = (v[0, 0, :] @ x[:m, 0].reshape(-1, 1)).dtype
+            x = (v @ x.reshape(m, m, batch)).transpose(0, 1).reshape(m * m, batch)
+        return x
+
+
+def test_dead_users_do_not_cut_chains():
+    torch.manual_seed(0)
+    model, x = ProbedMonarch(), torch.randn(16, 3)
+    report = ksfx.explain(model, x, rewrite="always")
+    assert [c.patterns for c in report.chains] == [[(1, 4, 4, 4), (4, 4, 4, 1)]]
+    assert "aten.mm" not in report.graphs[0].code
+    assert_compiled_matches_eager(model, x, min_launches=1)
+
+
+def test_in_place_write_through_a_view_of_an_intermediate_is_kept():
+    class Scaled(ProbedMonarch):
+        def forward(self, x):
+            m, batch = self.m, x.shape[1]
+            h = (self.values[0] @ x.reshape(m, m, batch)).transpose(0, 1).reshape(m * m, batch)
+            h[:2].mul_(3.0)  # no user of its own, but it changes h
+            return (self.values[1] @ h.reshape(m, m, batch)).transpose(0, 1).reshape(m * m, batch)
+
+    torch.manual_seed(0)
+    model, x = Scaled(), torch.randn(16, 3)
+    report = ksfx.explain(model, x, rewrite="always")
+    assert all(len(c.patterns) == 1 for c in report.chains if c.rewritten)
+    torch.testing.assert_close(compile_ks(model)(x), model(x), rtol=1e-4, atol=1e-5)

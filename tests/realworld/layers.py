@@ -434,7 +434,9 @@ class SwapaxesMatmulKS(nn.Module):
 class LazyKSBatchLast(nn.Module):
     """Chain ``K_0 @ K_1 @ ...`` applied to ``x`` of shape ``(in, batch)``; factor ``k`` stored ``(a, d, b, c)``.
 
-    ``ks_shapes`` are listed leftmost first; the rightmost factor is applied first.
+    ``ks_shapes`` are listed leftmost first; the rightmost factor is applied first. Like
+    lazylinop, each step first multiplies a row of the values by a column of ``x`` only
+    to learn the result dtype: dead code in the traced graph.
     """
 
     def __init__(self, ks_shapes):
@@ -446,8 +448,9 @@ class LazyKSBatchLast(nn.Module):
         batch = x.shape[1]
         for v in reversed(list(self.values)):
             a, d, b, c = v.shape
+            dtype = (v[0, 0, 0, :] @ x[:c, 0].reshape(-1, 1)).dtype
             xs = x.reshape(a, c, d, batch).swapaxes(1, 2)  # (a, d, c, batch)
-            x = (v @ xs).swapaxes(1, 2).reshape(-1, batch)  # (a*b*d, batch)
+            x = (v @ xs).swapaxes(1, 2).reshape(-1, batch).to(dtype)  # (a*b*d, batch)
         return x
 
 
