@@ -26,6 +26,7 @@ import torch.fx as fx
 from torch._guards import detect_fake_mode
 from torch.fx.experimental.proxy_tensor import make_fx
 
+from ksfx.backend.widths import specialise_widths
 from ksfx.passes import ChainReport, run_pass
 from ksfx.passes.cost import MODES
 
@@ -42,6 +43,7 @@ class GraphReport:
     chains: list[ChainReport] = field(default_factory=list)
     code: str | None = None  # the rewritten aten graph, when something was rewritten
     note: str = ""
+    specialised: list[str] = field(default_factory=list)  # symbolic widths guarded to their value
 
 
 def _inner_compiler(inner) -> Callable:
@@ -168,9 +170,13 @@ class KsfxCompiler:
             report.note = f"not analysed: lowering to aten failed ({type(err).__name__}: {err})"
             log.warning("ksfx: graph %d %s", report.index, report.note)
             return self.inner(gm, example_inputs)
-        placeholders = [n for n in aten_gm.graph.nodes if n.op == "placeholder"]
         weights, known, learnable = _classify(gm, example_inputs)
         try:
+            if self.rewrite != "never":
+                report.specialised = specialise_widths(gm, example_inputs, aten_gm, weights, known)
+            if report.specialised:  # the guarded widths are static in a new trace
+                aten_gm = lower(gm, example_inputs)
+            placeholders = [n for n in aten_gm.graph.nodes if n.op == "placeholder"]
             report.chains = run_pass(
                 aten_gm,
                 {placeholders[k] for k in weights},

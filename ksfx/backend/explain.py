@@ -34,6 +34,8 @@ class Report:
         for graph in self.graphs:
             if graph.note:
                 lines.append(f"{graph.index:>5}  {graph.note}")
+            if graph.specialised:
+                lines.append(f"{graph.index:>5}  feature widths specialised (guarded): {', '.join(graph.specialised)}")
             for chain in graph.chains:
                 layout = "" if chain.batch_last is None else ("batch-last" if chain.batch_last else "batch-first")
                 patterns = ", ".join(str(p) for p in chain.patterns) or "-"

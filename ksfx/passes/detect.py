@@ -128,6 +128,10 @@ def _root(node: fx.Node) -> ActT:
     return ActT(dims, node, dims, tuple(a for d in dims for a in d), next(_chain_ids))
 
 
+def _is_size(node: fx.Node) -> bool:
+    return isinstance(node.meta.get("val"), torch.SymInt)
+
+
 def _shape(node: fx.Node) -> list:
     return [size_expr(s) for s in node.meta["val"].shape]
 
@@ -222,6 +226,9 @@ class Interpreter:
             return self._activation(node)
         if inputs and all(isinstance(s, WeightT | list | tuple) for s in inputs):
             return self._weight(node)
+        sizes = node.all_input_nodes[1:]
+        if node.target in LAYOUT_OPS and isinstance(inputs[0], WeightT) and all(map(_is_size, sizes)):
+            return self._weight(node)  # a weight viewed or broadcast with sizes read at run time
         if not inputs and isinstance(node.meta.get("val"), torch.Tensor):
             return self._weight(node)
         if any(isinstance(s, WeightT) for s in inputs):

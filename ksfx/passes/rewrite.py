@@ -259,7 +259,7 @@ def run_pass(
     Dead code goes first: a user with no path to an output (a probe that only reads a
     dtype, say) computes nothing the graph returns, so it must not end a chain.
     """
-    gm.graph.eliminate_dead_code(_is_impure)
+    drop_dead_code(gm)
     reports = []
     accepted: list[ChainPlan] = []
     for plan, reason, end, state in find_chains(gm, weights, known):
@@ -312,6 +312,17 @@ def run_pass(
     if accepted:
         apply(gm, accepted)
     return reports
+
+
+def drop_dead_code(gm: fx.GraphModule) -> None:
+    """Remove what reaches no output, in-place ops on unused temporaries included."""
+    gm.graph.eliminate_dead_code(_is_impure)
+
+
+def chain_roots(gm: fx.GraphModule, weights: set[fx.Node], known: dict[fx.Node, torch.Tensor]):
+    """``[(root, feature dimensions of the root)]`` for every chain found (dead code dropped first)."""
+    drop_dead_code(gm)
+    return [(plan.root, plan.root_feature_dims) for plan, _, _, _ in find_chains(gm, weights, known) if plan]
 
 
 def _is_impure(node: fx.Node) -> bool:

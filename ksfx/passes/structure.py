@@ -58,6 +58,7 @@ class ChainPlan:
     source_flops: int  # per batch row, as the original ops compute it
     tied: int = 1  # product of the feature digits no weight depends on (1: none)
     cast: torch.dtype | None = None  # the root is cast to this dtype first (autocast)
+    root_feature_dims: tuple[int, ...] = ()  # dimensions of the root holding feature digits
 
 
 def _sizes(atoms) -> list[int]:
@@ -154,6 +155,7 @@ def plan_chain(act: ActT, end: fx.Node) -> ChainPlan:
         source_flops=source_flops,
         tied=_prod(tied),
         cast=act.cast,
+        root_feature_dims=tuple(k for k, d in enumerate(act.root_dims) if leafset(d) & set(features)),
     )
 
 

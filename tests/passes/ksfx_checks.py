@@ -13,16 +13,16 @@ import ksfx
 TOL = {torch.float32: {"rtol": 1e-4, "atol": 1e-5}, torch.float64: {"rtol": 1e-9, "atol": 1e-10}}
 
 
-def rewritten_patterns(model, *inputs, rewrite: str = "always") -> list[list[tuple[int, int, int, int]]]:
+def rewritten_patterns(model, *inputs, rewrite: str = "always", dynamic=False) -> list[list[tuple[int, int, int, int]]]:
     """Patterns (leftmost first) of the chains the backend rewrites, in graph order."""
-    report = ksfx.explain(model, *inputs, rewrite=rewrite)
+    report = ksfx.explain(model, *inputs, rewrite=rewrite, dynamic=dynamic)
     return [list(chain.patterns) for chain in report.chains if chain.rewritten]
 
 
-def compile_ks(model, **options):
+def compile_ks(model, dynamic=None, **options):
     torch._dynamo.reset()
     options = {"rewrite": "always", "inner": "aot_eager", **options}
-    return torch.compile(model, backend=ksfx.backend(**options))
+    return torch.compile(model, backend=ksfx.backend(**options), dynamic=dynamic)
 
 
 def _grads(model, x, y):

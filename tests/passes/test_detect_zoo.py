@@ -4,13 +4,15 @@ The zoo (``tests/realworld``) holds KS layers written the way public projects wr
 with the chains each one must produce (leftmost first), proven against the modules' eager
 linear maps by ``tests/realworld/test_zoo_eager.py``. Here the backend must find exactly
 those chains and, with ``rewrite="always"``, reproduce eager outputs and gradients.
-Negative look-alikes must be left untouched.
+Negative look-alikes must be left untouched. The same holds with ``dynamic=True``, where
+every size is symbolic, feature widths included (the backend specialises the widths a
+chain needs).
 """
 
 from __future__ import annotations
 
 import pytest
-from ksfx_checks import assert_compiled_matches_eager, rewritten_patterns
+from ksfx_checks import assert_compiled_matches_eager, compile_ks, rewritten_patterns
 from realworld.zoo import ZOO
 
 # Families reached only through a graph break are covered by tests/passes/test_graph_breaks.py.
@@ -41,3 +43,22 @@ def test_negative_look_alikes_untouched(case):
 def test_float64(case):
     model, x = case.make()
     assert_compiled_matches_eager(model.double(), x.double())
+
+
+@pytest.mark.parametrize("case", POSITIVE, ids=lambda c: c.name)
+def test_every_size_symbolic_finds_the_same_chains(case):
+    model, x = case.make()
+    assert rewritten_patterns(model, x, dynamic=True) == case.expected_patterns
+
+
+@pytest.mark.parametrize("case", POSITIVE[::3], ids=lambda c: c.name)
+def test_every_size_symbolic_compiled_matches_eager(case):
+    model, x = case.make()
+    compiled = compile_ks(model, dynamic=True)
+    assert_compiled_matches_eager(model, x, compiled, min_launches=len(case.expected_patterns))
+
+
+@pytest.mark.parametrize("case", NEGATIVE, ids=lambda c: c.name)
+def test_every_size_symbolic_negative_look_alikes_untouched(case):
+    model, x = case.make()
+    assert rewritten_patterns(model, x, dynamic=True) == []

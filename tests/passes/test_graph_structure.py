@@ -3,6 +3,7 @@ weight updates after compilation, rewrite modes, and ``explain`` leaving the mod
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 from ksfx_checks import assert_compiled_matches_eager, compile_ks, rewritten_patterns
@@ -253,3 +254,23 @@ def test_in_place_write_through_a_view_of_an_intermediate_is_kept():
     report = ksfx.explain(model, x, rewrite="always")
     assert all(len(c.patterns) == 1 for c in report.chains if c.rewritten)
     torch.testing.assert_close(compile_ks(model)(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+def test_every_size_symbolic_specialises_the_width_and_keeps_the_batch():
+    torch.manual_seed(0)
+    model, reports = Monarch(), []
+    torch._dynamo.reset()
+    backend = KsfxCompiler(rewrite="always", inner="eager", reports=reports)
+    compiled = torch.compile(model, backend=backend, dynamic=True)
+    for rows in (5, 7, 9):
+        x = torch.randn(rows, 16)
+        torch.testing.assert_close(compiled(x), model(x), rtol=1e-4, atol=1e-5)
+    (graph,) = reports  # the batch stayed symbolic: one compile
+    assert [s.split(" = ")[1] for s in graph.specialised] == ["16"] and graph.chains[0].rewritten
+    # Without the guard the rewritten graph would regroup a (3, 32) input into 6 rows and
+    # return them; eager refuses the reshape, and so must the compiled model.
+    with pytest.raises(RuntimeError):
+        model(torch.randn(3, 32))
+    with pytest.raises(RuntimeError):
+        compiled(torch.randn(3, 32))
+    assert "feature widths specialised" in str(ksfx.explain(model, torch.randn(5, 16), dynamic=True))

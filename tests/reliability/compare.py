@@ -14,10 +14,11 @@ TOL = {
 }
 
 
-def compile_ks(model, reports=None, inner="aot_eager"):
+def compile_ks(model, reports=None, inner="aot_eager", dynamic=None):
     """A fresh compile: Dynamo's caches are keyed on ``forward``'s code, shared by every model."""
     torch._dynamo.reset()
-    return torch.compile(model, backend=KsfxCompiler(rewrite="always", inner=inner, reports=reports))
+    backend = KsfxCompiler(rewrite="always", inner=inner, reports=reports)
+    return torch.compile(model, backend=backend, dynamic=dynamic)
 
 
 def outputs_and_grads(model, x, probe):

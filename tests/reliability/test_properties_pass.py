@@ -4,8 +4,10 @@ Models are drawn as user code (``models.py``): 1–4 factors with random ``(a, b
 (1s and non-powers of two included), each written as bmm, einsum, masked dense
 ``F.linear`` or ``W @ x``, random permutations between them, batch-first or batch-last,
 random leading batch shapes (0 and 1 included), and a second call with another batch
-shape (Dynamo recompiles it with symbolic sizes). Forward output and the gradients of
-the input and every parameter must equal eager PyTorch's.
+shape (Dynamo recompiles it with symbolic sizes). A dynamic-shape profile compiles with
+``dynamic=True`` (every size symbolic from the first call, feature widths included).
+Forward output and the gradients of the input and every parameter must equal eager
+PyTorch's.
 
 Budgets follow the hypothesis profile (``tests/conftest.py``): ``ci`` by default,
 ``--hypothesis-profile=long`` for deep runs.
@@ -59,12 +61,18 @@ def check_reports(spec, shape, graphs) -> None:
 
 
 @_budget(2.0, 10)
-@given(spec=model_specs(), lead=LEADS, second=LEADS, dtype=st.sampled_from([torch.float32, torch.float64]))
-def test_compiled_random_ks_model_matches_eager(spec, lead, second, dtype):
+@given(
+    spec=model_specs(),
+    lead=LEADS,
+    second=LEADS,
+    dtype=st.sampled_from([torch.float32, torch.float64]),
+    dynamic=st.sampled_from([None, True]),
+)
+def test_compiled_random_ks_model_matches_eager(spec, lead, second, dtype, dynamic):
     generator = torch.Generator().manual_seed(0)
     model = RandomKSModel(spec, generator, dtype)
     reports = []
-    compiled = compile_ks(model, reports)
+    compiled = compile_ks(model, reports, dynamic=dynamic)
     for shape in (lead, second):
         seen = len(reports)
         assert_same(model, compiled, make_input(spec, shape, dtype, generator), generator)
