@@ -1,10 +1,11 @@
 """``ksfx.export``: a ``torch.export.ExportedProgram`` whose graph holds the rewritten chains.
 
-The model is exported (``strict=False``) and lowered to core ATen with
-``run_decompositions()``: the aten form the pass reads under torch.compile too (views,
-permutes, bmm, addmm). Parameters, buffers and lifted constants are placeholders there and
-the graph signature says which is which, so the pass gets the same weight / value-known /
-learnable classification as Dynamo's placeholders give it in :mod:`ksfx.backend.compile`.
+The model is exported (``strict=False``) and lowered with ``run_decompositions`` to core
+ATen, keeping the data-movement ops the pass reads as they are: the aten form the pass
+reads under torch.compile too (views, permutes, bmm, addmm, ``block_diag``). Parameters,
+buffers and lifted constants are placeholders there and the graph signature says which is
+which, so the pass gets the same weight / value-known / learnable classification as
+Dynamo's placeholders give it in :mod:`ksfx.backend.compile`.
 The pass rewrites ``ep.graph_module`` in place; the program is then rebuilt around it:
 
 * nodes the pass inserted get ``meta["val"]`` (fake tensors, symbolic batch sizes from
@@ -12,6 +13,8 @@ The pass rewrites ``ep.graph_module`` in place; the program is then rebuilt arou
 * constant index tables the rewrite stores on the graph module (``get_attr``) are lifted
   to ``CONSTANT_TENSOR`` inputs, as export lifts constants itself;
 * user inputs are unchanged; outputs keep their kinds, with the names of the new nodes.
+
+A later ``run_decompositions()`` on the result keeps the op and the checks below.
 
 Supports that depend on tensor values (masks, constant index tables, frozen weights:
 ``plan.guards``) cannot be re-checked by a wrapper around the program (the compile
