@@ -8,6 +8,7 @@ compile takes tens of seconds) and loaded in fresh processes.
 
 from __future__ import annotations
 
+import importlib
 import os
 import subprocess
 import sys
@@ -108,6 +109,19 @@ def test_changed_mask_raises_in_the_program_and_a_shrunk_one_is_read():
     program.down.mask = grown
     with pytest.raises(RuntimeError, match="ksfx: down.mask has a nonzero outside the support"):
         program(x)
+
+
+def test_a_failing_pass_returns_the_plain_export_and_says_why(monkeypatch, caplog):
+    def broken(*args, **kwargs):
+        raise RuntimeError("planted bug")
+
+    monkeypatch.setattr(importlib.import_module("ksfx.backend.export"), "run_pass", broken)
+    model, report = _model(), ksfx.Report()
+    ep = ksfx.export(model, (torch.randn(3, 5, FEATURES),), rewrite="always", report=report)
+    assert KS_CHAIN not in _ops(ep) and torch.ops.aten.bmm.default in _ops(ep)
+    assert "pass failed" in report.graphs[0].note and "planted bug" in report.graphs[0].note
+    assert "planted bug" in caplog.text
+    _assert_matches_eager(ep, model, torch.float32, [(3, 5, FEATURES)])
 
 
 @pytest.mark.parametrize(
