@@ -5,7 +5,7 @@ Layers, each importing only those before it: ``pattern`` (symbolic descriptors) 
 detection and rewrite) → ``backend`` (torch.compile glue).
 """
 
-from ksfx.backend import backend, explain  # the function `ksfx.backend` shadows the subpackage name
+from ksfx.backend import Report, backend, explain, export  # the function `ksfx.backend` shadows the subpackage name
 from ksfx.nn import KSLinear
 from ksfx.ops import ks_matmul, stats
 from ksfx.passes.graph_breaks import make_traceable, trace_autograd_functions
@@ -19,8 +19,10 @@ __all__ = [
     "IndexPerm",
     "KSLinear",
     "KSPattern",
+    "Report",
     "backend",
     "explain",
+    "export",
     "ks_matmul",
     "make_traceable",
     "stats",
