@@ -12,13 +12,16 @@ from ksfx.backend.explain import Report, explain
 from ksfx.backend.export import export
 
 
-def backend(rewrite: str = "auto", inner="inductor") -> KsfxCompiler:
+def backend(rewrite: str = "auto", inner="inductor", cpu: str | None = None) -> KsfxCompiler:
     """A torch.compile backend that rewrites KS chains, then runs ``inner`` on the graph.
 
     ``rewrite``: ``"auto"`` (cost model), ``"always"`` or ``"never"``. ``inner``:
     ``"inductor"`` (default), ``"aot_eager"``, ``"eager"`` or a backend callable.
+    ``cpu``: on CPU tensors a rewritten chain is inlined as aten ops the inner compiler
+    fuses (``"aten"``, the default) or stays one ``ksfx::ks_chain`` call (``"op"``, the
+    default under ``TRITON_INTERPRET=1``, where the op runs the Triton kernels).
     """
-    return KsfxCompiler(rewrite=rewrite, inner=inner)
+    return KsfxCompiler(rewrite=rewrite, inner=inner, cpu=cpu)
 
 
 def ksfx_backend(gm, example_inputs):

@@ -27,7 +27,8 @@ from torch._guards import detect_fake_mode
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from ksfx.backend.widths import specialise_widths
-from ksfx.passes import ChainReport, run_pass
+from ksfx.config import config
+from ksfx.passes import INLINE_ON_CPU, ChainReport, run_pass
 from ksfx.passes.cost import MODES
 
 log = logging.getLogger("ksfx.passes")
@@ -84,8 +85,11 @@ def _classify(gm: fx.GraphModule, example_inputs):
     return weights, known, learnable
 
 
-def lower(gm: fx.GraphModule, example_inputs) -> fx.GraphModule:
-    """``gm`` traced to aten (views, permutes, bmm…) with Dynamo's fake mode and metadata."""
+def lower(gm: fx.GraphModule, example_inputs, decompositions=None) -> fx.GraphModule:
+    """``gm`` traced to aten (views, permutes, bmm…) with Dynamo's fake mode and metadata.
+
+    ``decompositions`` (op → function) replace ops by what the functions trace to.
+    """
     fake_mode = detect_fake_mode(example_inputs)
     if fake_mode is None:
         from torch._subclasses.fake_tensor import FakeTensorMode
@@ -96,8 +100,13 @@ def lower(gm: fx.GraphModule, example_inputs) -> fx.GraphModule:
         fake_mode.from_tensor(x) if isinstance(x, torch.Tensor) and not isinstance(x, fake_type) else x
         for x in example_inputs
     ]
-    with fake_mode:
-        aten_gm = make_fx(gm, tracing_mode="real")(*fakes)
+    allowed = fake_mode.allow_non_fake_inputs
+    fake_mode.allow_non_fake_inputs = True  # the rewrite's index tables are real constants
+    try:
+        with fake_mode:
+            aten_gm = make_fx(gm, decompositions, tracing_mode="real")(*fakes)
+    finally:
+        fake_mode.allow_non_fake_inputs = allowed
     old = [n for n in gm.graph.nodes if n.op == "placeholder"]
     new = [n for n in aten_gm.graph.nodes if n.op == "placeholder"]
     if len(old) != len(new):
@@ -148,13 +157,29 @@ def _device_type(example_inputs) -> str:
     return "cpu"
 
 
-class KsfxCompiler:
-    """A torch.compile backend: ``KsfxCompiler(rewrite="auto", inner="inductor")(gm, example_inputs)``."""
+#: How a rewritten chain runs on a CPU: inlined as aten ops that the inner compiler sees
+#: (``"aten"``, :mod:`ksfx.ops.aten_chain`) or as the ``ksfx::ks_chain`` call (``"op"``).
+CPU_CHAINS = ("aten", "op")
 
-    def __init__(self, rewrite: str = "auto", inner="inductor", reports: list | None = None) -> None:
+
+def default_cpu() -> str:
+    """``"aten"``; ``"op"`` under ``TRITON_INTERPRET=1``, where the op runs the Triton kernels."""
+    return "op" if config.interpret else "aten"
+
+
+class KsfxCompiler:
+    """A torch.compile backend: ``KsfxCompiler(rewrite="auto", inner="inductor")(gm, example_inputs)``.
+
+    ``cpu``: how rewritten chains run on CPU tensors, one of :data:`CPU_CHAINS`.
+    """
+
+    def __init__(self, rewrite: str = "auto", inner="inductor", reports: list | None = None, cpu: str | None = None):
         if rewrite not in MODES:
             raise ValueError(f"rewrite must be one of {MODES}, got {rewrite!r}")
+        if cpu not in CPU_CHAINS + (None,):
+            raise ValueError(f"cpu must be one of {CPU_CHAINS} (or None: {default_cpu()!r} here), got {cpu!r}")
         self.rewrite = rewrite
+        self.cpu = cpu or default_cpu()
         self.inner = _inner_compiler(inner)
         self.reports = reports
         self.count = 0
@@ -185,6 +210,7 @@ class KsfxCompiler:
                 mode=self.rewrite,
                 device_type=_device_type(example_inputs),
                 refuse=_refusal(gm, example_inputs),
+                inline=self.cpu == "aten",
             )
         except Exception as err:  # noqa: BLE001 - a bug in the pass must never break the user's compile
             report.note = f"pass failed, graph left to the inner compiler ({type(err).__name__}: {err})"
@@ -194,6 +220,8 @@ class KsfxCompiler:
         if not rewritten:
             return self.inner(gm, example_inputs)
         report.code = aten_gm.code
+        if self.cpu == "aten" and _device_type(example_inputs) == "cpu":  # ops Inductor fuses with their neighbours
+            aten_gm = lower(aten_gm, example_inputs, INLINE_ON_CPU)
         compiled = self.inner(aten_gm, example_inputs)
         guards = sorted({placeholders.index(g) for c in rewritten for g in c.plan.guards})
         if not guards:

@@ -25,8 +25,12 @@ from dataclasses import dataclass
 from ksfx.pattern import Chain
 
 MODES = ("auto", "always", "never")
-#: The measurement behind the CPU policy (``benchmarks/results``).
+#: The measurement behind the CPU policy for the opaque op (``benchmarks/results``).
 CPU_SOURCE = "benchmarks/results/patterns_cpu_2026-11-23.json"
+#: The grid behind the CPU policy for chains inlined as aten ops, and what it measured
+#: for ``rewrite="always"`` against Inductor on the original ops (a test checks the file).
+CPU_INLINE_SOURCE = "benchmarks/results/cpu_grid_cpu_2026-12-01.json"
+CPU_INLINE_MEASURED = "measured against Inductor on the original ops"
 
 
 @dataclass(frozen=True)
@@ -49,7 +53,8 @@ def estimate(chain: Chain, source_flops: int, itemsize: int = 4) -> Estimate:
     return Estimate(chain.flops(1), source_flops, chain.dense_flops(1), chain.min_bytes(1, itemsize))
 
 
-def decide(chain: Chain, est: Estimate, mode: str, device_type: str) -> tuple[bool, str]:
+def decide(chain: Chain, est: Estimate, mode: str, device_type: str, inline: bool = False) -> tuple[bool, str]:
+    """``(rewrite?, reason)``; ``inline``: on a CPU the chain would run as inlined aten ops."""
     if mode not in MODES:
         raise ValueError(f"rewrite must be one of {MODES}, got {mode!r}")
     if all(p.a * p.d == 1 for p in chain.patterns):
@@ -60,6 +65,8 @@ def decide(chain: Chain, est: Estimate, mode: str, device_type: str) -> tuple[bo
         return True, "rewrite='always'"
     if device_type == "cuda":
         return True, "auto: structured chain on GPU, fused kernels remove the permutation passes"
+    if inline:
+        return True, f"auto: on {device_type} inlined as aten ops ({CPU_INLINE_MEASURED}, {CPU_INLINE_SOURCE})"
     if 2 * est.chain_flops <= est.source_flops:
         return True, (
             f"auto: the original computes {est.source_flops / max(est.chain_flops, 1):.1f}x the chain's FLOPs "

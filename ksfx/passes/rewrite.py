@@ -252,10 +252,13 @@ def run_pass(
     mode: str = "auto",
     device_type: str = "cpu",
     refuse: str | None = None,
+    inline: bool = False,
 ) -> list[ChainReport]:
     """Detect, decide, verify and rewrite ``gm`` in place; returns the reports.
 
     ``refuse``: a reason that holds for the whole graph; chains are reported, not rewritten.
+    ``inline``: on a CPU the caller inlines the op as aten ops (:data:`INLINE_ON_CPU`),
+    which the cost model weighs instead of the opaque op.
     Dead code goes first: a user with no path to an output (a probe that only reads a
     dtype, say) computes nothing the graph returns, so it must not end a chain.
     """
@@ -271,7 +274,7 @@ def run_pass(
             continue
         chain = plan.chain
         est = estimate(chain, plan.source_flops)
-        ok, why = decide(chain, est, mode, device_type)
+        ok, why = decide(chain, est, mode, device_type, inline)
         if ok and refuse:
             ok, why = False, refuse
         status, message = ("", "")

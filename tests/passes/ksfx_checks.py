@@ -21,7 +21,7 @@ def rewritten_patterns(model, *inputs, rewrite: str = "always", dynamic=False) -
 
 def compile_ks(model, dynamic=None, **options):
     torch._dynamo.reset()
-    options = {"rewrite": "always", "inner": "aot_eager", **options}
+    options = {"rewrite": "always", "inner": "aot_eager", "cpu": "op", **options}  # "op": launches are counted
     return torch.compile(model, backend=ksfx.backend(**options), dynamic=dynamic)
 
 

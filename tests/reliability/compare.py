@@ -14,10 +14,10 @@ TOL = {
 }
 
 
-def compile_ks(model, reports=None, inner="aot_eager", dynamic=None):
+def compile_ks(model, reports=None, inner="aot_eager", dynamic=None, cpu="op"):
     """A fresh compile: Dynamo's caches are keyed on ``forward``'s code, shared by every model."""
     torch._dynamo.reset()
-    backend = KsfxCompiler(rewrite="always", inner=inner, reports=reports)
+    backend = KsfxCompiler(rewrite="always", inner=inner, reports=reports, cpu=cpu)
     return torch.compile(model, backend=backend, dynamic=dynamic)
 
 
