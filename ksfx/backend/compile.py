@@ -61,16 +61,30 @@ def _inner_compiler(inner) -> Callable:
 
 
 def _classify(gm: fx.GraphModule, example_inputs):
-    """Placeholders that are weights, those whose values may shape supports, the learnable ones."""
+    """Placeholders that are weights, those whose values may shape supports (with the real
+    tensors), the learnable ones.
+
+    Module state is recognised by its Dynamo source: ``*_NN_MODULE`` guard sources, and
+    ``*_FSDP_MODULE`` ones for modules wrapped by FSDP2's ``fully_shard`` (whose buffers,
+    a KS mask say, are plain tensors). Dynamo's DDP optimizer compiles each piece of its
+    split graph with *fake* example inputs; the real parameter or buffer is then read from
+    the placeholder's graph argument, which Dynamo keeps on every piece's placeholders.
+    """
     weights, known, learnable = [], {}, []
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     for k, (node, value) in enumerate(zip(placeholders, example_inputs, strict=False)):
         if not isinstance(value, torch.Tensor):
             continue
-        guard_source = getattr(getattr(node.meta.get("grapharg"), "source", None), "guard_source", None)
+        grapharg = node.meta.get("grapharg")
+        if isinstance(value, torch._subclasses.FakeTensor):
+            real = getattr(grapharg, "example", None)
+            if isinstance(real, torch.Tensor) and not isinstance(real, torch._subclasses.FakeTensor):
+                value = real
+        guard_source = getattr(getattr(grapharg, "source", None), "guard_source", None)
         if callable(guard_source):  # a method in older torch releases, a property in newer ones
             guard_source = guard_source()
-        from_module = "NN_MODULE" in str(guard_source)
+        name = getattr(guard_source, "name", str(guard_source))
+        from_module = "NN_MODULE" in name or "FSDP_MODULE" in name
         is_param = isinstance(value, torch.nn.Parameter)
         if not (is_param or from_module):
             continue
@@ -192,7 +206,7 @@ class KsfxCompiler:
         guards = sorted({placeholders.index(g) for c in rewritten for g in c.plan.guards})
         if not guards:
             return compiled
-        return _guarded(compiled, gm, [(k, example_inputs[k]) for k in guards])
+        return _guarded(compiled, gm, [(k, known.get(k, example_inputs[k])) for k in guards])
 
 
 def _guarded(compiled, original: fx.GraphModule, guarded: list[tuple[int, torch.Tensor]]):
@@ -213,6 +227,10 @@ def _guarded(compiled, original: fx.GraphModule, guarded: list[tuple[int, torch.
         return True
 
     def run(*args):
+        if any(isinstance(args[k], torch._subclasses.FakeTensor) for k in expected):
+            # Dynamo's DDP optimizer runs each compiled piece on fake tensors at compile
+            # time to get the next piece's inputs: there are no values to check.
+            return compiled(*args)
         if not state["fallback"] and not still_valid(args):
             state["fallback"] = True
             warnings.warn(
