@@ -42,6 +42,7 @@ class GraphReport:
     chains: list[ChainReport] = field(default_factory=list)
     code: str | None = None  # the rewritten aten graph, when something was rewritten
     note: str = ""
+    ddp_piece: bool = False  # one of the graphs Dynamo's DDP optimizer cut a DDP model into
 
 
 def _inner_compiler(inner) -> Callable:
@@ -153,6 +154,12 @@ def _refusal(gm: fx.GraphModule, example_inputs) -> str | None:
     return None
 
 
+def _ddp_piece(gm: fx.GraphModule) -> bool:
+    """Whether Dynamo's DDP optimizer cut ``gm`` out of a larger graph (at a DDP
+    gradient-bucket boundary): it marks every piece it compiles with its reason."""
+    return "DDPOptimizer" in str(getattr(gm, "compile_subgraph_reason", ""))
+
+
 def _device_type(example_inputs) -> str:
     for x in example_inputs:
         if isinstance(x, torch.Tensor) and x.device.type != "cpu":
@@ -172,7 +179,7 @@ class KsfxCompiler:
         self.count = 0
 
     def __call__(self, gm: fx.GraphModule, example_inputs):
-        report = GraphReport(self.count)
+        report = GraphReport(self.count, ddp_piece=_ddp_piece(gm))
         self.count += 1
         if self.reports is not None:
             self.reports.append(report)
