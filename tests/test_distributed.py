@@ -9,7 +9,6 @@ the concatenation of both ranks' batches (DDP and FSDP2 average the ranks' gradi
 
 from __future__ import annotations
 
-import contextlib
 import os
 import socket
 import time
@@ -151,20 +150,22 @@ def _single(name: str, rewrite: str, rank: int) -> dict:
     return result
 
 
-def _ddp(name: str, rewrite: str, rank: int, bucket_cap_mb: float, explain: bool) -> dict:
+def _ddp(name: str, rewrite: str, rank: int, bucket_cap_mb: float, explain: bool, mode: str = "ddp_optimizer") -> dict:
+    """``mode``: Dynamo's ``optimize_ddp``; "python_reducer" runs the backward under compiled autograd."""
     from torch.nn.parallel import DistributedDataParallel
 
-    model = DistributedDataParallel(build(name), bucket_cap_mb=bucket_cap_mb)
     x, weights = batch(name)
     rows = slice(rank * ROWS, (rank + 1) * ROWS)
     result = {}
-    if explain:
-        torch._dynamo.reset()
-        report = ksfx.explain(model, x[rows], rewrite=rewrite)
-        result["explain"] = str(report)
-        result["cut"] = report.ddp_cut_chains
-    reports: list = []
-    result.update(_step(_compiled(model, rewrite, reports), x[rows], weights[rows]))
+    with torch._dynamo.config.patch(optimize_ddp=mode, compiled_autograd=mode == "python_reducer"):
+        model = DistributedDataParallel(build(name), bucket_cap_mb=bucket_cap_mb)  # reads optimize_ddp
+        if explain:
+            torch._dynamo.reset()
+            report = ksfx.explain(model, x[rows], rewrite=rewrite)
+            result["explain"] = str(report)
+            result["cut"] = report.ddp_cut_chains
+        reports: list = []
+        result.update(_step(_compiled(model, rewrite, reports), x[rows], weights[rows]))
     result["chains"] = _chains(reports)
     result["pieces"] = sum(graph.ddp_piece for graph in reports)
     result["grads"] = {n: p.grad.clone() for n, p in model.module.named_parameters()}
@@ -196,6 +197,8 @@ SCENARIOS = {
     "ddp/monarch": (_ddp, ("monarch", "always", 25.0, False)),
     "ddp/monarch_large": (_ddp, ("monarch_large", "always", 25.0, True)),
     "ddp/masked_large": (_ddp, ("masked_large", "auto", 1.0, False)),
+    "ddp-no_optimization/monarch_large": (_ddp, ("monarch_large", "always", 25.0, False, "no_optimization")),
+    "ddp-python_reducer/monarch_large": (_ddp, ("monarch_large", "always", 25.0, False, "python_reducer")),
 }
 if _has_fully_shard():
     SCENARIOS["fsdp2/monarch"] = (_fsdp2, ("monarch", "always"))
@@ -208,9 +211,7 @@ def _worker(rank: int, init_method: str, out_dir: str) -> None:
     try:
         results = {}
         for key, (run, args) in SCENARIOS.items():
-            started = time.perf_counter()
             results[key] = run(args[0], args[1], rank, *args[2:])
-            results[key]["seconds"] = time.perf_counter() - started
             dist.barrier()
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
@@ -230,8 +231,9 @@ def results(tmp_path_factory):
     out_dir = tmp_path_factory.mktemp("distributed")
     init_method = f"file://{out_dir / 'store'}"  # a file rendezvous: no port to find or to race for
     interface = _loopback_interface()
-    env = {"GLOO_SOCKET_IFNAME": interface} if interface and "GLOO_SOCKET_IFNAME" not in os.environ else {}
-    with _environ(env):
+    with pytest.MonkeyPatch.context() as env:
+        if interface and "GLOO_SOCKET_IFNAME" not in os.environ:
+            env.setenv("GLOO_SOCKET_IFNAME", interface)  # the ranks' children inherit it
         context = mp.start_processes(
             _worker, args=(init_method, str(out_dir)), nprocs=WORLD, join=False, start_method="spawn"
         )
@@ -246,20 +248,6 @@ def results(tmp_path_factory):
                     process.kill()
                     process.join()
     return [torch.load(out_dir / f"rank{rank}.pt") for rank in range(WORLD)]
-
-
-@contextlib.contextmanager
-def _environ(values: dict[str, str]):
-    saved = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def _reference_grads(name: str) -> dict[str, torch.Tensor]:
@@ -292,8 +280,10 @@ def test_ddp_rewrites_the_same_chains_as_one_process(results, rank):
 
 @pytest.mark.parametrize("rank", range(WORLD))
 def test_ddp_optimizer_cut_is_reported_with_the_setting(results, rank):
-    """A bucket boundary inside a chain: every factor still runs as the KS op, with the
-    patterns of one process, and explain names the chain cut and what keeps it whole."""
+    """DDP's default buckets, and the first (1 MB) ends between the two factors of block 1:
+    every factor still runs as the KS op, with the blocks of one process, and explain names
+    the chain cut and what keeps it whole. (The backward saves the cut intermediate
+    instead of recomputing it: one forward launch fewer in total.)"""
     ddp, single = results[rank]["ddp/monarch_large"], results[rank]["single/monarch_large"]
     assert ddp["pieces"] > 1
     (whole,) = {tuple(c["patterns"]) for c in single["chains"]}  # every block has the same chain
@@ -321,6 +311,19 @@ def test_ddp_optimizer_pieces_read_masks(results, rank):
     assert all(c["rewritten"] and len(c["patterns"]) == 1 for c in ddp["chains"]) and len(ddp["chains"]) == 2 * DEPTH
     assert ddp["forward"] == single["forward"] and ddp["grad_values"] == single["grad_values"]
     _assert_grads(ddp["grads"], "masked_large")
+
+
+@pytest.mark.parametrize("mode", ["no_optimization", "python_reducer"])
+@pytest.mark.parametrize("rank", range(WORLD))
+def test_ddp_settings_explain_recommends_keep_the_chain_whole(results, rank, mode):
+    """``optimize_ddp = False`` ("no_optimization") or "python_reducer": one graph, the
+    chains and launches of one process, on the model whose chain the DDP optimizer cuts."""
+    ddp, single = results[rank][f"ddp-{mode}/monarch_large"], results[rank]["single/monarch_large"]
+    assert ddp["pieces"] == 0
+    assert [c["patterns"] for c in ddp["chains"]] == [c["patterns"] for c in single["chains"]]
+    for kind in ("forward", "total", "grad_values"):
+        assert ddp[kind] == single[kind] > 0, kind
+    _assert_grads(ddp["grads"], "monarch_large")
 
 
 @needs_fsdp2
