@@ -21,7 +21,7 @@ from torch import nn
 
 import ksfx
 from ksfx.backend import KsfxCompiler
-from tests.realworld.layers import MaskedTwoFactor, MonarchLinear
+from tests.realworld.layers import BlockdiagLinear, MaskedTwoFactor, MonarchLinear
 
 WORLD = 2
 TIMEOUT_S = 300  # the whole job; a hung collective fails the tests instead of blocking them
@@ -68,13 +68,26 @@ class MaskedBlock(nn.Module):
         return x + torch.relu(self.layer(x))
 
 
-#: name -> (block, features, nblocks); "large" models have more than DDP's 1 MB first bucket.
-MODELS = {
-    "monarch": (MonarchBlock, 64, 8),
-    "monarch_large": (MonarchBlock, 768, 6),  # 384 kB per factor: DDP's 1 MB first bucket ends inside block 1
-    "masked": (MaskedBlock, 16, 4),
-    "masked_large": (MaskedBlock, 512, 8),  # 1 MB per factor
-}
+class Shuffle(nn.Module):
+    """The transpose between Monarch's two block-diagonal factors, as a layer of its own."""
+
+    def __init__(self, nblocks: int):
+        super().__init__()
+        self.nblocks = nblocks
+
+    def forward(self, x):
+        return x.reshape(x.shape[0], self.nblocks, -1).transpose(1, 2).reshape(x.shape)
+
+
+def monarch_sequential(features: int, nblocks: int) -> nn.Sequential:
+    """One Monarch chain through three children of an ``nn.Sequential`` (m2's block-diagonal layers)."""
+    return nn.Sequential(
+        BlockdiagLinear(features, features, nblocks, bias=False),
+        Shuffle(nblocks),
+        BlockdiagLinear(features, features, nblocks),
+    )
+
+
 DEPTH = 3
 ROWS = 4  # per rank
 
@@ -93,10 +106,20 @@ class Stack(nn.Module):
         return x
 
 
-def build(name: str) -> Stack:
-    block, features, nblocks = MODELS[name]
+#: name -> (model, features); "large" models have more than DDP's 1 MB first bucket.
+MODELS = {
+    "monarch": (lambda: Stack(MonarchBlock(64, 8) for _ in range(DEPTH)), 64),
+    # 384 kB per factor: DDP's 1 MB first bucket ends between the two factors of block 1
+    "monarch_large": (lambda: Stack(MonarchBlock(768, 6) for _ in range(DEPTH)), 768),
+    "masked": (lambda: Stack(MaskedBlock(16, 4) for _ in range(DEPTH)), 16),
+    "masked_large": (lambda: Stack(MaskedBlock(512, 8) for _ in range(DEPTH)), 512),  # 1 MB per factor
+    "sequential": (lambda: monarch_sequential(16, 4), 16),
+}
+
+
+def build(name: str) -> nn.Module:
     torch.manual_seed(0)
-    return Stack(block(features, nblocks) for _ in range(DEPTH))
+    return MODELS[name][0]()
 
 
 def batch(name: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -150,25 +173,40 @@ def _single(name: str, rewrite: str, rank: int) -> dict:
     return result
 
 
-def _ddp(name: str, rewrite: str, rank: int, bucket_cap_mb: float, explain: bool, mode: str = "ddp_optimizer") -> dict:
-    """``mode``: Dynamo's ``optimize_ddp``; "python_reducer" runs the backward under compiled autograd."""
+def _ddp(
+    name: str,
+    rewrite: str,
+    rank: int,
+    bucket_cap_mb: float = 25.0,
+    explain: bool = False,
+    mode: str = "ddp_optimizer",
+    compile_inside: bool = False,
+) -> dict:
+    """``mode``: Dynamo's ``optimize_ddp`` ("python_reducer" runs the backward under compiled
+    autograd); ``compile_inside``: ``DDP(torch.compile(module))`` instead of ``torch.compile(DDP(module))``."""
     from torch.nn.parallel import DistributedDataParallel
 
     x, weights = batch(name)
     rows = slice(rank * ROWS, (rank + 1) * ROWS)
     result = {}
+    reports: list = []
     with torch._dynamo.config.patch(optimize_ddp=mode, compiled_autograd=mode == "python_reducer"):
-        model = DistributedDataParallel(build(name), bucket_cap_mb=bucket_cap_mb)  # reads optimize_ddp
+        module = build(name)
+        model = DistributedDataParallel(module, bucket_cap_mb=bucket_cap_mb)  # reads optimize_ddp
         if explain:
             torch._dynamo.reset()
             report = ksfx.explain(model, x[rows], rewrite=rewrite)
             result["explain"] = str(report)
             result["cut"] = report.ddp_cut_chains
-        reports: list = []
-        result.update(_step(_compiled(model, rewrite, reports), x[rows], weights[rows]))
+        if compile_inside:
+            model.module = _compiled(module, rewrite, reports)
+            compiled = model
+        else:
+            compiled = _compiled(model, rewrite, reports)
+        result.update(_step(compiled, x[rows], weights[rows]))
     result["chains"] = _chains(reports)
     result["pieces"] = sum(graph.ddp_piece for graph in reports)
-    result["grads"] = {n: p.grad.clone() for n, p in model.module.named_parameters()}
+    result["grads"] = {n: p.grad.clone() for n, p in module.named_parameters()}
     return result
 
 
@@ -176,7 +214,7 @@ def _fsdp2(name: str, rewrite: str, rank: int) -> dict:
     from torch.distributed.fsdp import fully_shard
 
     model = build(name)
-    for block in model.blocks:
+    for block in model.blocks:  # a Stack
         fully_shard(block)
     fully_shard(model)
     x, weights = batch(name)
@@ -188,21 +226,24 @@ def _fsdp2(name: str, rewrite: str, rank: int) -> dict:
     return result
 
 
-#: scenario -> (function, arguments after the rank)
+#: scenario -> (function, model, rewrite mode, options)
 SCENARIOS = {
-    "single/monarch": (_single, ("monarch", "always")),
-    "single/monarch_large": (_single, ("monarch_large", "always")),
-    "single/masked": (_single, ("masked", "always")),
-    "single/masked_large": (_single, ("masked_large", "auto")),
-    "ddp/monarch": (_ddp, ("monarch", "always", 25.0, False)),
-    "ddp/monarch_large": (_ddp, ("monarch_large", "always", 25.0, True)),
-    "ddp/masked_large": (_ddp, ("masked_large", "auto", 1.0, False)),
-    "ddp-no_optimization/monarch_large": (_ddp, ("monarch_large", "always", 25.0, False, "no_optimization")),
-    "ddp-python_reducer/monarch_large": (_ddp, ("monarch_large", "always", 25.0, False, "python_reducer")),
+    "single/monarch": (_single, "monarch", "always", {}),
+    "single/monarch_large": (_single, "monarch_large", "always", {}),
+    "single/masked": (_single, "masked", "always", {}),
+    "single/masked_large": (_single, "masked_large", "auto", {}),
+    "single/sequential": (_single, "sequential", "always", {}),
+    "ddp/monarch": (_ddp, "monarch", "always", {}),
+    "ddp/monarch_large": (_ddp, "monarch_large", "always", {"explain": True}),
+    "ddp/masked_large": (_ddp, "masked_large", "auto", {"bucket_cap_mb": 1.0}),
+    "ddp-no_optimization/monarch_large": (_ddp, "monarch_large", "always", {"mode": "no_optimization"}),
+    "ddp-python_reducer/monarch_large": (_ddp, "monarch_large", "always", {"mode": "python_reducer"}),
+    "ddp/sequential": (_ddp, "sequential", "always", {"explain": True}),
+    "ddp-compile_inside/sequential": (_ddp, "sequential", "always", {"compile_inside": True}),
 }
 if _has_fully_shard():
-    SCENARIOS["fsdp2/monarch"] = (_fsdp2, ("monarch", "always"))
-    SCENARIOS["fsdp2/masked"] = (_fsdp2, ("masked", "always"))
+    SCENARIOS["fsdp2/monarch"] = (_fsdp2, "monarch", "always", {})
+    SCENARIOS["fsdp2/masked"] = (_fsdp2, "masked", "always", {})
 
 
 def _worker(rank: int, init_method: str, out_dir: str) -> None:
@@ -210,8 +251,8 @@ def _worker(rank: int, init_method: str, out_dir: str) -> None:
     dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=WORLD, timeout=timedelta(seconds=60))
     try:
         results = {}
-        for key, (run, args) in SCENARIOS.items():
-            results[key] = run(args[0], args[1], rank, *args[2:])
+        for key, (run, name, rewrite, options) in SCENARIOS.items():
+            results[key] = run(name, rewrite, rank, **options)
             dist.barrier()
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
@@ -288,7 +329,8 @@ def test_ddp_optimizer_cut_is_reported_with_the_setting(results, rank):
     assert ddp["pieces"] > 1
     (whole,) = {tuple(c["patterns"]) for c in single["chains"]}  # every block has the same chain
     assert ddp["cut"] == [list(whole)]
-    assert "splitting 1 KS chain(s)" in ddp["explain"]
+    assert "1 KS chain(s) of the module alone reach the backend in parts under DDP" in ddp["explain"]
+    assert "Dynamo's DDP optimizer cut the model into" in ddp["explain"]
     assert "torch._dynamo.config.optimize_ddp = False" in ddp["explain"]
     assert "'python_reducer' with torch._dynamo.config.compiled_autograd = True" in ddp["explain"]
     # The parts are the same factors; a lone factor may keep its permutations beside it
@@ -324,6 +366,25 @@ def test_ddp_settings_explain_recommends_keep_the_chain_whole(results, rank, mod
     for kind in ("forward", "total", "grad_values"):
         assert ddp[kind] == single[kind] > 0, kind
     _assert_grads(ddp["grads"], "monarch_large")
+
+
+@pytest.mark.parametrize("rank", range(WORLD))
+def test_ddp_of_a_sequential_names_the_cause_and_compiling_inside_keeps_the_chain(results, rank):
+    """``torch.compile(DDP(nn.Sequential(...)))``: Dynamo compiles each child apart, with or
+    without the DDP optimizer, and a chain through the children is cut; explain says so
+    and what to do. ``DDP(torch.compile(sequential))``: the chains and launches of one process."""
+    cut, inside, single = (
+        results[rank][key] for key in ("ddp/sequential", "ddp-compile_inside/sequential", "single/sequential")
+    )
+    (whole,) = [c["patterns"] for c in single["chains"]]
+    assert len(whole) == 2 and cut["cut"] == [whole]
+    assert "torch.nn.modules.container.Sequential.forward" in cut["explain"]
+    assert "DDP(torch.compile(module, backend=...))" in cut["explain"]
+    _assert_grads(cut["grads"], "sequential")  # cut, each part rewritten alone: still right
+    assert [c["patterns"] for c in inside["chains"]] == [whole]
+    for kind in ("forward", "total", "grad_values"):
+        assert inside[kind] == single[kind] > 0, kind
+    _assert_grads(inside["grads"], "sequential")
 
 
 @needs_fsdp2

@@ -43,6 +43,7 @@ class GraphReport:
     code: str | None = None  # the rewritten aten graph, when something was rewritten
     note: str = ""
     ddp_piece: bool = False  # one of the graphs Dynamo's DDP optimizer cut a DDP model into
+    ddp_container: str = ""  # compiled inside DDP whose wrapped module's forward is this torch code
 
 
 def _inner_compiler(inner) -> Callable:
@@ -160,6 +161,24 @@ def _ddp_piece(gm: fx.GraphModule) -> bool:
     return "DDPOptimizer" in str(getattr(gm, "compile_subgraph_reason", ""))
 
 
+def _ddp_container() -> str:
+    """Compiling inside DDP's forward, the wrapped module's ``forward`` when it is torch code.
+
+    DDP runs its own forward outside Dynamo (``_inside_ddp_forward`` is marked to be
+    skipped) and Dynamo starts no graph in torch's own containers (``nn.Sequential``,
+    ...): each child module of such a root is then compiled as a graph of its own, and a
+    chain that runs through several children reaches the backend in parts.
+    """
+    from torch.nn.parallel import DistributedDataParallel
+
+    ddp = DistributedDataParallel._get_active_ddp_module()
+    if ddp is None:
+        return ""
+    forward = type(ddp.module).forward
+    where = getattr(forward, "__module__", None) or ""
+    return f"{where}.{forward.__qualname__}" if where.split(".")[0] == "torch" else ""
+
+
 def _device_type(example_inputs) -> str:
     for x in example_inputs:
         if isinstance(x, torch.Tensor) and x.device.type != "cpu":
@@ -177,10 +196,19 @@ class KsfxCompiler:
         self.inner = _inner_compiler(inner)
         self.reports = reports
         self.count = 0
+        self.warned_container = False
 
     def __call__(self, gm: fx.GraphModule, example_inputs):
-        report = GraphReport(self.count, ddp_piece=_ddp_piece(gm))
+        report = GraphReport(self.count, ddp_piece=_ddp_piece(gm), ddp_container=_ddp_container())
         self.count += 1
+        if report.ddp_container and not self.warned_container:
+            self.warned_container = True
+            log.warning(
+                "ksfx: DDP wraps a module whose forward is torch code (%s): Dynamo compiles each of its "
+                "children as a graph of its own, so KS chains that run through several children are cut; "
+                'compile the module before wrapping it, DDP(torch.compile(module, backend="ksfx"))',
+                report.ddp_container,
+            )
         if self.reports is not None:
             self.reports.append(report)
         try:

@@ -84,19 +84,17 @@ def explain(model: torch.nn.Module, *example_inputs, rewrite: str = "auto", dyna
     """Run Dynamo + the ksfx pass on ``model(*example_inputs)`` and report; the model is untouched.
 
     Buffers (e.g. batch-norm statistics) and the RNG state are restored after the traced
-    call; the model is called under ``torch.no_grad()``. When Dynamo's DDP optimizer cuts
-    a DDP model into one graph per gradient bucket, the model is traced a second time with
-    ``optimize_ddp=False`` and the report names the chains the cuts split.
+    call; the model is called under ``torch.no_grad()``. For a ``DistributedDataParallel``
+    model, the wrapped module is also traced alone, and the report names the chains that
+    do not reach the backend whole under DDP, why, and what to change.
     """
     report = Report()
     _trace(model, example_inputs, rewrite, dynamic, report.graphs)
-    pieces = sum(graph.ddp_piece for graph in report.graphs)
-    if pieces:
-        whole: list[GraphReport] = []
-        with torch._dynamo.config.patch(optimize_ddp=False):
-            _trace(model, example_inputs, rewrite, dynamic, whole)
-        report.ddp_cut_chains = _cut_chains(report.graphs, whole)
-        report.ddp_note = _ddp_note(pieces, report.ddp_cut_chains)
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        alone: list[GraphReport] = []
+        _trace(model.module, example_inputs, rewrite, dynamic, alone)
+        report.ddp_cut_chains = _cut_chains(report.graphs, alone)
+        report.ddp_note = _ddp_note(report.graphs, report.ddp_cut_chains)
     report.graph_breaks, report.graph_breaks_note = _find_graph_breaks(model, example_inputs)
     return report
 
@@ -119,11 +117,11 @@ def _trace(model, example_inputs, rewrite: str, dynamic, graphs: list[GraphRepor
             torch.cuda.set_rng_state_all(cuda_rng)
 
 
-def _cut_chains(pieces: list[GraphReport], whole: list[GraphReport]) -> list[list[tuple[int, int, int, int]]]:
-    """Chains of the uncut graphs that no piece holds whole (compared by patterns, with multiplicity)."""
-    found = Counter(tuple(chain.patterns) for graph in pieces for chain in graph.chains)
+def _cut_chains(graphs: list[GraphReport], alone: list[GraphReport]) -> list[list[tuple[int, int, int, int]]]:
+    """Chains of the module traced alone that no graph holds whole (compared by patterns, with multiplicity)."""
+    found = Counter(tuple(chain.patterns) for graph in graphs for chain in graph.chains)
     cut = []
-    for chain in (chain for graph in whole for chain in graph.chains):
+    for chain in (chain for graph in alone for chain in graph.chains):
         key = tuple(chain.patterns)
         if found[key] > 0:
             found[key] -= 1
@@ -132,15 +130,30 @@ def _cut_chains(pieces: list[GraphReport], whole: list[GraphReport]) -> list[lis
     return cut
 
 
-def _ddp_note(pieces: int, cut: list) -> str:
-    split = f"Dynamo's DDP optimizer cut the model into {pieces} graphs at DDP's gradient-bucket boundaries"
+def _ddp_note(graphs: list[GraphReport], cut: list) -> str:
+    causes = []
+    pieces = sum(graph.ddp_piece for graph in graphs)
+    if pieces:
+        causes.append(
+            f"Dynamo's DDP optimizer cut the model into {pieces} graphs at DDP's gradient-bucket boundaries "
+            "(set torch._dynamo.config.optimize_ddp = False, which overlaps no all-reduce with the compiled "
+            "backward, or = 'python_reducer' with torch._dynamo.config.compiled_autograd = True before "
+            "wrapping the model in DDP; a larger bucket_cap_mb moves the cuts)"
+        )
+    container = next((graph.ddp_container for graph in graphs if graph.ddp_container), "")
+    if container:
+        causes.append(
+            f"the wrapped module's forward is torch code ({container}), in which Dynamo starts no graph, so "
+            "each child module is a graph of its own (compile the module before wrapping it: "
+            "DDP(torch.compile(module, backend=...)), or give it a forward of your own)"
+        )
     if not cut:
-        return f"{split}; no KS chain crosses a cut."
+        return "every KS chain of the module alone reaches the backend whole" + (
+            f"; {'; '.join(causes)}" if causes else ""
+        )
     chains = "; ".join(", ".join(str(p) for p in patterns) for patterns in cut)
+    why = "; ".join(causes) if causes else "for a reason ksfx does not recognise"
     return (
-        f"{split}, splitting {len(cut)} KS chain(s) ({chains}): each part is planned as a chain of its own, "
-        "with its own ops. To keep every chain whole, set torch._dynamo.config.optimize_ddp = False "
-        "(the compiled backward then starts no all-reduce before it ends), or = 'python_reducer' with "
-        "torch._dynamo.config.compiled_autograd = True before wrapping the model in DDP; a larger bucket_cap_mb "
-        "moves the cuts."
+        f"{len(cut)} KS chain(s) of the module alone reach the backend in parts under DDP ({chains}), each part "
+        f"planned as a chain of its own: {why}."
     )
