@@ -45,6 +45,8 @@ class GraphReport:
     code: str | None = None  # the rewritten aten graph, when something was rewritten
     note: str = ""
     specialised: list[str] = field(default_factory=list)  # symbolic widths guarded to their value
+    ddp_piece: bool = False  # one of the graphs Dynamo's DDP optimizer cut a DDP model into
+    ddp_container: str = ""  # compiled inside DDP whose wrapped module's forward is this torch code
 
 
 def _inner_compiler(inner) -> Callable:
@@ -64,16 +66,30 @@ def _inner_compiler(inner) -> Callable:
 
 
 def _classify(gm: fx.GraphModule, example_inputs):
-    """Placeholders that are weights, those whose values may shape supports, the learnable ones."""
+    """Placeholders that are weights, those whose values may shape supports (with the real
+    tensors), the learnable ones.
+
+    Module state is recognised by its Dynamo source: ``*_NN_MODULE`` guard sources, and
+    ``*_FSDP_MODULE`` ones for modules wrapped by FSDP2's ``fully_shard`` (whose buffers,
+    a KS mask say, are plain tensors). Dynamo's DDP optimizer compiles each piece of its
+    split graph with *fake* example inputs; the real parameter or buffer is then read from
+    the placeholder's graph argument, which Dynamo keeps on every piece's placeholders.
+    """
     weights, known, learnable = [], {}, []
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     for k, (node, value) in enumerate(zip(placeholders, example_inputs, strict=False)):
         if not isinstance(value, torch.Tensor):
             continue
-        guard_source = getattr(getattr(node.meta.get("grapharg"), "source", None), "guard_source", None)
+        grapharg = node.meta.get("grapharg")
+        if isinstance(value, torch._subclasses.FakeTensor):
+            real = getattr(grapharg, "example", None)
+            if isinstance(real, torch.Tensor) and not isinstance(real, torch._subclasses.FakeTensor):
+                value = real
+        guard_source = getattr(getattr(grapharg, "source", None), "guard_source", None)
         if callable(guard_source):  # a method in older torch releases, a property in newer ones
             guard_source = guard_source()
-        from_module = "NN_MODULE" in str(guard_source)
+        name = getattr(guard_source, "name", str(guard_source))
+        from_module = "NN_MODULE" in name or "FSDP_MODULE" in name
         is_param = isinstance(value, torch.nn.Parameter)
         if not (is_param or from_module):
             continue
@@ -150,6 +166,30 @@ def _refusal(gm: fx.GraphModule, example_inputs) -> str | None:
     return None
 
 
+def _ddp_piece(gm: fx.GraphModule) -> bool:
+    """Whether Dynamo's DDP optimizer cut ``gm`` out of a larger graph (at a DDP
+    gradient-bucket boundary): it marks every piece it compiles with its reason."""
+    return "DDPOptimizer" in str(getattr(gm, "compile_subgraph_reason", ""))
+
+
+def _ddp_container() -> str:
+    """Compiling inside DDP's forward, the wrapped module's ``forward`` when it is torch code.
+
+    DDP runs its own forward outside Dynamo (``_inside_ddp_forward`` is marked to be
+    skipped) and Dynamo starts no graph in torch's own containers (``nn.Sequential``,
+    ...): each child module of such a root is then compiled as a graph of its own, and a
+    chain that runs through several children reaches the backend in parts.
+    """
+    from torch.nn.parallel import DistributedDataParallel
+
+    ddp = DistributedDataParallel._get_active_ddp_module()
+    if ddp is None:
+        return ""
+    forward = type(ddp.module).forward
+    where = getattr(forward, "__module__", None) or ""
+    return f"{where}.{forward.__qualname__}" if where.split(".")[0] == "torch" else ""
+
+
 def _device_type(example_inputs) -> str:
     for x in example_inputs:
         if isinstance(x, torch.Tensor) and x.device.type != "cpu":
@@ -183,10 +223,19 @@ class KsfxCompiler:
         self.inner = _inner_compiler(inner)
         self.reports = reports
         self.count = 0
+        self.warned_container = False
 
     def __call__(self, gm: fx.GraphModule, example_inputs):
-        report = GraphReport(self.count)
+        report = GraphReport(self.count, ddp_piece=_ddp_piece(gm), ddp_container=_ddp_container())
         self.count += 1
+        if report.ddp_container and not self.warned_container:
+            self.warned_container = True
+            log.warning(
+                "ksfx: DDP wraps a module whose forward is torch code (%s): Dynamo compiles each of its "
+                "children as a graph of its own, so KS chains that run through several children are cut; "
+                'compile the module before wrapping it, DDP(torch.compile(module, backend="ksfx"))',
+                report.ddp_container,
+            )
         if self.reports is not None:
             self.reports.append(report)
         try:
@@ -226,7 +275,7 @@ class KsfxCompiler:
         guards = sorted({placeholders.index(g) for c in rewritten for g in c.plan.guards})
         if not guards:
             return compiled
-        return _guarded(compiled, gm, [(k, example_inputs[k]) for k in guards])
+        return _guarded(compiled, gm, [(k, known.get(k, example_inputs[k])) for k in guards])
 
 
 def _guarded(compiled, original: fx.GraphModule, guarded: list[tuple[int, torch.Tensor]]):
@@ -247,6 +296,10 @@ def _guarded(compiled, original: fx.GraphModule, guarded: list[tuple[int, torch.
         return True
 
     def run(*args):
+        if any(isinstance(args[k], torch._subclasses.FakeTensor) for k in expected):
+            # Dynamo's DDP optimizer runs each compiled piece on fake tensors at compile
+            # time to get the next piece's inputs: there are no values to check.
+            return compiled(*args)
         if not state["fallback"] and not still_valid(args):
             state["fallback"] = True
             warnings.warn(

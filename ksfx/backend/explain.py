@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
@@ -18,6 +19,9 @@ class Report:
     graphs: list[GraphReport] = field(default_factory=list)
     graph_breaks: list = field(default_factory=list)
     graph_breaks_note: str = ""
+    #: Under DDP: how Dynamo's DDP optimizer cut the model, which chains it split, what to set.
+    ddp_note: str = ""
+    ddp_cut_chains: list[list[tuple[int, int, int, int]]] = field(default_factory=list)
 
     @property
     def chains(self) -> list[ChainReport]:
@@ -52,6 +56,9 @@ class Report:
                     lines.append(f"{'':>5}  estimate: {chain.estimate}")
                 if chain.verification:
                     lines.append(f"{'':>5}  check: {chain.verification}")
+        if self.ddp_note:
+            lines.append("")
+            lines.append(f"DDP: {self.ddp_note}")
         lines.append("")
         lines.append("graph breaks:")
         if self.graph_breaks:
@@ -79,10 +86,23 @@ def explain(model: torch.nn.Module, *example_inputs, rewrite: str = "auto", dyna
     """Run Dynamo + the ksfx pass on ``model(*example_inputs)`` and report; the model is untouched.
 
     Buffers (e.g. batch-norm statistics) and the RNG state are restored after the traced
-    call; the model is called under ``torch.no_grad()``.
+    call; the model is called under ``torch.no_grad()``. For a ``DistributedDataParallel``
+    model, the wrapped module is also traced alone, and the report names the chains that
+    do not reach the backend whole under DDP, why, and what to change.
     """
     report = Report()
-    compiler = KsfxCompiler(rewrite=rewrite, inner="eager", reports=report.graphs)
+    _trace(model, example_inputs, rewrite, dynamic, report.graphs)
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        alone: list[GraphReport] = []
+        _trace(model.module, example_inputs, rewrite, dynamic, alone)
+        report.ddp_cut_chains = _cut_chains(report.graphs, alone)
+        report.ddp_note = _ddp_note(report.graphs, report.ddp_cut_chains)
+    report.graph_breaks, report.graph_breaks_note = _find_graph_breaks(model, example_inputs)
+    return report
+
+
+def _trace(model, example_inputs, rewrite: str, dynamic, graphs: list[GraphReport]) -> None:
+    compiler = KsfxCompiler(rewrite=rewrite, inner="eager", reports=graphs)
     buffers = [(b, b.detach().clone()) for b in model.buffers()] if isinstance(model, torch.nn.Module) else []
     rng = torch.get_rng_state()
     cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
@@ -90,7 +110,6 @@ def explain(model: torch.nn.Module, *example_inputs, rewrite: str = "auto", dyna
         compiled = torch.compile(model, backend=compiler, dynamic=dynamic)
         with torch.no_grad():
             compiled(*example_inputs)
-        report.graph_breaks, report.graph_breaks_note = _find_graph_breaks(model, example_inputs)
     finally:
         with torch.no_grad():
             for buffer, saved in buffers:
@@ -98,4 +117,45 @@ def explain(model: torch.nn.Module, *example_inputs, rewrite: str = "auto", dyna
         torch.set_rng_state(rng)
         if cuda_rng is not None:
             torch.cuda.set_rng_state_all(cuda_rng)
-    return report
+
+
+def _cut_chains(graphs: list[GraphReport], alone: list[GraphReport]) -> list[list[tuple[int, int, int, int]]]:
+    """Chains of the module traced alone that no graph holds whole (compared by patterns, with multiplicity)."""
+    found = Counter(tuple(chain.patterns) for graph in graphs for chain in graph.chains)
+    cut = []
+    for chain in (chain for graph in alone for chain in graph.chains):
+        key = tuple(chain.patterns)
+        if found[key] > 0:
+            found[key] -= 1
+        elif chain.patterns:
+            cut.append(list(chain.patterns))
+    return cut
+
+
+def _ddp_note(graphs: list[GraphReport], cut: list) -> str:
+    causes = []
+    pieces = sum(graph.ddp_piece for graph in graphs)
+    if pieces:
+        causes.append(
+            f"Dynamo's DDP optimizer cut the model into {pieces} graphs at DDP's gradient-bucket boundaries "
+            "(set torch._dynamo.config.optimize_ddp = False, which overlaps no all-reduce with the compiled "
+            "backward, or = 'python_reducer' with torch._dynamo.config.compiled_autograd = True before "
+            "wrapping the model in DDP; a larger bucket_cap_mb moves the cuts)"
+        )
+    container = next((graph.ddp_container for graph in graphs if graph.ddp_container), "")
+    if container:
+        causes.append(
+            f"the wrapped module's forward is torch code ({container}), in which Dynamo starts no graph, so "
+            "each child module is a graph of its own (compile the module before wrapping it: "
+            "DDP(torch.compile(module, backend=...)), or give it a forward of your own)"
+        )
+    if not cut:
+        return "every KS chain of the module alone reaches the backend whole" + (
+            f"; {'; '.join(causes)}" if causes else ""
+        )
+    chains = "; ".join(", ".join(str(p) for p in patterns) for patterns in cut)
+    why = "; ".join(causes) if causes else "for a reason ksfx does not recognise"
+    return (
+        f"{len(cut)} KS chain(s) of the module alone reach the backend in parts under DDP ({chains}), each part "
+        f"planned as a chain of its own: {why}."
+    )

@@ -112,10 +112,16 @@ def _widest_batch(state: ActT, end: fx.Node, states) -> ChainPlan:
     symbolic). Ties keep the earliest root (the largest region). When the root does not
     plan, a later start is taken only if it ties no digit at all; otherwise the root's
     error is raised (and an earlier end is tried).
+
+    The root itself may also be read in the order its memory is laid out: a graph input
+    that is a transposed view (``(blocks, batch, features)`` over a batch-first storage,
+    which is what a graph cut between two factors hands the next graph, e.g. Dynamo's DDP
+    optimizer at a gradient-bucket boundary) has its batch digits in the middle, but a
+    permute brings them to the front without copying.
     """
 
-    def attempt(act: ActT) -> ChainPlan:
-        plan = plan_chain(act, end)
+    def attempt(act: ActT, root_order: tuple[int, ...] | None = None) -> ChainPlan:
+        plan = plan_chain(act, end, root_order)
         _end_shape_plan(plan)  # symbolic output sizes must be readable from this root
         return plan
 
@@ -135,6 +141,14 @@ def _widest_batch(state: ActT, end: fx.Node, states) -> ChainPlan:
         except (Unsupported, AtomError):
             continue
         if plan.tied < (best.tied if best is not None else 2):  # alone, a later start must tie nothing
+            best = plan
+    if best is None or best.tied > 1:
+        try:
+            order = _stored_order(state.root.meta["val"])
+            plan = attempt(state, tuple(order)) if order is not None else None
+        except (Unsupported, AtomError):
+            plan = None
+        if plan is not None and plan.tied < (best.tied if best is not None else 2):
             best = plan
     if best is None:
         raise error
@@ -175,6 +189,24 @@ def _hint(size) -> int:
     return int(size.node.hint) if isinstance(size, torch.SymInt) else int(size)
 
 
+def _stored_order(val: torch.Tensor) -> list[int] | None:
+    """The dimension order (outermost first) in which ``val`` is stored, or None when it
+    is contiguous; raises :class:`Unsupported` for a layout that is not a permutation of a
+    dense tensor."""
+    shape, strides = [_hint(s) for s in val.shape], [_hint(s) for s in val.stride()]
+    order = sorted(range(len(shape)), key=lambda k: -strides[k])  # stable: ties keep dim order
+    expected, dense = 1, {}
+    for k in reversed(order):
+        dense[k] = expected
+        expected *= shape[k]
+    if any(shape[k] > 1 and strides[k] != dense[k] for k in range(len(shape))):
+        raise Unsupported(f"strides {strides}, not a dense layout")
+    contiguous = [math.prod(shape[k + 1 :]) for k in range(len(shape))]
+    if all(shape[k] == 1 or strides[k] == contiguous[k] for k in range(len(shape))):
+        return None
+    return order
+
+
 def _end_layout(plan: ChainPlan) -> list[int] | None:
     """The dimension order (outermost first) in which the end's traced value is stored,
     or None when it is contiguous.
@@ -184,19 +216,10 @@ def _end_layout(plan: ChainPlan) -> list[int] | None:
     ``transpose`` and an elementwise op that keeps its input's layout), so the rewrite
     restores that layout. Layouts that are not a permutation of a dense tensor are refused.
     """
-    val = plan.end.meta["val"]
-    shape, strides = [_hint(s) for s in val.shape], [_hint(s) for s in val.stride()]
-    order = sorted(range(len(shape)), key=lambda k: -strides[k])  # stable: ties keep dim order
-    expected, dense = 1, {}
-    for k in reversed(order):
-        dense[k] = expected
-        expected *= shape[k]
-    if any(shape[k] > 1 and strides[k] != dense[k] for k in range(len(shape))):
-        raise Unsupported(f"the chain's output {plan.end.name} has strides {strides}, not a dense layout")
-    contiguous = [math.prod(shape[k + 1 :]) for k in range(len(shape))]
-    if all(shape[k] == 1 or strides[k] == contiguous[k] for k in range(len(shape))):
-        return None
-    return order
+    try:
+        return _stored_order(plan.end.meta["val"])
+    except Unsupported as err:
+        raise Unsupported(f"the chain's output {plan.end.name} has {err}") from None
 
 
 def _check_dtypes(plan: ChainPlan) -> None:
@@ -367,7 +390,10 @@ def apply(gm: fx.GraphModule, plans: list[ChainPlan]) -> None:
         root = replaced.get(plan.root, plan.root)
         with graph.inserting_before(plan.end):
             fin = chain.in_features
-            x2d = graph.call_function(aten.reshape.default, (root, [fin, -1] if plan.batch_last else [-1, fin]))
+            x = root
+            if plan.root_order is not None:
+                x = graph.call_function(aten.permute.default, (root, list(plan.root_order)))
+            x2d = graph.call_function(aten.reshape.default, (x, [fin, -1] if plan.batch_last else [-1, fin]))
             if plan.cast is not None:
                 x2d = graph.call_function(aten._to_copy.default, (x2d,), {"dtype": plan.cast})
             values = [

@@ -59,6 +59,7 @@ class ChainPlan:
     tied: int = 1  # product of the feature digits no weight depends on (1: none)
     cast: torch.dtype | None = None  # the root is cast to this dtype first (autocast)
     root_feature_dims: tuple[int, ...] = ()  # dimensions of the root holding feature digits
+    root_order: tuple[int, ...] | None = None  # the root is read permuted to this dim order first
 
 
 def _sizes(atoms) -> list[int]:
@@ -77,8 +78,11 @@ def digit_perm(current: list[Atom], target: list[Atom]) -> DigitPerm | None:
     return DigitPerm(tuple(_sizes(current)), order)
 
 
-def plan_chain(act: ActT, end: fx.Node) -> ChainPlan:
+def plan_chain(act: ActT, end: fx.Node, root_order: tuple[int, ...] | None = None) -> ChainPlan:
+    """``root_order``: read the root's dimensions in this order (a permute before the 2-D view)."""
     act = act.closed()
+    if root_order is not None:
+        act = replace(act, root_dims=tuple(act.root_dims[k] for k in root_order))
     if not any(isinstance(step, Factor) for step in act.steps):
         raise Unsupported("no product with a weight (permutations only)")
     if any(a.size == 0 for a in leaves([a for d in act.root_dims for a in d])):
@@ -155,7 +159,12 @@ def plan_chain(act: ActT, end: fx.Node) -> ChainPlan:
         source_flops=source_flops,
         tied=_prod(tied),
         cast=act.cast,
-        root_feature_dims=tuple(k for k, d in enumerate(act.root_dims) if leafset(d) & set(features)),
+        root_feature_dims=tuple(
+            k if root_order is None else root_order[k]  # dimensions of the root as it is, unpermuted
+            for k, d in enumerate(act.root_dims)
+            if leafset(d) & set(features)
+        ),
+        root_order=root_order,
     )
 
 

@@ -114,7 +114,7 @@ def verify(plan: ChainPlan, learnable: set[fx.Node], known: dict[fx.Node, torch.
     except _Skip as skip:
         return "skipped", f"not re-evaluated ({skip})"
     dense = plan.chain.to_dense(values) if plan.chain.patterns else None
-    x = env[plan.root]
+    x = env[plan.root] if plan.root_order is None else env[plan.root].permute(plan.root_order)
     fin = plan.chain.in_features
     if plan.batch_last:
         y = dense @ x.reshape(fin, -1)

@@ -100,3 +100,28 @@ def test_monarch_with_output_shuffle_keeps_one_permutation():
     (chain,) = report.chains
     assert chain.rewritten and len(chain.permutations) == 1
     assert_compiled_matches_eager(model, x)
+
+
+class BlocksFirst(nn.Module):
+    """A block-diagonal bmm on an input already laid out as ``(blocks, n, c)``."""
+
+    def __init__(self, blocks: int, b: int, c: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(blocks, c, b) / c**0.5)
+
+    def forward(self, xs):
+        return torch.bmm(xs, self.weight).transpose(0, 1).reshape(xs.shape[1], -1)
+
+
+def test_transposed_view_input_is_read_in_storage_order():
+    """An input ``(blocks, n, c)`` that is a transposed view of batch-first ``(n, blocks, c)``
+    storage (what a graph cut between two factors passes on, e.g. at a DDP bucket boundary)
+    has its batch digit in the middle: read in storage order it stays a batch digit instead
+    of being tied into a pattern that grows with the batch."""
+    torch.manual_seed(0)
+    model = BlocksFirst(blocks=3, b=2, c=4)
+    xs = torch.randn(5, 3, 4).transpose(0, 1)
+    assert rewritten_patterns(model, xs) == [[(3, 2, 4, 1)]]
+    assert_compiled_matches_eager(model, xs)
+    contiguous = xs.contiguous()  # the same values stored blocks-first: the batch sits in the middle
+    assert rewritten_patterns(model, contiguous) == [[(15, 2, 4, 1)]]
