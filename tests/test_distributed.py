@@ -151,7 +151,7 @@ def _step(model, x, weights) -> dict:
 
 def _compiled(model, rewrite: str, reports: list):
     torch._dynamo.reset()
-    return torch.compile(model, backend=KsfxCompiler(rewrite=rewrite, inner="aot_eager", reports=reports))
+    return torch.compile(model, backend=KsfxCompiler(rewrite=rewrite, inner="aot_eager", reports=reports, cpu="op"))
 
 
 def _chains(reports) -> list[dict]:
