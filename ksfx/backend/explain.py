@@ -42,6 +42,8 @@ class Report:
                     f"{chain.reason}"
                 )
                 lines.append(f"{'':>5}  nodes {chain.root} -> {chain.end}: {' '.join(chain.nodes)}")
+                if chain.stopped:
+                    lines.append(f"{'':>5}  ends at {chain.end}, a later end failed: {chain.stopped}")
                 if chain.chain:
                     lines.append(f"{'':>5}  W = {chain.chain}")
                 if chain.permutations:

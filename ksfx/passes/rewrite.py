@@ -50,6 +50,8 @@ class ChainReport:
     estimate: Estimate | None = None
     verification: str = ""
     plan: ChainPlan | None = field(default=None, repr=False)
+    # Why the chain ends where it does: the first later end of the same chain that failed.
+    stopped: str = ""
 
     @property
     def in_features(self) -> int | None:
@@ -68,7 +70,10 @@ def _debug(message: str, *args) -> None:
 
 
 def find_chains(gm: fx.GraphModule, weights: set[fx.Node], known: dict[fx.Node, torch.Tensor]):
-    """``[(plan | None, reason, end_node, state)]`` for every maximal chain of the graph."""
+    """``[(plan | None, reason, end_node, state)]`` for every maximal chain of the graph.
+
+    With a plan, ``reason`` says why no later end of the same chain planned ("" if none).
+    """
     interpreter = Interpreter(gm, weights, known)
     states = interpreter.run()
     by_chain: dict[int, list[tuple[fx.Node, ActT]]] = {}
@@ -86,7 +91,7 @@ def find_chains(gm: fx.GraphModule, weights: set[fx.Node], known: dict[fx.Node, 
                 _check_dtypes(plan)
                 _check_no_mutation(plan, order)
                 _end_layout(plan)
-                found.append((plan, "", node, state))
+                found.append((plan, reason or "", node, state))
                 break
             except (Unsupported, AtomError) as err:
                 reason = reason or f"{node.name}: {err}"
@@ -296,6 +301,7 @@ def run_pass(
             estimate=est,
             verification=message,
             plan=plan,
+            stopped=reason,
         )
         _debug(
             "ksfx: chain %s -> %s = %s (%s): %s [%s]",
