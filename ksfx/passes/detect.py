@@ -7,8 +7,12 @@ Every tensor node gets a state:
 * :class:`ActT` — a linear image of a *root* activation node through the ops the pass
   understands: views, permutations by constant index tables, products with weights and
   sums over digits (``bmm``/``mm``/``addmm``, broadcast ``mul`` then ``sum``, which is
-  what ``einsum``, ``matmul`` and ``F.linear`` lower to), and a final bias ``add``.
+  what ``einsum``, ``matmul`` and ``F.linear`` lower to), and a bias ``add``.
   It records the steps (:class:`Factor`, :class:`PermRec`) between the root and itself.
+
+A bias ends a chain *segment*: the op takes the bias as its epilogue, so an op after the
+bias that is more than a view (a product, a permutation) starts a new chain rooted at the
+node that added the bias, with the views in between replayed from there.
 
 Any node the pass does not understand becomes a new root, so nothing is ever assumed.
 A node whose result is used more than once ends every chain through it (its users
@@ -101,6 +105,7 @@ class ActT:
     steps: tuple = ()
     pending: Factor | None = None
     bias: WeightT | None = None
+    bias_node: fx.Node | None = None  # where the bias was added: the root of the next segment
     nodes: tuple[fx.Node, ...] = ()
     cast: torch.dtype | None = None  # a dtype cast of the input before any product (autocast)
 
@@ -151,6 +156,9 @@ class Interpreter:
         self.evaluator = ValueEvaluator(gm, known)
         self.states: dict[fx.Node, object] = {}
         self.failures: dict[fx.Node, str] = {}  # why a node could not continue a chain
+        # States of the views after a bias, replayed in a new segment: committed only when
+        # the op that needed the new segment is understood.
+        self._replayed: dict[fx.Node, ActT] = {}
 
     # ------------------------------------------------------------------ driver
     def run(self) -> dict[fx.Node, object]:
@@ -303,22 +311,42 @@ class Interpreter:
         return new_source(node, vals, out != 0, guards)
 
     # ------------------------------------------------------------------ activations
-    def _act_input(self, arg: fx.Node, restart: bool) -> ActT:
+    def _act_input(self, arg: fx.Node, restart: bool, segment: bool = True) -> ActT:
+        """The state ``arg``'s chain continues with; ``segment``: past a bias, a new segment."""
         state = self.states.get(arg)
         if not isinstance(state, ActT):
             raise Unsupported(f"{arg.name} is not an activation")
         if restart or len(arg.users) > 1:
             return _root(arg)
-        return state
+        return self._segment(state) if segment else state
+
+    def _segment(self, act: ActT) -> ActT:
+        """``act`` as a new chain rooted where its bias was added (``act`` itself without a bias).
+
+        ``K1 x + b1`` then ``K2 (...)``: the first chain ends at the bias (its epilogue), the
+        second starts there. Only views can follow a bias in one segment, so they are
+        replayed on the new root's digits; the views' states move to the new chain once
+        the op that needed it is understood (see :meth:`_activation`).
+        """
+        if act.bias is None:
+            return act
+        start = act.bias_node
+        seg = _root(start)
+        for node in act.nodes[act.nodes.index(start) + 1 :]:
+            seg = replace(seg, dims=self._view_dims(node, seg.dims), nodes=seg.nodes + (node,))
+            self._replayed[node] = seg
+        return seg
 
     def _activation(self, node: fx.Node):
         last_error = None
         for restart in (False, True):
+            self._replayed = {}
             try:
                 result = self._activation_op(node, restart)
             except (AtomError, Unsupported) as err:
                 last_error = err
                 continue
+            self.states.update(self._replayed)
             if isinstance(result, ActT):
                 return replace(result, nodes=result.nodes + (node,))
             return result
@@ -333,13 +361,13 @@ class Interpreter:
         if target in LAYOUT_OPS:
             if args[0] is not x:
                 raise Unsupported("view of a non-activation argument")
-            act = self._act_input(x, restart)
+            act = self._act_input(x, restart, segment=False)
             try:
                 return replace(act, dims=self._view_dims(node, act.dims))
             except AtomError:
-                if target not in VIEW_OPS or act.bias is not None:
+                if target not in VIEW_OPS:
                     raise
-                return self._reindex_view(node, act)
+                return self._reindex_view(node, self._segment(act))
         if target is aten._to_copy.default:
             return self._cast(node, self._act_input(x, restart))
         if target in (aten.index.Tensor, aten.index_select.default):
@@ -428,13 +456,11 @@ class Interpreter:
             or (device is not None and isinstance(val, torch.Tensor) and torch.device(device) != val.device)
         ):
             raise Unsupported("a copy that changes more than the floating dtype")
-        if act.has_work or act.bias is not None or act.cast is not None:
+        if act.has_work or act.cast is not None:
             raise Unsupported("a dtype cast after a product (the op computes in one dtype)")
         return replace(act, cast=dtype)
 
     def _index(self, node: fx.Node, act: ActT) -> ActT:
-        if act.bias is not None:
-            raise Unsupported("permutation after a bias")
         if node.target is aten.index_select.default:
             dim, index = _norm(node.args[1], len(act.dims)), node.args[2]
         else:
@@ -506,10 +532,7 @@ class Interpreter:
     def _matmul(self, node: fx.Node, left, right, x: fx.Node, restart: bool) -> ActT:
         batched = node.target in (aten.bmm.default, aten.bmm.out)
         act_left = left is x
-        act = self._act_input(x, restart)
-        if act.bias is not None:
-            raise Unsupported("product after a bias")
-        act = act.closed()
+        act = self._act_input(x, restart).closed()
         w = self._weight_arg(right if act_left else left)
         if act_left:  # (b, m, k) @ (b, k, n)
             a_dims, w_dims = act.dims, w.dims
@@ -544,8 +567,6 @@ class Interpreter:
         return tuple(out)
 
     def _mul(self, node: fx.Node, act: ActT, other) -> ActT:
-        if act.bias is not None:
-            raise Unsupported("product after a bias")
         act = act.closed()
         w = self._weight_arg(other)
         dims = self._broadcast(node, act.dims, w)
@@ -570,13 +591,13 @@ class Interpreter:
         return replace(act, dims=dims, steps=act.steps + _split_outer(factor), pending=None, live=live)
 
     def _add_bias(self, node: fx.Node, act: ActT, other) -> ActT:
-        if act.bias is not None or not act.steps:
+        if not act.steps:
             raise Unsupported("bias without a preceding product")
         w = self._weight_arg(other)
         dims = self._broadcast(node, act.dims, w)
         if len(dims) != len(act.dims):
             raise Unsupported("bias broadcasts the activation")
-        return replace(act, dims=dims, bias=w)
+        return replace(act, dims=dims, bias=w, bias_node=node)
 
 
 def _outer_parts(product: WeightT, operands: list[WeightT]) -> tuple[WeightT, ...]:

@@ -100,6 +100,12 @@ def _monarch_ref(m: L.MonarchLinear) -> list[ChainRef]:
     return [ChainRef(chain, _monarch_values(m.blkdiag1, m.blkdiag2), m, m.bias)]
 
 
+def _monarch_stack_ref(m: nn.Sequential) -> list[ChainRef]:
+    # One chain per layer: the first layer's bias ends its chain (the op's epilogue), the
+    # second chain starts at that bias add.
+    return [ref for layer in m for ref in _monarch_ref(layer)]
+
+
 def _ks_bmm_ref(m: L.KSBmmLinear) -> list[ChainRef]:
     values = [f.reshape(a, d, b, c).permute(0, 2, 3, 1) for f, (a, b, c, d) in zip(m.factors, m.patterns)]
     chain = Chain(tuple(_ks(*reversed(m.patterns))))
@@ -251,6 +257,15 @@ ZOO: list[ZooCase] = [
         False,
         True,
         _monarch_ref,
+    ),
+    ZooCase(
+        "monarch_bmm_stack_bias_between",
+        "bias_between_chains",
+        _maker(lambda: nn.Sequential(L.MonarchLinear(16, 32, 4), L.MonarchLinear(32, 16, 4)), (2, 3, 16)),
+        [[(1, 8, 4, 4), (4, 4, 4, 1)], [(1, 4, 4, 4), (4, 4, 8, 1)]],
+        False,
+        True,
+        _monarch_stack_ref,
     ),
     ZooCase(
         "ks_bmm_general",
