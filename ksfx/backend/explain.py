@@ -36,6 +36,8 @@ class Report:
                 lines.append(f"{graph.index:>5}  {graph.note}")
             for chain in graph.chains:
                 layout = "" if chain.batch_last is None else ("batch-last" if chain.batch_last else "batch-first")
+                if chain.plan is not None and chain.plan.inner_dims:
+                    layout = "middle"  # batch dimensions on both sides of the features (N, C, H, W)
                 patterns = ", ".join(str(p) for p in chain.patterns) or "-"
                 lines.append(
                     f"{graph.index:>5}  {('yes' if chain.rewritten else 'no'):<9}  {layout:<11}  {patterns:<40}  "

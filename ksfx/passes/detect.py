@@ -7,7 +7,8 @@ Every tensor node gets a state:
 * :class:`ActT` — a linear image of a *root* activation node through the ops the pass
   understands: views, permutations by constant index tables, products with weights and
   sums over digits (``bmm``/``mm``/``addmm``, broadcast ``mul`` then ``sum``, which is
-  what ``einsum``, ``matmul`` and ``F.linear`` lower to), and a bias ``add``.
+  what ``einsum``, ``matmul`` and ``F.linear`` lower to; grouped 1x1 convolutions), and
+  a bias ``add``.
   It records the steps (:class:`Factor`, :class:`PermRec`) between the root and itself.
 
 A bias ends a chain *segment*: the op takes the bias as its epilogue, so an op after the
@@ -121,7 +122,14 @@ class ActT:
 
 
 #: Products: one that multiplies by a weight and cannot be followed is reported with its reason.
-PRODUCT_OPS = {aten.mm.default, aten.bmm.default, aten.addmm.default, aten.mm.out, aten.bmm.out}
+PRODUCT_OPS = {
+    aten.mm.default,
+    aten.bmm.default,
+    aten.addmm.default,
+    aten.mm.out,
+    aten.bmm.out,
+    aten.convolution.default,
+}
 
 
 class Unsupported(Exception):
@@ -181,6 +189,8 @@ class Interpreter:
         for node, error in self.failures.items():
             if node.target not in PRODUCT_OPS or node in covered:
                 continue
+            if node.target is aten.convolution.default and node.args[8] == 1:
+                continue  # a dense convolution (a 3x3 conv, a ViT patch embedding) is expected to stay
             for arg in node.all_input_nodes:
                 path_error, source = None, arg
                 while not isinstance(self.states.get(source), WeightT) and source.target in LAYOUT_OPS:
@@ -382,6 +392,8 @@ class Interpreter:
                 raise Unsupported("addmm with beta/alpha")
             act = self._matmul(node, args[1], args[2], x, restart)
             return self._add_bias(node, act.closed(), args[0])
+        if target is aten.convolution.default:
+            return self._convolution(node, x, restart)
         if target is aten.mul.Tensor:
             other = args[1] if args[0] is x else args[0]
             return self._mul(node, self._act_input(x, restart), other)
@@ -472,6 +484,7 @@ class Interpreter:
         if not isinstance(index, fx.Node):
             raise Unsupported("index is not a tensor")
         table = self.evaluator.value(index)
+
         size = act.dims[dim]
         n = 1
         for atom in leaves(size):
@@ -514,16 +527,9 @@ class Interpreter:
                 continue
             except AtomError:
                 pass
-            if not all(a.static for a in digits) or not set(digits) <= set(live):
-                raise AtomError(f"view to {list(shape)} reshapes a batch or broadcast digit")
-            fresh = [Atom(s) for s in targets if s != 1]
-            it = iter(fresh)
-            dims.extend(() if s == 1 else (next(it),) for s in targets)
-            n = 1
-            for a in digits:
-                n *= a.int_size()
-            steps.append(PermRec(tuple(digits), torch.arange(n), tuple(fresh), node))
-            live = [a for a in live if a not in set(digits)] + fresh
+            groups, rec, live = _identity_table(digits, targets, node, live, f"view to {list(shape)}")
+            dims.extend(groups)
+            steps.append(rec)
         if len(dims) != len(shape):
             raise AtomError(f"view to {list(shape)} cannot be described on digits")
         act = act.closed()
@@ -551,6 +557,52 @@ class Interpreter:
         factor = Factor(w, tuple(act.live), node, summed=tuple(summed), out_dims=out)
         live = _live_after(act.live, w, summed)
         return replace(act, dims=out, steps=act.steps + _split_outer(factor), live=live)
+
+    def _convolution(self, node: fx.Node, x: fx.Node, restart: bool) -> ActT:
+        """A 1x1 convolution, stride 1, no padding: the KS factor ``(g, C_out/g, C_in/g, 1)``.
+
+        At every spatial position it multiplies the channels (dimension 1) by the
+        block-diagonal matrix of its ``g`` groups; the spatial positions are batch digits.
+        The channel digits split into ``(g, C_in/g)``, the weight's ``(C_out, C_in/g, 1..)``
+        into ``(g, C_out/g)``: the groups are unified, ``C_in/g`` is contracted.
+        """
+        inp, weight, bias, stride, padding, _dilation, transposed, _output_padding, groups = node.args
+        if inp is not x:
+            raise Unsupported("convolution whose weight is an activation")
+        kernel = [int(k) for k in weight.meta["val"].shape[2:]]
+        if len(_shape(inp)) != 2 + len(kernel):
+            raise Unsupported("convolution of an unbatched input")
+        if transposed:
+            raise Unsupported("transposed convolution (only plain 1x1 convolutions are channel products)")
+        if any(k != 1 for k in kernel):
+            size = "x".join(str(k) for k in kernel)
+            raise Unsupported(f"convolution with a {size} kernel mixes spatial positions (only 1x1 kernels are KS)")
+        if any(s != 1 for s in stride):
+            raise Unsupported(f"convolution with stride {list(stride)} drops spatial positions")
+        if any(p != 0 for p in padding):
+            raise Unsupported(f"convolution with padding {list(padding)} adds positions that only see the bias")
+        act = self._act_input(x, restart).closed()
+        w = self._weight_arg(weight)
+        c_in, c_out = _shape(inp)[1], _shape(node)[1]
+        split = [sympy.Integer(groups), c_in / groups]
+        try:
+            group_in, per_in = regroup(leaves(act.dims[1]), split)
+        except AtomError:  # the groups cut a digit (a (4, 3) shuffle read as 3 groups of 4)
+            channels = leaves(act.dims[1])
+            (group_in, per_in), rec, live = _identity_table(channels, split, node, leaves(act.live), "groups")
+            dims = act.dims[:1] + (group_in + per_in,) + act.dims[2:]
+            act = replace(act, dims=dims, steps=act.steps + (rec,), live=tuple(live))
+        group_w, per_out = regroup(leaves(w.dims[0]), [sympy.Integer(groups), c_out / groups])
+        align(group_in, group_w)
+        align(per_in, w.dims[1])
+        out = act.dims[:1] + (group_in + per_out,) + act.dims[2:]
+        factor = Factor(w, tuple(act.live), node, summed=per_in, out_dims=out)
+        act = replace(act, dims=out, steps=act.steps + _split_outer(factor), live=_live_after(act.live, w, per_in))
+        if bias is None:
+            return act
+        b = self._weight_arg(bias)
+        align(b.dims[0] if b.dims else (), out[1])
+        return replace(act, bias=b, bias_node=node)
 
     def _broadcast(self, node: fx.Node, act_dims, w: WeightT):
         shape = _shape(node)
@@ -598,6 +650,24 @@ class Interpreter:
         if len(dims) != len(act.dims):
             raise Unsupported("bias broadcasts the activation")
         return replace(act, dims=dims, bias=w, bias_node=node)
+
+
+def _identity_table(digits: list[Atom], targets: list, node: fx.Node, live: list[Atom], what: str):
+    """Fresh digits of sizes ``targets`` reading the flat index of ``digits`` (identity table).
+
+    ``(groups, step, live)``: one digit tuple per target (empty for size 1), the
+    :class:`PermRec` linking them, and the live digits after it.
+    """
+    if not all(a.static for a in digits) or not set(digits) <= set(live):
+        raise AtomError(f"{what} reshapes a batch or broadcast digit")
+    fresh = [Atom(s) for s in targets if s != 1]
+    it = iter(fresh)
+    groups = [() if s == 1 else (next(it),) for s in targets]
+    n = 1
+    for a in digits:
+        n *= a.int_size()
+    rec = PermRec(tuple(digits), torch.arange(n), tuple(fresh), node)
+    return groups, rec, [a for a in live if a not in set(digits)] + fresh
 
 
 def _outer_parts(product: WeightT, operands: list[WeightT]) -> tuple[WeightT, ...]:

@@ -10,6 +10,9 @@ per chain found (rewritten or not, always with a reason). Each rewritten chain b
 
 so parameters stay graph inputs (read at every call, gradients flow to them through the
 op's registered autograd) and everything around the chain is left to the inner compiler.
+A chain on middle dimensions (channels-first ``(N, C, L)`` mixing ``C``) moves the
+features to the front around the op: ``x2d = reshape(permute(reshape(root, [-1, in, L]),
+[1, 0, 2]), [in, -1])``, and back after it.
 """
 
 from __future__ import annotations
@@ -114,9 +117,13 @@ def _widest_batch(state: ActT, end: fx.Node, states) -> ChainPlan:
     them on the batch side: ``nn.Linear`` applied to ``attn_out.transpose(1, 2)`` is a
     dense ``(1, out, in, 1)`` product over the tokens, not a ``(1, out, in, tokens)``
     factor on the untransposed root (which is not even plannable when the token count is
-    symbolic). Ties keep the earliest root (the largest region). When the root does not
-    plan, a later start is taken only if it ties no digit at all; otherwise the root's
-    error is raised (and an earlier end is tried).
+    symbolic). Of all starts, the one tying the fewest digits that no weight even
+    broadcasts along wins; then one without the middle layout (batch digits on both
+    sides of the features, two transposing copies around the op), so a weight the user
+    expanded along ``d`` stays a tied factor rather than ``d`` becoming a trailing batch
+    digit; then the fewest tied digits. Ties keep the earliest root (the largest region).
+    When the root does not plan, a later start is taken only if it ties no digit at all;
+    otherwise the root's error is raised (and an earlier end is tried).
     """
 
     def attempt(act: ActT) -> ChainPlan:
@@ -124,13 +131,16 @@ def _widest_batch(state: ActT, end: fx.Node, states) -> ChainPlan:
         _end_shape_plan(plan)  # symbolic output sizes must be readable from this root
         return plan
 
+    def key(plan: ChainPlan) -> tuple[int, bool, int]:
+        return plan.unseen, bool(plan.inner_dims), plan.tied
+
     best, error = None, None
     try:
         best = attempt(state)
     except (Unsupported, AtomError) as err:
         error = err
     for node in state.nodes:
-        if best is not None and best.tied == 1:
+        if best is not None and key(best) == (1, False, 1):
             break
         view = states.get(node)
         if not isinstance(view, ActT) or view.has_work or view.chain_id != state.chain_id:
@@ -139,7 +149,8 @@ def _widest_batch(state: ActT, end: fx.Node, states) -> ChainPlan:
             plan = attempt(reroot(state, node, view))
         except (Unsupported, AtomError):
             continue
-        if plan.tied < (best.tied if best is not None else 2):  # alone, a later start must tie nothing
+        better = key(plan) < key(best) if best is not None else plan.tied == 1  # alone, a later start ties nothing
+        if better:
             best = plan
     if best is None:
         raise error
@@ -358,8 +369,14 @@ def apply(gm: fx.GraphModule, plans: list[ChainPlan]) -> None:
         chain = plan.chain
         root = replaced.get(plan.root, plan.root)
         with graph.inserting_before(plan.end):
-            fin = chain.in_features
-            x2d = graph.call_function(aten.reshape.default, (root, [fin, -1] if plan.batch_last else [-1, fin]))
+            fin, fout = chain.in_features, chain.out_features
+            inner = _inner_size(graph, plan, root) if plan.inner_dims else None
+            if plan.inner_dims:  # (outer, in, inner) -> (in, outer * inner): batch-last
+                x3 = graph.call_function(aten.reshape.default, (root, [-1, fin, inner]))
+                x3 = graph.call_function(aten.permute.default, (x3, [1, 0, 2]))
+                x2d = graph.call_function(aten.reshape.default, (x3, [fin, -1]))
+            else:
+                x2d = graph.call_function(aten.reshape.default, (root, [fin, -1] if plan.batch_last else [-1, fin]))
             if plan.cast is not None:
                 x2d = graph.call_function(aten._to_copy.default, (x2d,), {"dtype": plan.cast})
             values = [
@@ -370,6 +387,10 @@ def apply(gm: fx.GraphModule, plans: list[ChainPlan]) -> None:
             y2d = graph.call_function(
                 torch.ops.ksfx.ks_chain.default, (x2d, values, chain.to_spec(), plan.batch_last, bias, dense)
             )
+            if plan.inner_dims:  # back to (outer, out, inner), contiguous like the traced end
+                y3 = graph.call_function(aten.reshape.default, (y2d, [fout, -1, inner]))
+                y3 = graph.call_function(aten.permute.default, (y3, [1, 0, 2]))
+                y2d = graph.call_function(aten.clone.default, (y3,), {"memory_format": torch.contiguous_format})
             y = graph.call_function(aten.reshape.default, (y2d, _end_shape(graph, plan, root)))
             layout = _end_layout(plan)
             if layout is not None:
@@ -385,6 +406,19 @@ def apply(gm: fx.GraphModule, plans: list[ChainPlan]) -> None:
     graph.eliminate_dead_code()
     graph.lint()
     gm.recompile()
+
+
+def _inner_size(graph: fx.Graph, plan: ChainPlan, root: fx.Node):
+    """The product of the root's last ``plan.inner_dims`` sizes; symbolic ones read from ``root``."""
+    shape = plan.root.meta["val"].shape
+    value = 1
+    for k in range(len(shape) - plan.inner_dims, len(shape)):
+        size = shape[k] if isinstance(shape[k], int) else graph.call_function(aten.sym_size.int, (root, k))
+        if isinstance(size, int) and isinstance(value, int):
+            value *= size
+        else:
+            value = graph.call_function(operator.mul, (value, size))
+    return value
 
 
 def _end_shape_plan(plan: ChainPlan) -> list:

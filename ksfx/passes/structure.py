@@ -3,9 +3,10 @@
 Given the steps between a root and a chain end (see :mod:`ksfx.passes.detect`):
 
 * the root's dimensions from the first one a weight touches to the last are features
-  (batch-first; batch-last: from dimension 0 to the last one touched), the others are
-  batch digits. Batch digits must arrive at the end in the same order and on the same
-  side, so the op can see the tensors as 2-D. Untouched feature digits are tied.
+  (batch-first; batch-last: from dimension 0 to the last one touched; or in the middle,
+  channels-first ``(N, C, H, W)``), the others are batch digits. Batch digits must
+  arrive at the end in the same order and on the same side(s), so the op can see the
+  tensors as 2-D. Untouched feature digits are tied.
 * each product with a weight, seen on the feature space ``S`` it reads, keeps some
   digits (``P``), contracts some (``K``) and creates some (``N``): that is the factor
   ``(a, b, c, d) = (|P_hi|, |N|, |K|, |P_lo|)`` after the digit permutation that brings
@@ -57,7 +58,12 @@ class ChainPlan:
     guards: frozenset
     source_flops: int  # per batch row, as the original ops compute it
     tied: int = 1  # product of the feature digits no weight depends on (1: none)
+    unseen: int = 1  # product of the tied digits no weight even broadcasts along
     cast: torch.dtype | None = None  # the root is cast to this dtype first (autocast)
+    # Trailing root dimensions that are batch dimensions *after* the features (a
+    # channels-first (N, C, H, W) input mixing C: 2). The op then runs batch-last on the
+    # input with the features moved to the front. 0: batch-first or batch-last.
+    inner_dims: int = 0
 
 
 def _sizes(atoms) -> list[int]:
@@ -76,19 +82,34 @@ def digit_perm(current: list[Atom], target: list[Atom]) -> DigitPerm | None:
     return DigitPerm(tuple(_sizes(current)), order)
 
 
+def _touched(steps) -> set[Atom]:
+    """Digits the steps read through a weight, sum over or permute."""
+    touched: set[Atom] = set()
+    for step in steps:
+        if isinstance(step, Factor):
+            touched |= leafset(step.weight.core_atoms) | leafset(step.summed)
+        else:
+            touched |= leafset(step.src)
+    return touched
+
+
+def _seen(steps) -> set[Atom]:
+    """Digits of the weights' dimensions, broadcast ones included (a weight expanded along ``d``)."""
+    seen: set[Atom] = set()
+    for step in steps:
+        if isinstance(step, Factor):
+            seen |= leafset([a for d in step.weight.dims for a in d]) | leafset(step.weight.core_atoms)
+    return seen
+
+
 def plan_chain(act: ActT, end: fx.Node) -> ChainPlan:
     act = act.closed()
     if not any(isinstance(step, Factor) for step in act.steps):
         raise Unsupported("no product with a weight (permutations only)")
     if any(a.size == 0 for a in leaves([a for d in act.root_dims for a in d])):
         raise Unsupported("the input is empty (a dimension of size 0): nothing to compute")
-    touched: set[Atom] = set()
-    for step in act.steps:
-        if isinstance(step, Factor):
-            touched |= leafset(step.weight.core_atoms) | leafset(step.summed)
-        else:
-            touched |= leafset(step.src)
-    batch, features, batch_last = _split_root(act.root_dims, touched)
+    touched = _touched(act.steps)
+    batch, features, batch_last, inner_dims = _split_root(act.root_dims, touched)
     tied = [a for a in features if a not in touched]
     batch_set = set(batch)
     end_leaves = leaves([a for d in act.dims for a in d])
@@ -97,7 +118,12 @@ def plan_chain(act: ActT, end: fx.Node) -> ChainPlan:
     end_batch = [a for a in end_leaves if a in batch_set]
     if end_batch != leaves(batch):
         raise Unsupported("batch digits are reordered between input and output")
-    if _layout(end_leaves, batch_set, "output") not in (None, batch_last):
+    if inner_dims:
+        inner = len(leaves([a for d in act.root_dims[len(act.root_dims) - inner_dims :] for a in d]))
+        outer = len(batch) - inner
+        if not all(a in batch_set for a in end_leaves[:outer] + end_leaves[len(end_leaves) - inner :]):
+            raise Unsupported("input and output layouts differ (the input has batch digits on both sides)")
+    elif _layout(end_leaves, batch_set, "output") not in (None, batch_last):
         raise Unsupported("input and output layouts differ (batch-first vs batch-last)")
     out_features = [a for a in end_leaves if a not in batch_set]
     for atom in features + out_features:
@@ -105,19 +131,8 @@ def plan_chain(act: ActT, end: fx.Node) -> ChainPlan:
             raise Unsupported(f"feature digit of symbolic size {atom.size}")
 
     applied: list = []  # application order: perms and (pattern, ValueSource)
-    space = list(features)
     guards: set = set()
-    source_flops = 0
-    for step in act.steps:
-        space = leaves(space)  # digits may have been refined after they were recorded
-        if isinstance(step, Factor):
-            space, flops = _factor(step, space, batch_set, applied)
-            source_flops += flops
-            guards |= step.weight.guards
-        else:
-            space = _perm(step, space, applied)
-            guards |= step.guards
-    space = leaves(space)
+    space, source_flops = _apply(act.steps, list(features), batch_set, applied, guards)
     if set(space) != set(out_features):
         raise Unsupported("internal: final feature space does not match the output")
     final = digit_perm(space, out_features)
@@ -153,8 +168,25 @@ def plan_chain(act: ActT, end: fx.Node) -> ChainPlan:
         guards=frozenset(guards),
         source_flops=source_flops,
         tied=_prod(tied),
+        unseen=_prod([a for a in tied if a not in _seen(act.steps)]),
         cast=act.cast,
+        inner_dims=inner_dims,
     )
+
+
+def _apply(steps, space: list[Atom], batch: set[Atom], applied: list, guards: set) -> tuple[list[Atom], int]:
+    """Plan ``steps`` from the feature space ``space``: ``(final space, original FLOPs)``."""
+    source_flops = 0
+    for step in steps:
+        space = leaves(space)  # digits may have been refined after they were recorded
+        if isinstance(step, Factor):
+            space, flops = _factor(step, space, batch, applied)
+            source_flops += flops
+            guards |= step.weight.guards
+        else:
+            space = _perm(step, space, applied)
+            guards |= step.guards
+    return leaves(space), source_flops
 
 
 def reroot(act: ActT, node: fx.Node, state: ActT) -> ActT:
@@ -227,12 +259,15 @@ def _merge(out_perm, pattern: KSPattern, in_perm, values: ValueSource):
     return merged, dense[r, c]
 
 
-def _split_root(root_dims, touched: set[Atom]) -> tuple[list[Atom], list[Atom], bool]:
-    """``(batch digits, feature digits, batch_last)`` of the chain's input.
+def _split_root(root_dims, touched: set[Atom]) -> tuple[list[Atom], list[Atom], bool, int]:
+    """``(batch digits, feature digits, batch_last, inner_dims)`` of the chain's input.
 
     Batch-first: the features are the trailing dimensions from the first one a weight
-    touches; batch-last: the leading dimensions up to the last one touched. Feature
-    digits no weight touches are kept by every factor (tied values).
+    touches; batch-last: the leading dimensions up to the last one touched. Otherwise the
+    features are the dimensions from the first touched one to the last, with batch
+    dimensions on both sides (channels-first activations, ``(N, C, H, W)`` mixing ``C``):
+    ``inner_dims`` counts the trailing ones, and the op runs batch-last. Feature digits no
+    weight touches are kept by every factor (tied values).
     """
     dims = [leaves(d) for d in root_dims]
     hit = [k for k, d in enumerate(dims) if any(a in touched for a in d)]
@@ -243,16 +278,16 @@ def _split_root(root_dims, touched: set[Atom]) -> tuple[list[Atom], list[Atom], 
             hit = [0]
         else:
             raise Unsupported("the products do not act on the root's features")
-    last = len(dims) - 1
+    last, inner_dims = len(dims) - 1, 0
     if hit[-1] == last or all(not d for d in dims[hit[-1] + 1 :]):
         feature_dims, batch_last = range(hit[0], len(dims)), False
     elif hit[0] == 0 or all(not d for d in dims[: hit[0]]):
         feature_dims, batch_last = range(0, hit[-1] + 1), True
     else:
-        raise Unsupported("the products act on middle dimensions of the input (neither batch-first nor batch-last)")
+        feature_dims, batch_last, inner_dims = range(hit[0], hit[-1] + 1), True, last - hit[-1]
     features = [a for k in feature_dims for a in dims[k]]
     batch = [a for k, d in enumerate(dims) if k not in feature_dims for a in d]
-    return batch, features, batch_last
+    return batch, features, batch_last, inner_dims
 
 
 def _layout(order: list[Atom], batch: set[Atom], what: str) -> bool | None:

@@ -116,7 +116,11 @@ def verify(plan: ChainPlan, learnable: set[fx.Node], known: dict[fx.Node, torch.
     dense = plan.chain.to_dense(values) if plan.chain.patterns else None
     x = env[plan.root]
     fin = plan.chain.in_features
-    if plan.batch_last:
+    if plan.inner_dims:  # (outer, in, inner): the features in the middle
+        inner = math.prod(root_shape[len(root_shape) - plan.inner_dims :])
+        y = torch.einsum("of,bfi->boi", dense, x.reshape(-1, fin, inner))
+        y = y + bias[:, None] if bias is not None else y
+    elif plan.batch_last:
         y = dense @ x.reshape(fin, -1)
         y = y + bias[:, None] if bias is not None else y
     else:
