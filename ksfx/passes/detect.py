@@ -7,9 +7,10 @@ Every tensor node gets a state:
 * :class:`ActT` — a linear image of a *root* activation node through the ops the pass
   understands: views, permutations by constant index tables, products with weights and
   sums over digits (``bmm``/``mm``/``addmm``, broadcast ``mul`` then ``sum``, which is
-  what ``einsum``, ``matmul`` and ``F.linear`` lower to; grouped 1x1 convolutions), and
-  a bias ``add``.
-  It records the steps (:class:`Factor`, :class:`PermRec`) between the root and itself.
+  what ``einsum``, ``matmul`` and ``F.linear`` lower to; grouped 1x1 convolutions), sums
+  of such branches of one tensor (``w1 * x + w2 * x[..., perm]``), and a bias ``add``.
+  It records the steps (:class:`Factor`, :class:`PermRec`, :class:`BranchSum`) between
+  the root and itself.
 
 A bias ends a chain *segment*: the op takes the bias as its epilogue, so an op after the
 bias that is more than a view (a product, a permutation) starts a new chain rooted at the
@@ -17,7 +18,8 @@ node that added the bias, with the views in between replayed from there.
 
 Any node the pass does not understand becomes a new root, so nothing is ever assumed.
 A node whose result is used more than once ends every chain through it (its users
-restart from it). Contractions between two activations (attention) are never factors.
+restart from it), unless all its users are branches that an ``add`` sums back into one
+linear map of it. Contractions between two activations (attention) are never factors.
 """
 
 from __future__ import annotations
@@ -97,6 +99,24 @@ class PermRec:
 
 
 @dataclass(frozen=True, eq=False)
+class BranchSum:
+    """``y = Σ_k branch_k(x)``: linear images of one tensor, added (a butterfly's two branches).
+
+    Each branch is a closed :class:`ActT` rooted at that tensor, its root digits unified
+    with the chain's, so its steps read the chain's feature space. ``dims`` are the sum's:
+    digits both branches pass through in place are kept, the others replaced by fresh
+    digits (``consumed`` are the input digits that do not reach the sum). ``chains``: the
+    branches' own chain ids, which a planned sum absorbs.
+    """
+
+    branches: tuple  # of ActT
+    dims: tuple[tuple[Atom, ...], ...]
+    consumed: tuple[Atom, ...]
+    node: fx.Node
+    chains: frozenset = frozenset()
+
+
+@dataclass(frozen=True, eq=False)
 class ActT:
     dims: tuple[tuple[Atom, ...], ...]
     root: fx.Node
@@ -167,6 +187,7 @@ class Interpreter:
         # States of the views after a bias, replayed in a new segment: committed only when
         # the op that needed the new segment is understood.
         self._replayed: dict[fx.Node, ActT] = {}
+        self._order = {node: k for k, node in enumerate(gm.graph.nodes)}
 
     # ------------------------------------------------------------------ driver
     def run(self) -> dict[fx.Node, object]:
@@ -365,6 +386,8 @@ class Interpreter:
     def _activation_op(self, node: fx.Node, restart: bool):
         target, args = node.target, node.args
         acts = [n for n in node.all_input_nodes if isinstance(self.states.get(n), ActT)]
+        if target is aten.add.Tensor and len(acts) == 2 and len(set(acts)) == 2:
+            return self._branch_sum(node)
         if len(set(acts)) != 1 or sum(1 for a in _flat_nodes(args) if a is acts[0]) != 1:
             raise Unsupported("an op between two activations (or reusing one) is never a KS factor")
         x = acts[0]
@@ -382,6 +405,8 @@ class Interpreter:
             return self._cast(node, self._act_input(x, restart))
         if target in (aten.index.Tensor, aten.index_select.default):
             return self._index(node, self._act_input(x, restart))
+        if target is aten.flip.default:
+            return self._flip(node, self._act_input(x, restart))
         if target in (aten.mm.default, aten.bmm.default):
             return self._matmul(node, args[0], args[1], x, restart)
         if target in (aten.mm.out, aten.bmm.out):
@@ -484,12 +509,26 @@ class Interpreter:
         if not isinstance(index, fx.Node):
             raise Unsupported("index is not a tensor")
         table = self.evaluator.value(index)
+        table = table.detach().cpu().to(torch.long).reshape(-1) if table.ndim == 1 else None
+        return self._permute_dim(node, act, dim, table, self.evaluator.guards_of(index))
 
+    def _flip(self, node: fx.Node, act: ActT) -> ActT:
+        """``x.flip(dims)``: the reversal of each dimension's index (the butterfly pairing of
+        ``x.view(..., n // (2 * s), 2, s).flip(-2)``)."""
+        for dim in node.args[1]:
+            dim = _norm(dim, len(act.dims))
+            size = prod_size(act.dims[dim])
+            if not size.is_Integer:
+                raise Unsupported("flip of a symbolic dimension")
+            act = self._permute_dim(node, act, dim, torch.arange(int(size) - 1, -1, -1), frozenset())
+        return act
+
+    def _permute_dim(self, node: fx.Node, act: ActT, dim: int, table, guards) -> ActT:
+        """Dimension ``dim`` read through ``table`` (``out[j] = in[table[j]]``): a new digit."""
         size = act.dims[dim]
         n = 1
         for atom in leaves(size):
             n *= atom.int_size()
-        table = table.detach().cpu().to(torch.long).reshape(-1) if table.ndim == 1 else None
         if table is None or table.numel() != n or not torch.equal(table.sort().values, torch.arange(n)):
             raise Unsupported("index table is not a permutation of its dimension")
         if not leafset(size) <= leafset(act.live):
@@ -498,11 +537,55 @@ class Interpreter:
             return act
         act = act.closed()
         new = Atom(n)
-        rec = PermRec(tuple(leaves(size)), table, (new,), node, self.evaluator.guards_of(index))
+        rec = PermRec(tuple(leaves(size)), table, (new,), node, guards)
         dims = list(act.dims)
         dims[dim] = (new,)
         live = tuple(a for a in leaves(act.live) if a not in leafset(size)) + (new,)
         return replace(act, dims=tuple(dims), steps=act.steps + (rec,), live=live)
+
+    def _branch_sum(self, node: fx.Node) -> ActT:
+        """``f(x) + g(x)``: two branches of one tensor ``x``, each a linear image of it, summed.
+
+        The sum continues the chain of ``x`` when the branches are all its users (else it
+        starts a new chain at ``x``); the branches' root digits are unified with ``x``'s, so
+        the planner reads both on the same feature space and merges them into one factor
+        when the union of their supports is KS (``structure._branch_sum``).
+        """
+        if node.kwargs.get("alpha", 1) != 1:
+            raise Unsupported("add with alpha")
+        args = node.args[:2]
+        branches = [self.states[arg].closed() for arg in args]
+        origin = branches[0].root
+        if branches[1].root is not origin:
+            raise Unsupported("a sum of two activations that are not branches of one tensor")
+        for arg, branch in zip(args, branches, strict=True):
+            if not branch.has_work or branch.bias is not None or branch.cast is not None:
+                raise Unsupported(f"the branch {arg.name} is not a product of {origin.name} by a weight")
+            if len(arg.users) != 1 or _shape(arg) != _shape(node):
+                raise Unsupported(f"the branch {arg.name} is used elsewhere or broadcast by the sum")
+        inside = {n for branch in branches for n in branch.nodes}
+        base = self.states.get(origin)
+        if isinstance(base, ActT) and set(origin.users) <= inside:
+            base = self._segment(base).closed()
+        else:
+            base = _root(origin)
+        for branch in branches:
+            for mine, theirs in zip(branch.root_dims, base.dims, strict=True):
+                align(mine, theirs)
+        dims = tuple(_sum_dims(leaves(a), leaves(b)) for a, b in zip(branches[0].dims, branches[1].dims, strict=True))
+        out = leafset([a for d in dims for a in d])
+        live = leafset(branches[0].live) | leafset(branches[1].live)
+        passed = leafset([a for branch in branches for d in branch.dims for a in d])
+        step = BranchSum(
+            tuple(branches),
+            dims,
+            tuple(a for a in leaves([a for d in base.dims for a in d]) if a not in out),
+            node,
+            frozenset(b.chain_id for b in branches),
+        )
+        nodes = sorted(set(base.nodes) | inside, key=self._order.__getitem__)
+        live = [a for a in leaves([a for d in dims for a in d]) if a in live or a not in passed]  # fresh: live
+        return replace(base, dims=dims, steps=base.steps + (step,), live=tuple(live), nodes=tuple(nodes))
 
     def _reindex_view(self, node: fx.Node, act: ActT) -> ActT:
         """A reshape whose digits do not refine the current ones: new digits, identity table.
@@ -650,6 +733,23 @@ class Interpreter:
         if len(dims) != len(act.dims):
             raise Unsupported("bias broadcasts the activation")
         return replace(act, dims=dims, bias=w, bias_node=node)
+
+
+def _sum_dims(first: list[Atom], second: list[Atom]) -> tuple[Atom, ...]:
+    """One dimension of a sum of two branches: the digits both keep in place at its ends,
+    one fresh digit for the part where they differ (same flat index in both)."""
+    lo = 0
+    while lo < min(len(first), len(second)) and first[lo] is second[lo]:
+        lo += 1
+    hi = 0
+    while hi < min(len(first), len(second)) - lo and first[-1 - hi] is second[-1 - hi]:
+        hi += 1
+    middle = first[lo : len(first) - hi]
+    if not middle and len(second) == len(first):
+        return tuple(first)
+    if not all(a.static for a in middle + second[lo : len(second) - hi]):
+        raise AtomError("a sum of branches that differ on a symbolic digit")
+    return tuple(first[:lo]) + (Atom(prod_size(middle)),) + tuple(first[len(first) - hi :])
 
 
 def _identity_table(digits: list[Atom], targets: list, node: fx.Node, live: list[Atom], what: str):

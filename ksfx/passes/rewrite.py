@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import math
 import operator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.fx as fx
@@ -29,7 +29,7 @@ import ksfx.ops  # noqa: F401  (registers torch.ops.ksfx)
 from ksfx.config import config
 from ksfx.passes.atoms import AtomError, leaves
 from ksfx.passes.cost import Estimate, decide, estimate
-from ksfx.passes.detect import COPY_OPS, VIEW_OPS, ActT, Interpreter, Unsupported
+from ksfx.passes.detect import COPY_OPS, VIEW_OPS, ActT, BranchSum, Interpreter, Unsupported
 from ksfx.passes.structure import ChainPlan, ValueSource, plan_chain, reroot
 from ksfx.passes.verify import verify
 
@@ -104,10 +104,24 @@ def find_chains(gm: fx.GraphModule, weights: set[fx.Node], known: dict[fx.Node, 
         else:
             node, state = candidates[-1]
             found.append((None, reason, node, state))
+    # A planned sum of branches takes their chains in: they are not chains of their own.
+    absorbed = {cid for plan, _, _, state in found if plan is not None for cid in _branch_chains(state.steps)}
+    found = [entry for entry in found if entry[3].chain_id not in absorbed]
     covered = {n for _, _, _, state in found for n in state.nodes}
     for node, reason in interpreter.refused_products(covered):
         found.append((None, f"{node.name} {reason}", node, states[node]))
     return found
+
+
+def _branch_chains(steps) -> set[int]:
+    """Chain ids of the branches summed by ``steps`` (nested sums included)."""
+    out: set[int] = set()
+    for step in steps:
+        if isinstance(step, BranchSum):
+            out |= step.chains
+            for branch in step.branches:
+                out |= _branch_chains(branch.steps)
+    return out
 
 
 def _widest_batch(state: ActT, end: fx.Node, states) -> ChainPlan:
@@ -219,7 +233,7 @@ def _check_dtypes(plan: ChainPlan) -> None:
     """The op computes in one floating dtype on one device: input, values, bias and output."""
     root, end = plan.root.meta["val"], plan.end.meta["val"]
     dtype = plan.cast or root.dtype
-    sources = [v.source.meta["val"] for v in plan.values]
+    sources = [term.source.meta["val"] for v in plan.values for term in v.terms()]
     if plan.bias is not None:
         sources.append(plan.bias.source.meta["val"])
     if not root.dtype.is_floating_point or dtype != end.dtype:
@@ -473,6 +487,11 @@ def _sym_of(root: fx.Node, atom) -> object:
 def _build(gm: fx.GraphModule, spec: ValueSource, shape: tuple[int, ...]) -> fx.Node:
     """Values as a view of the source when the ids allow it, else a constant-index gather."""
     graph = gm.graph
+    if spec.plus:  # a factor summed from branches: one gather per source, added
+        node = _build(gm, replace(spec, plus=()), shape)
+        for term in spec.plus:
+            node = graph.call_function(aten.add.Tensor, (node, _build(gm, term, shape)))
+        return node
     ids = spec.ids.reshape(shape)
     source = spec.source
     if _same_shape_product(source):  # (w * mask)[idx] == w[idx] * mask[idx]: no dense product per call

@@ -170,6 +170,19 @@ def _butterfly_ref(m: L.Butterfly2x2) -> list[ChainRef]:
     return [ChainRef(Chain(tuple(reversed(patterns))), tuple(reversed(values)), m, m.bias)]
 
 
+def _butterfly_branches_ref(m: L.ButterflyBranches) -> list[ChainRef]:
+    """Factor ``k``: ``KS(n / (2s), 2, 2, s)``, value ``diag[k]`` on the diagonal of each 2×2
+    block (``β == γ``), ``off[k]`` off it (the partner), both read at the block's row."""
+    n, patterns, values = m.n, [], []
+    same = torch.eye(2, dtype=torch.bool).reshape(1, 2, 2, 1)
+    for k, stride in enumerate(m.strides):
+        a = n // (2 * stride)
+        on, off = (w[k].reshape(a, 2, 1, stride).expand(a, 2, 2, stride) for w in (m.diag, m.off))
+        patterns.append(KSPattern(a, 2, 2, stride))
+        values.append(torch.where(same, on, off))
+    return [ChainRef(Chain(tuple(reversed(patterns))), tuple(reversed(values)), m)]
+
+
 def _bitrev_ref(m: L.BitReversalButterfly) -> list[ChainRef]:
     patterns, values = _butterfly_factors(m.butterfly)
     perm = IndexPerm(tuple(m.perm.permutation.tolist()))
@@ -392,6 +405,24 @@ ZOO: list[ZooCase] = [
         False,
         True,
         _bitrev_ref,
+    ),
+    ZooCase(
+        "butterfly_branches_index",
+        "butterfly_two_branches",
+        _maker(lambda: L.ButterflyBranches(8), (2, 3, 8)),
+        [[(1, 2, 2, 4), (2, 2, 2, 2), (4, 2, 2, 1)]],
+        False,
+        True,
+        _butterfly_branches_ref,
+    ),
+    ZooCase(
+        "butterfly_branches_flip_decreasing",
+        "butterfly_two_branches",
+        _maker(lambda: L.ButterflyBranches(16, increasing_stride=False, partner="flip"), (5, 16)),
+        [[(8, 2, 2, 1), (4, 2, 2, 2), (2, 2, 2, 4), (1, 2, 2, 8)]],
+        False,
+        True,
+        _butterfly_branches_ref,
     ),
     ZooCase(
         "matmul_swapaxes_broadcast",
