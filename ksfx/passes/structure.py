@@ -236,7 +236,7 @@ def _branch_sum(step: BranchSum, space: list[Atom], batch: set[Atom], applied: l
         raise Unsupported(f"the sum {step.node.name} is too large ({shape[0]}x{shape[1]}) to analyse")
     names = ", ".join(b.nodes[-1].name for b in step.branches)
     support = torch.zeros(shape, dtype=torch.bool)
-    entries, flops = [], 0
+    entries, flops, structured = [], 0, False
     for branch in step.branches:
         sub: list = []
         end, branch_flops = _apply(branch.steps, space, batch, sub, guards)
@@ -252,6 +252,7 @@ def _branch_sum(step: BranchSum, space: list[Atom], batch: set[Atom], applied: l
             raise Unsupported(
                 f"the branch {branch.nodes[-1].name} of the sum {step.node.name} is not a single plain factor"
             )
+        structured |= sub[factors[0]][0].a * sub[factors[0]][0].d > 1
         rows, cols, value = _branch_entries(sub, factors[0])
         support[rows, cols] = True
         entries.append((value.source, rows * shape[1] + cols, value.ids.reshape(-1)))
@@ -259,6 +260,8 @@ def _branch_sum(step: BranchSum, space: list[Atom], batch: set[Atom], applied: l
     if found is None:
         raise Unsupported(f"the sum {step.node.name} of the branches {names} is not Kronecker-sparse")
     out_perm, pattern, in_perm, rows, cols = found
+    if structured and pattern.a * pattern.d == 1:
+        raise Unsupported(f"the sum {step.node.name} of the branches {names} is a dense matrix")
     at = rows * shape[1] + cols
     picked = [(source, _lookup(flat, ids, at)) for source, flat, ids in entries]
     if len({source for source, _ in picked}) == 1 and not bool(sum((ids != 0).long() for _, ids in picked).gt(1).any()):

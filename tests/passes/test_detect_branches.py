@@ -153,3 +153,29 @@ def test_residual_is_not_a_branch_sum():
     assert [c.patterns for c in report.chains] == [[(1, 4, 4, 4), (4, 4, 4, 1)]]
     assert "aten.add.Tensor" in report.graphs[0].code
     assert_compiled_matches_eager(model, x, min_launches=2)
+
+
+class ComplementaryBlocks(nn.Module):
+    """Block-diagonal plus the complementary off-diagonal blocks: the sum is a dense matrix."""
+
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.Parameter(torch.randn(2, 4, 4))
+        self.off = nn.Parameter(torch.randn(2, 4, 4))
+        self.register_buffer("swap", torch.arange(8).reshape(2, 4).flip(0).reshape(-1))
+
+    def forward(self, x):
+        xb = x.unflatten(-1, (2, 4))
+        diag = torch.einsum("...kp,kqp->...kq", xb, self.blocks).flatten(-2)
+        swapped = x[..., self.swap].unflatten(-1, (2, 4))
+        return diag + torch.einsum("...kp,kqp->...kq", swapped, self.off).flatten(-2)
+
+
+def test_sum_that_is_dense_keeps_the_structured_branches():
+    torch.manual_seed(0)
+    model, x = ComplementaryBlocks(), torch.randn(3, 8)
+    report = ksfx.explain(model, x, rewrite="always")
+    (refused,) = [c for c in report.chains if not c.rewritten]
+    assert refused.reason.endswith("is a dense matrix")
+    assert [c.patterns for c in _rewritten(report)] == [[(2, 4, 4, 1)], [(2, 4, 4, 1)]]
+    assert_compiled_matches_eager(model, x, min_launches=2)
