@@ -16,7 +16,7 @@ from benchmarks.common import device_label  # noqa: E402
 
 def plot(data: dict, path: Path) -> Path | None:
     """The plot of a result file's ``kind`` (:func:`plot_patterns`, :func:`plot_models`); None for other kinds."""
-    draw = {"patterns": plot_patterns, "models": plot_models}.get(data["kind"])
+    draw = {"patterns": plot_patterns, "models": plot_models, "cpu_grid": plot_cpu_grid}.get(data["kind"])
     return draw(data, path) if draw else None
 
 
@@ -72,6 +72,50 @@ def plot_models(data: dict, path: Path) -> Path:
     ax.set_ylabel("latency (ms, lower is better)")
     ax.set_title(f"End-to-end — {device_label(data['environment'])}, torch {data['environment']['torch']}", fontsize=10)
     ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_cpu_grid(data: dict, path: Path) -> Path:
+    """ksfx's speedup over Inductor against the rows, a line per case, a panel per threads × mode.
+
+    Error bars span the ratio of the slowest to the fastest round of each contender (the
+    spread of repeated runs); the line at 1 is parity with Inductor.
+    """
+    cases = [c for c in data["cases"] if "ksfx" in c.get("times", {})]
+    panels = sorted({(c["threads"], c["mode"]) for c in cases})
+    fig, axes = plt.subplots(1, max(len(panels), 1), figsize=(4.8 * max(len(panels), 1), 4), squeeze=False)
+    for ax, (threads, mode) in zip(axes[0], panels, strict=False):
+        series: dict[str, list] = defaultdict(list)
+        for c in cases:
+            if (c["threads"], c["mode"]) == (threads, mode):
+                ind, ks = c["spread"]["inductor"], c["spread"]["ksfx"]
+                series[c["case"]].append(
+                    (c["rows"], c["times"]["inductor"] / c["times"]["ksfx"], min(ind) / max(ks), max(ind) / min(ks))
+                )
+        for name, points in sorted(series.items()):
+            points.sort()
+            rows, ratio, low, high = zip(*points, strict=True)
+            err = [
+                [r - lo for r, lo in zip(ratio, low, strict=True)],
+                [hi - r for r, hi in zip(ratio, high, strict=True)],
+            ]
+            ax.errorbar(rows, ratio, yerr=err, marker="o", capsize=2, label=name)
+        ax.axhline(1.0, color="black", linewidth=0.8)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(ScalarFormatter())
+        ax.set_xlabel("rows (tokens)")
+        ax.set_ylabel("Inductor time / ksfx time")
+        ax.set_title(f"{mode}, {threads} thread(s)")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=6)
+    fig.suptitle(
+        f"KS blocks vs Inductor — {device_label(data['environment'])}, torch {data['environment']['torch']}",
+        fontsize=10,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

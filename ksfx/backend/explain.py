@@ -42,12 +42,16 @@ class Report:
                 lines.append(f"{graph.index:>5}  feature widths specialised (guarded): {', '.join(graph.specialised)}")
             for chain in graph.chains:
                 layout = "" if chain.batch_last is None else ("batch-last" if chain.batch_last else "batch-first")
+                if chain.plan is not None and chain.plan.inner_dims:
+                    layout = "middle"  # batch dimensions on both sides of the features (N, C, H, W)
                 patterns = ", ".join(str(p) for p in chain.patterns) or "-"
                 lines.append(
                     f"{graph.index:>5}  {('yes' if chain.rewritten else 'no'):<9}  {layout:<11}  {patterns:<40}  "
                     f"{chain.reason}"
                 )
                 lines.append(f"{'':>5}  nodes {chain.root} -> {chain.end}: {' '.join(chain.nodes)}")
+                if chain.stopped:
+                    lines.append(f"{'':>5}  ends at {chain.end}, a later end failed: {chain.stopped}")
                 if chain.chain:
                     lines.append(f"{'':>5}  W = {chain.chain}")
                 if chain.permutations:
@@ -82,8 +86,12 @@ def _find_graph_breaks(model, example_inputs):
     return list(breaks), "" if breaks else "none"
 
 
-def explain(model: torch.nn.Module, *example_inputs, rewrite: str = "auto", dynamic: bool | None = False) -> Report:
+def explain(
+    model: torch.nn.Module, *example_inputs, rewrite: str = "auto", dynamic: bool | None = False, cpu: str | None = None
+) -> Report:
     """Run Dynamo + the ksfx pass on ``model(*example_inputs)`` and report; the model is untouched.
+
+    ``rewrite``, ``cpu``: as for :func:`ksfx.backend`; ``dynamic``: as for ``torch.compile``.
 
     Buffers (e.g. batch-norm statistics) and the RNG state are restored after the traced
     call; the model is called under ``torch.no_grad()``. For a ``DistributedDataParallel``
@@ -91,18 +99,18 @@ def explain(model: torch.nn.Module, *example_inputs, rewrite: str = "auto", dyna
     do not reach the backend whole under DDP, why, and what to change.
     """
     report = Report()
-    _trace(model, example_inputs, rewrite, dynamic, report.graphs)
+    _trace(model, example_inputs, KsfxCompiler(rewrite=rewrite, inner="eager", reports=report.graphs, cpu=cpu), dynamic)
     if isinstance(model, torch.nn.parallel.DistributedDataParallel):
         alone: list[GraphReport] = []
-        _trace(model.module, example_inputs, rewrite, dynamic, alone)
+        alone_compiler = KsfxCompiler(rewrite=rewrite, inner="eager", reports=alone, cpu=cpu)
+        _trace(model.module, example_inputs, alone_compiler, dynamic)
         report.ddp_cut_chains = _cut_chains(report.graphs, alone)
         report.ddp_note = _ddp_note(report.graphs, report.ddp_cut_chains)
     report.graph_breaks, report.graph_breaks_note = _find_graph_breaks(model, example_inputs)
     return report
 
 
-def _trace(model, example_inputs, rewrite: str, dynamic, graphs: list[GraphReport]) -> None:
-    compiler = KsfxCompiler(rewrite=rewrite, inner="eager", reports=graphs)
+def _trace(model, example_inputs, compiler: KsfxCompiler, dynamic) -> None:
     buffers = [(b, b.detach().clone()) for b in model.buffers()] if isinstance(model, torch.nn.Module) else []
     rng = torch.get_rng_state()
     cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None

@@ -7,12 +7,19 @@ Every tensor node gets a state:
 * :class:`ActT` — a linear image of a *root* activation node through the ops the pass
   understands: views, permutations by constant index tables, products with weights and
   sums over digits (``bmm``/``mm``/``addmm``, broadcast ``mul`` then ``sum``, which is
-  what ``einsum``, ``matmul`` and ``F.linear`` lower to), and a final bias ``add``.
-  It records the steps (:class:`Factor`, :class:`PermRec`) between the root and itself.
+  what ``einsum``, ``matmul`` and ``F.linear`` lower to; grouped 1x1 convolutions), sums
+  of such branches of one tensor (``w1 * x + w2 * x[..., perm]``), and a bias ``add``.
+  It records the steps (:class:`Factor`, :class:`PermRec`, :class:`BranchSum`) between
+  the root and itself.
+
+A bias ends a chain *segment*: the op takes the bias as its epilogue, so an op after the
+bias that is more than a view (a product, a permutation) starts a new chain rooted at the
+node that added the bias, with the views in between replayed from there.
 
 Any node the pass does not understand becomes a new root, so nothing is ever assumed.
 A node whose result is used more than once ends every chain through it (its users
-restart from it). Contractions between two activations (attention) are never factors.
+restart from it), unless all its users are branches that an ``add`` sums back into one
+linear map of it. Contractions between two activations (attention) are never factors.
 """
 
 from __future__ import annotations
@@ -92,6 +99,24 @@ class PermRec:
 
 
 @dataclass(frozen=True, eq=False)
+class BranchSum:
+    """``y = Σ_k branch_k(x)``: linear images of one tensor, added (a butterfly's two branches).
+
+    Each branch is a closed :class:`ActT` rooted at that tensor, its root digits unified
+    with the chain's, so its steps read the chain's feature space. ``dims`` are the sum's:
+    digits both branches pass through in place are kept, the others replaced by fresh
+    digits (``consumed`` are the input digits that do not reach the sum). ``chains``: the
+    branches' own chain ids, which a planned sum absorbs.
+    """
+
+    branches: tuple  # of ActT
+    dims: tuple[tuple[Atom, ...], ...]
+    consumed: tuple[Atom, ...]
+    node: fx.Node
+    chains: frozenset = frozenset()
+
+
+@dataclass(frozen=True, eq=False)
 class ActT:
     dims: tuple[tuple[Atom, ...], ...]
     root: fx.Node
@@ -101,6 +126,7 @@ class ActT:
     steps: tuple = ()
     pending: Factor | None = None
     bias: WeightT | None = None
+    bias_node: fx.Node | None = None  # where the bias was added: the root of the next segment
     nodes: tuple[fx.Node, ...] = ()
     cast: torch.dtype | None = None  # a dtype cast of the input before any product (autocast)
 
@@ -116,7 +142,14 @@ class ActT:
 
 
 #: Products: one that multiplies by a weight and cannot be followed is reported with its reason.
-PRODUCT_OPS = {aten.mm.default, aten.bmm.default, aten.addmm.default, aten.mm.out, aten.bmm.out}
+PRODUCT_OPS = {
+    aten.mm.default,
+    aten.bmm.default,
+    aten.addmm.default,
+    aten.mm.out,
+    aten.bmm.out,
+    aten.convolution.default,
+}
 
 
 class Unsupported(Exception):
@@ -155,6 +188,10 @@ class Interpreter:
         self.evaluator = ValueEvaluator(gm, known)
         self.states: dict[fx.Node, object] = {}
         self.failures: dict[fx.Node, str] = {}  # why a node could not continue a chain
+        # States of the views after a bias, replayed in a new segment: committed only when
+        # the op that needed the new segment is understood.
+        self._replayed: dict[fx.Node, ActT] = {}
+        self._order = {node: k for k, node in enumerate(gm.graph.nodes)}
 
     # ------------------------------------------------------------------ driver
     def run(self) -> dict[fx.Node, object]:
@@ -177,6 +214,8 @@ class Interpreter:
         for node, error in self.failures.items():
             if node.target not in PRODUCT_OPS or node in covered:
                 continue
+            if node.target is aten.convolution.default and node.args[8] == 1:
+                continue  # a dense convolution (a 3x3 conv, a ViT patch embedding) is expected to stay
             for arg in node.all_input_nodes:
                 path_error, source = None, arg
                 while not isinstance(self.states.get(source), WeightT) and source.target in LAYOUT_OPS:
@@ -310,22 +349,42 @@ class Interpreter:
         return new_source(node, vals, out != 0, guards)
 
     # ------------------------------------------------------------------ activations
-    def _act_input(self, arg: fx.Node, restart: bool) -> ActT:
+    def _act_input(self, arg: fx.Node, restart: bool, segment: bool = True) -> ActT:
+        """The state ``arg``'s chain continues with; ``segment``: past a bias, a new segment."""
         state = self.states.get(arg)
         if not isinstance(state, ActT):
             raise Unsupported(f"{arg.name} is not an activation")
         if restart or len(arg.users) > 1:
             return _root(arg)
-        return state
+        return self._segment(state) if segment else state
+
+    def _segment(self, act: ActT) -> ActT:
+        """``act`` as a new chain rooted where its bias was added (``act`` itself without a bias).
+
+        ``K1 x + b1`` then ``K2 (...)``: the first chain ends at the bias (its epilogue), the
+        second starts there. Only views can follow a bias in one segment, so they are
+        replayed on the new root's digits; the views' states move to the new chain once
+        the op that needed it is understood (see :meth:`_activation`).
+        """
+        if act.bias is None:
+            return act
+        start = act.bias_node
+        seg = _root(start)
+        for node in act.nodes[act.nodes.index(start) + 1 :]:
+            seg = replace(seg, dims=self._view_dims(node, seg.dims), nodes=seg.nodes + (node,))
+            self._replayed[node] = seg
+        return seg
 
     def _activation(self, node: fx.Node):
         last_error = None
         for restart in (False, True):
+            self._replayed = {}
             try:
                 result = self._activation_op(node, restart)
             except (AtomError, Unsupported) as err:
                 last_error = err
                 continue
+            self.states.update(self._replayed)
             if isinstance(result, ActT):
                 return replace(result, nodes=result.nodes + (node,))
             return result
@@ -334,23 +393,27 @@ class Interpreter:
     def _activation_op(self, node: fx.Node, restart: bool):
         target, args = node.target, node.args
         acts = [n for n in node.all_input_nodes if isinstance(self.states.get(n), ActT)]
+        if target is aten.add.Tensor and len(acts) == 2 and len(set(acts)) == 2:
+            return self._branch_sum(node)
         if len(set(acts)) != 1 or sum(1 for a in _flat_nodes(args) if a is acts[0]) != 1:
             raise Unsupported("an op between two activations (or reusing one) is never a KS factor")
         x = acts[0]
         if target in LAYOUT_OPS:
             if args[0] is not x:
                 raise Unsupported("view of a non-activation argument")
-            act = self._act_input(x, restart)
+            act = self._act_input(x, restart, segment=False)
             try:
                 return replace(act, dims=self._view_dims(node, act.dims))
             except AtomError:
-                if target not in VIEW_OPS or act.bias is not None:
+                if target not in VIEW_OPS:
                     raise
-                return self._reindex_view(node, act)
+                return self._reindex_view(node, self._segment(act))
         if target is aten._to_copy.default:
             return self._cast(node, self._act_input(x, restart))
         if target in (aten.index.Tensor, aten.index_select.default):
             return self._index(node, self._act_input(x, restart))
+        if target is aten.flip.default:
+            return self._flip(node, self._act_input(x, restart))
         if target in (aten.mm.default, aten.bmm.default):
             return self._matmul(node, args[0], args[1], x, restart)
         if target in (aten.mm.out, aten.bmm.out):
@@ -361,6 +424,8 @@ class Interpreter:
                 raise Unsupported("addmm with beta/alpha")
             act = self._matmul(node, args[1], args[2], x, restart)
             return self._add_bias(node, act.closed(), args[0])
+        if target is aten.convolution.default:
+            return self._convolution(node, x, restart)
         if target is aten.mul.Tensor:
             other = args[1] if args[0] is x else args[0]
             return self._mul(node, self._act_input(x, restart), other)
@@ -435,13 +500,11 @@ class Interpreter:
             or (device is not None and isinstance(val, torch.Tensor) and torch.device(device) != val.device)
         ):
             raise Unsupported("a copy that changes more than the floating dtype")
-        if act.has_work or act.bias is not None or act.cast is not None:
+        if act.has_work or act.cast is not None:
             raise Unsupported("a dtype cast after a product (the op computes in one dtype)")
         return replace(act, cast=dtype)
 
     def _index(self, node: fx.Node, act: ActT) -> ActT:
-        if act.bias is not None:
-            raise Unsupported("permutation after a bias")
         if node.target is aten.index_select.default:
             dim, index = _norm(node.args[1], len(act.dims)), node.args[2]
         else:
@@ -453,11 +516,26 @@ class Interpreter:
         if not isinstance(index, fx.Node):
             raise Unsupported("index is not a tensor")
         table = self.evaluator.value(index)
+        table = table.detach().cpu().to(torch.long).reshape(-1) if table.ndim == 1 else None
+        return self._permute_dim(node, act, dim, table, self.evaluator.guards_of(index))
+
+    def _flip(self, node: fx.Node, act: ActT) -> ActT:
+        """``x.flip(dims)``: the reversal of each dimension's index (the butterfly pairing of
+        ``x.view(..., n // (2 * s), 2, s).flip(-2)``)."""
+        for dim in node.args[1]:
+            dim = _norm(dim, len(act.dims))
+            size = prod_size(act.dims[dim])
+            if not size.is_Integer:
+                raise Unsupported("flip of a symbolic dimension")
+            act = self._permute_dim(node, act, dim, torch.arange(int(size) - 1, -1, -1), frozenset())
+        return act
+
+    def _permute_dim(self, node: fx.Node, act: ActT, dim: int, table, guards) -> ActT:
+        """Dimension ``dim`` read through ``table`` (``out[j] = in[table[j]]``): a new digit."""
         size = act.dims[dim]
         n = 1
         for atom in leaves(size):
             n *= atom.int_size()
-        table = table.detach().cpu().to(torch.long).reshape(-1) if table.ndim == 1 else None
         if table is None or table.numel() != n or not torch.equal(table.sort().values, torch.arange(n)):
             raise Unsupported("index table is not a permutation of its dimension")
         if not leafset(size) <= leafset(act.live):
@@ -466,11 +544,55 @@ class Interpreter:
             return act
         act = act.closed()
         new = Atom(n)
-        rec = PermRec(tuple(leaves(size)), table, (new,), node, self.evaluator.guards_of(index))
+        rec = PermRec(tuple(leaves(size)), table, (new,), node, guards)
         dims = list(act.dims)
         dims[dim] = (new,)
         live = tuple(a for a in leaves(act.live) if a not in leafset(size)) + (new,)
         return replace(act, dims=tuple(dims), steps=act.steps + (rec,), live=live)
+
+    def _branch_sum(self, node: fx.Node) -> ActT:
+        """``f(x) + g(x)``: two branches of one tensor ``x``, each a linear image of it, summed.
+
+        The sum continues the chain of ``x`` when the branches are all its users (else it
+        starts a new chain at ``x``); the branches' root digits are unified with ``x``'s, so
+        the planner reads both on the same feature space and merges them into one factor
+        when the union of their supports is KS (``structure._branch_sum``).
+        """
+        if node.kwargs.get("alpha", 1) != 1:
+            raise Unsupported("add with alpha")
+        args = node.args[:2]
+        branches = [self.states[arg].closed() for arg in args]
+        origin = branches[0].root
+        if branches[1].root is not origin:
+            raise Unsupported("a sum of two activations that are not branches of one tensor")
+        for arg, branch in zip(args, branches, strict=True):
+            if not branch.has_work or branch.bias is not None or branch.cast is not None:
+                raise Unsupported(f"the branch {arg.name} is not a product of {origin.name} by a weight")
+            if len(arg.users) != 1 or _shape(arg) != _shape(node):
+                raise Unsupported(f"the branch {arg.name} is used elsewhere or broadcast by the sum")
+        inside = {n for branch in branches for n in branch.nodes}
+        base = self.states.get(origin)
+        if isinstance(base, ActT) and set(origin.users) <= inside:
+            base = self._segment(base).closed()
+        else:
+            base = _root(origin)
+        for branch in branches:
+            for mine, theirs in zip(branch.root_dims, base.dims, strict=True):
+                align(mine, theirs)
+        dims = tuple(_sum_dims(leaves(a), leaves(b)) for a, b in zip(branches[0].dims, branches[1].dims, strict=True))
+        out = leafset([a for d in dims for a in d])
+        live = leafset(branches[0].live) | leafset(branches[1].live)
+        passed = leafset([a for branch in branches for d in branch.dims for a in d])
+        step = BranchSum(
+            tuple(branches),
+            dims,
+            tuple(a for a in leaves([a for d in base.dims for a in d]) if a not in out),
+            node,
+            frozenset(b.chain_id for b in branches),
+        )
+        nodes = sorted(set(base.nodes) | inside, key=self._order.__getitem__)
+        live = [a for a in leaves([a for d in dims for a in d]) if a in live or a not in passed]  # fresh: live
+        return replace(base, dims=dims, steps=base.steps + (step,), live=tuple(live), nodes=tuple(nodes))
 
     def _reindex_view(self, node: fx.Node, act: ActT) -> ActT:
         """A reshape whose digits do not refine the current ones: new digits, identity table.
@@ -495,16 +617,9 @@ class Interpreter:
                 continue
             except AtomError:
                 pass
-            if not all(a.static for a in digits) or not set(digits) <= set(live):
-                raise AtomError(f"view to {list(shape)} reshapes a batch or broadcast digit")
-            fresh = [Atom(s) for s in targets if s != 1]
-            it = iter(fresh)
-            dims.extend(() if s == 1 else (next(it),) for s in targets)
-            n = 1
-            for a in digits:
-                n *= a.int_size()
-            steps.append(PermRec(tuple(digits), torch.arange(n), tuple(fresh), node))
-            live = [a for a in live if a not in set(digits)] + fresh
+            groups, rec, live = _identity_table(digits, targets, node, live, f"view to {list(shape)}")
+            dims.extend(groups)
+            steps.append(rec)
         if len(dims) != len(shape):
             raise AtomError(f"view to {list(shape)} cannot be described on digits")
         act = act.closed()
@@ -513,10 +628,7 @@ class Interpreter:
     def _matmul(self, node: fx.Node, left, right, x: fx.Node, restart: bool) -> ActT:
         batched = node.target in (aten.bmm.default, aten.bmm.out)
         act_left = left is x
-        act = self._act_input(x, restart)
-        if act.bias is not None:
-            raise Unsupported("product after a bias")
-        act = act.closed()
+        act = self._act_input(x, restart).closed()
         w = self._weight_arg(right if act_left else left)
         if act_left:  # (b, m, k) @ (b, k, n)
             a_dims, w_dims = act.dims, w.dims
@@ -536,6 +648,52 @@ class Interpreter:
         live = _live_after(act.live, w, summed)
         return replace(act, dims=out, steps=act.steps + _split_outer(factor), live=live)
 
+    def _convolution(self, node: fx.Node, x: fx.Node, restart: bool) -> ActT:
+        """A 1x1 convolution, stride 1, no padding: the KS factor ``(g, C_out/g, C_in/g, 1)``.
+
+        At every spatial position it multiplies the channels (dimension 1) by the
+        block-diagonal matrix of its ``g`` groups; the spatial positions are batch digits.
+        The channel digits split into ``(g, C_in/g)``, the weight's ``(C_out, C_in/g, 1..)``
+        into ``(g, C_out/g)``: the groups are unified, ``C_in/g`` is contracted.
+        """
+        inp, weight, bias, stride, padding, _dilation, transposed, _output_padding, groups = node.args
+        if inp is not x:
+            raise Unsupported("convolution whose weight is an activation")
+        kernel = [int(k) for k in weight.meta["val"].shape[2:]]
+        if len(_shape(inp)) != 2 + len(kernel):
+            raise Unsupported("convolution of an unbatched input")
+        if transposed:
+            raise Unsupported("transposed convolution (only plain 1x1 convolutions are channel products)")
+        if any(k != 1 for k in kernel):
+            size = "x".join(str(k) for k in kernel)
+            raise Unsupported(f"convolution with a {size} kernel mixes spatial positions (only 1x1 kernels are KS)")
+        if any(s != 1 for s in stride):
+            raise Unsupported(f"convolution with stride {list(stride)} drops spatial positions")
+        if any(p != 0 for p in padding):
+            raise Unsupported(f"convolution with padding {list(padding)} adds positions that only see the bias")
+        act = self._act_input(x, restart).closed()
+        w = self._weight_arg(weight)
+        c_in, c_out = _shape(inp)[1], _shape(node)[1]
+        split = [sympy.Integer(groups), c_in / groups]
+        try:
+            group_in, per_in = regroup(leaves(act.dims[1]), split)
+        except AtomError:  # the groups cut a digit (a (4, 3) shuffle read as 3 groups of 4)
+            channels = leaves(act.dims[1])
+            (group_in, per_in), rec, live = _identity_table(channels, split, node, leaves(act.live), "groups")
+            dims = act.dims[:1] + (group_in + per_in,) + act.dims[2:]
+            act = replace(act, dims=dims, steps=act.steps + (rec,), live=tuple(live))
+        group_w, per_out = regroup(leaves(w.dims[0]), [sympy.Integer(groups), c_out / groups])
+        align(group_in, group_w)
+        align(per_in, w.dims[1])
+        out = act.dims[:1] + (group_in + per_out,) + act.dims[2:]
+        factor = Factor(w, tuple(act.live), node, summed=per_in, out_dims=out)
+        act = replace(act, dims=out, steps=act.steps + _split_outer(factor), live=_live_after(act.live, w, per_in))
+        if bias is None:
+            return act
+        b = self._weight_arg(bias)
+        align(b.dims[0] if b.dims else (), out[1])
+        return replace(act, bias=b, bias_node=node)
+
     def _broadcast(self, node: fx.Node, act_dims, w: WeightT):
         shape = _shape(node)
         n = len(shape)
@@ -551,8 +709,6 @@ class Interpreter:
         return tuple(out)
 
     def _mul(self, node: fx.Node, act: ActT, other) -> ActT:
-        if act.bias is not None:
-            raise Unsupported("product after a bias")
         act = act.closed()
         w = self._weight_arg(other)
         dims = self._broadcast(node, act.dims, w)
@@ -577,13 +733,48 @@ class Interpreter:
         return replace(act, dims=dims, steps=act.steps + _split_outer(factor), pending=None, live=live)
 
     def _add_bias(self, node: fx.Node, act: ActT, other) -> ActT:
-        if act.bias is not None or not act.steps:
+        if not act.steps:
             raise Unsupported("bias without a preceding product")
         w = self._weight_arg(other)
         dims = self._broadcast(node, act.dims, w)
         if len(dims) != len(act.dims):
             raise Unsupported("bias broadcasts the activation")
-        return replace(act, dims=dims, bias=w)
+        return replace(act, dims=dims, bias=w, bias_node=node)
+
+
+def _sum_dims(first: list[Atom], second: list[Atom]) -> tuple[Atom, ...]:
+    """One dimension of a sum of two branches: the digits both keep in place at its ends,
+    one fresh digit for the part where they differ (same flat index in both)."""
+    lo = 0
+    while lo < min(len(first), len(second)) and first[lo] is second[lo]:
+        lo += 1
+    hi = 0
+    while hi < min(len(first), len(second)) - lo and first[-1 - hi] is second[-1 - hi]:
+        hi += 1
+    middle = first[lo : len(first) - hi]
+    if not middle and len(second) == len(first):
+        return tuple(first)
+    if not all(a.static for a in middle + second[lo : len(second) - hi]):
+        raise AtomError("a sum of branches that differ on a symbolic digit")
+    return tuple(first[:lo]) + (Atom(prod_size(middle)),) + tuple(first[len(first) - hi :])
+
+
+def _identity_table(digits: list[Atom], targets: list, node: fx.Node, live: list[Atom], what: str):
+    """Fresh digits of sizes ``targets`` reading the flat index of ``digits`` (identity table).
+
+    ``(groups, step, live)``: one digit tuple per target (empty for size 1), the
+    :class:`PermRec` linking them, and the live digits after it.
+    """
+    if not all(a.static for a in digits) or not set(digits) <= set(live):
+        raise AtomError(f"{what} reshapes a batch or broadcast digit")
+    fresh = [Atom(s) for s in targets if s != 1]
+    it = iter(fresh)
+    groups = [() if s == 1 else (next(it),) for s in targets]
+    n = 1
+    for a in digits:
+        n *= a.int_size()
+    rec = PermRec(tuple(digits), torch.arange(n), tuple(fresh), node)
+    return groups, rec, [a for a in live if a not in set(digits)] + fresh
 
 
 def _outer_parts(product: WeightT, operands: list[WeightT]) -> tuple[WeightT, ...]:

@@ -10,6 +10,9 @@ per chain found (rewritten or not, always with a reason). Each rewritten chain b
 
 so parameters stay graph inputs (read at every call, gradients flow to them through the
 op's registered autograd) and everything around the chain is left to the inner compiler.
+A chain on middle dimensions (channels-first ``(N, C, L)`` mixing ``C``) moves the
+features to the front around the op: ``x2d = reshape(permute(reshape(root, [-1, in, L]),
+[1, 0, 2]), [in, -1])``, and back after it.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from __future__ import annotations
 import logging
 import math
 import operator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.fx as fx
@@ -26,7 +29,7 @@ import ksfx.ops  # noqa: F401  (registers torch.ops.ksfx)
 from ksfx.config import config
 from ksfx.passes.atoms import AtomError, leaves
 from ksfx.passes.cost import Estimate, decide, estimate
-from ksfx.passes.detect import COPY_OPS, VIEW_OPS, ActT, Interpreter, Unsupported
+from ksfx.passes.detect import COPY_OPS, VIEW_OPS, ActT, BranchSum, Interpreter, Unsupported
 from ksfx.passes.structure import ChainPlan, ValueSource, plan_chain, reroot
 from ksfx.passes.verify import verify
 
@@ -50,6 +53,8 @@ class ChainReport:
     estimate: Estimate | None = None
     verification: str = ""
     plan: ChainPlan | None = field(default=None, repr=False)
+    # Why the chain ends where it does: the first later end of the same chain that failed.
+    stopped: str = ""
 
     @property
     def in_features(self) -> int | None:
@@ -68,7 +73,10 @@ def _debug(message: str, *args) -> None:
 
 
 def find_chains(gm: fx.GraphModule, weights: set[fx.Node], known: dict[fx.Node, torch.Tensor]):
-    """``[(plan | None, reason, end_node, state)]`` for every maximal chain of the graph."""
+    """``[(plan | None, reason, end_node, state)]`` for every maximal chain of the graph.
+
+    With a plan, ``reason`` says why no later end of the same chain planned ("" if none).
+    """
     interpreter = Interpreter(gm, weights, known)
     states = interpreter.run()
     by_chain: dict[int, list[tuple[fx.Node, ActT]]] = {}
@@ -86,7 +94,7 @@ def find_chains(gm: fx.GraphModule, weights: set[fx.Node], known: dict[fx.Node, 
                 _check_dtypes(plan)
                 _check_no_mutation(plan, order)
                 _end_layout(plan)
-                found.append((plan, "", node, state))
+                found.append((plan, reason or "", node, state))
                 break
             except (Unsupported, AtomError) as err:
                 reason = reason or f"{node.name}: {err}"
@@ -96,10 +104,24 @@ def find_chains(gm: fx.GraphModule, weights: set[fx.Node], known: dict[fx.Node, 
         else:
             node, state = candidates[-1]
             found.append((None, reason, node, state))
+    # A planned sum of branches takes their chains in: they are not chains of their own.
+    absorbed = {cid for plan, _, _, state in found if plan is not None for cid in _branch_chains(state.steps)}
+    found = [entry for entry in found if entry[3].chain_id not in absorbed]
     covered = {n for _, _, _, state in found for n in state.nodes}
     for node, reason in interpreter.refused_products(covered):
         found.append((None, f"{node.name} {reason}", node, states[node]))
     return found
+
+
+def _branch_chains(steps) -> set[int]:
+    """Chain ids of the branches summed by ``steps`` (nested sums included)."""
+    out: set[int] = set()
+    for step in steps:
+        if isinstance(step, BranchSum):
+            out |= step.chains
+            for branch in step.branches:
+                out |= _branch_chains(branch.steps)
+    return out
 
 
 def _widest_batch(state: ActT, end: fx.Node, states) -> ChainPlan:
@@ -109,9 +131,13 @@ def _widest_batch(state: ActT, end: fx.Node, states) -> ChainPlan:
     them on the batch side: ``nn.Linear`` applied to ``attn_out.transpose(1, 2)`` is a
     dense ``(1, out, in, 1)`` product over the tokens, not a ``(1, out, in, tokens)``
     factor on the untransposed root (which is not even plannable when the token count is
-    symbolic). Ties keep the earliest root (the largest region). When the root does not
-    plan, a later start is taken only if it ties no digit at all; otherwise the root's
-    error is raised (and an earlier end is tried).
+    symbolic). Of all starts, the one tying the fewest digits that no weight even
+    broadcasts along wins; then one without the middle layout (batch digits on both
+    sides of the features, two transposing copies around the op), so a weight the user
+    expanded along ``d`` stays a tied factor rather than ``d`` becoming a trailing batch
+    digit; then the fewest tied digits. Ties keep the earliest root (the largest region).
+    When the root does not plan, a later start is taken only if it ties no digit at all;
+    otherwise the root's error is raised (and an earlier end is tried).
 
     The root itself may also be read in the order its memory is laid out: a graph input
     that is a transposed view (``(blocks, batch, features)`` over a batch-first storage,
@@ -125,13 +151,16 @@ def _widest_batch(state: ActT, end: fx.Node, states) -> ChainPlan:
         _end_shape_plan(plan)  # symbolic output sizes must be readable from this root
         return plan
 
+    def key(plan: ChainPlan) -> tuple[int, bool, int]:
+        return plan.unseen, bool(plan.inner_dims), plan.tied
+
     best, error = None, None
     try:
         best = attempt(state)
     except (Unsupported, AtomError) as err:
         error = err
     for node in state.nodes:
-        if best is not None and best.tied == 1:
+        if best is not None and key(best) == (1, False, 1):
             break
         view = states.get(node)
         if not isinstance(view, ActT) or view.has_work or view.chain_id != state.chain_id:
@@ -140,7 +169,8 @@ def _widest_batch(state: ActT, end: fx.Node, states) -> ChainPlan:
             plan = attempt(reroot(state, node, view))
         except (Unsupported, AtomError):
             continue
-        if plan.tied < (best.tied if best is not None else 2):  # alone, a later start must tie nothing
+        better = key(plan) < key(best) if best is not None else plan.tied == 1  # alone, a later start ties nothing
+        if better:
             best = plan
     if best is None or best.tied > 1:
         try:
@@ -226,7 +256,7 @@ def _check_dtypes(plan: ChainPlan) -> None:
     """The op computes in one floating dtype on one device: input, values, bias and output."""
     root, end = plan.root.meta["val"], plan.end.meta["val"]
     dtype = plan.cast or root.dtype
-    sources = [v.source.meta["val"] for v in plan.values]
+    sources = [term.source.meta["val"] for v in plan.values for term in v.terms()]
     if plan.bias is not None:
         sources.append(plan.bias.source.meta["val"])
     if not root.dtype.is_floating_point or dtype != end.dtype:
@@ -322,6 +352,7 @@ def run_pass(
             estimate=est,
             verification=message,
             plan=plan,
+            stopped=reason,
         )
         _debug(
             "ksfx: chain %s -> %s = %s (%s): %s [%s]",
@@ -389,11 +420,17 @@ def apply(gm: fx.GraphModule, plans: list[ChainPlan]) -> None:
         chain = plan.chain
         root = replaced.get(plan.root, plan.root)
         with graph.inserting_before(plan.end):
-            fin = chain.in_features
+            fin, fout = chain.in_features, chain.out_features
             x = root
-            if plan.root_order is not None:
+            if plan.root_order is not None:  # read in storage order: a view, no copy
                 x = graph.call_function(aten.permute.default, (root, list(plan.root_order)))
-            x2d = graph.call_function(aten.reshape.default, (x, [fin, -1] if plan.batch_last else [-1, fin]))
+            inner = _inner_size(graph, plan, root) if plan.inner_dims else None
+            if plan.inner_dims:  # (outer, in, inner) -> (in, outer * inner): batch-last
+                x3 = graph.call_function(aten.reshape.default, (x, [-1, fin, inner]))
+                x3 = graph.call_function(aten.permute.default, (x3, [1, 0, 2]))
+                x2d = graph.call_function(aten.reshape.default, (x3, [fin, -1]))
+            else:
+                x2d = graph.call_function(aten.reshape.default, (x, [fin, -1] if plan.batch_last else [-1, fin]))
             if plan.cast is not None:
                 x2d = graph.call_function(aten._to_copy.default, (x2d,), {"dtype": plan.cast})
             values = [
@@ -404,6 +441,10 @@ def apply(gm: fx.GraphModule, plans: list[ChainPlan]) -> None:
             y2d = graph.call_function(
                 torch.ops.ksfx.ks_chain.default, (x2d, values, chain.to_spec(), plan.batch_last, bias, dense)
             )
+            if plan.inner_dims:  # back to (outer, out, inner), contiguous like the traced end
+                y3 = graph.call_function(aten.reshape.default, (y2d, [fout, -1, inner]))
+                y3 = graph.call_function(aten.permute.default, (y3, [1, 0, 2]))
+                y2d = graph.call_function(aten.clone.default, (y3,), {"memory_format": torch.contiguous_format})
             y = graph.call_function(aten.reshape.default, (y2d, _end_shape(graph, plan, root)))
             layout = _end_layout(plan)
             if layout is not None:
@@ -419,6 +460,20 @@ def apply(gm: fx.GraphModule, plans: list[ChainPlan]) -> None:
     graph.eliminate_dead_code()
     graph.lint()
     gm.recompile()
+
+
+def _inner_size(graph: fx.Graph, plan: ChainPlan, root: fx.Node):
+    """The product of the root's last ``plan.inner_dims`` sizes; symbolic ones read from ``root``."""
+    shape = plan.root.meta["val"].shape
+    order = plan.root_order or tuple(range(len(shape)))  # the root is read in this order
+    value = 1
+    for k in order[len(order) - plan.inner_dims :]:
+        size = shape[k] if isinstance(shape[k], int) else graph.call_function(aten.sym_size.int, (root, k))
+        if isinstance(size, int) and isinstance(value, int):
+            value *= size
+        else:
+            value = graph.call_function(operator.mul, (value, size))
+    return value
 
 
 def _end_shape_plan(plan: ChainPlan) -> list:
@@ -473,6 +528,11 @@ def _sym_of(root: fx.Node, atom) -> object:
 def _build(gm: fx.GraphModule, spec: ValueSource, shape: tuple[int, ...]) -> fx.Node:
     """Values as a view of the source when the ids allow it, else a constant-index gather."""
     graph = gm.graph
+    if spec.plus:  # a factor summed from branches: one gather per source, added
+        node = _build(gm, replace(spec, plus=()), shape)
+        for term in spec.plus:
+            node = graph.call_function(aten.add.Tensor, (node, _build(gm, term, shape)))
+        return node
     ids = spec.ids.reshape(shape)
     source = spec.source
     if _same_shape_product(source):  # (w * mask)[idx] == w[idx] * mask[idx]: no dense product per call

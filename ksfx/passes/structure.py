@@ -3,9 +3,10 @@
 Given the steps between a root and a chain end (see :mod:`ksfx.passes.detect`):
 
 * the root's dimensions from the first one a weight touches to the last are features
-  (batch-first; batch-last: from dimension 0 to the last one touched), the others are
-  batch digits. Batch digits must arrive at the end in the same order and on the same
-  side, so the op can see the tensors as 2-D. Untouched feature digits are tied.
+  (batch-first; batch-last: from dimension 0 to the last one touched; or in the middle,
+  channels-first ``(N, C, H, W)``), the others are batch digits. Batch digits must
+  arrive at the end in the same order and on the same side(s), so the op can see the
+  tensors as 2-D. Untouched feature digits are tied.
 * each product with a weight, seen on the feature space ``S`` it reads, keeps some
   digits (``P``), contracts some (``K``) and creates some (``N``): that is the factor
   ``(a, b, c, d) = (|P_hi|, |N|, |K|, |P_lo|)`` after the digit permutation that brings
@@ -17,6 +18,10 @@ Given the steps between a root and a chain end (see :mod:`ksfx.passes.detect`):
   permutations (:func:`factor_from_support`).
 * constant index tables become :class:`~ksfx.pattern.IndexPerm` steps; every
   permutation is finally simplified to digit arithmetic where possible.
+* a sum of branches of one tensor (:class:`~ksfx.passes.detect.BranchSum`), each a
+  single factor between permutations, is one factor when the union of their supports
+  is KS (a butterfly factor ``w1 * x + w2 * x[..., i ^ s]``); its values are the sum of
+  the branches' values gathered at that factor's entries.
 """
 
 from __future__ import annotations
@@ -28,18 +33,27 @@ import torch
 import torch.fx as fx
 
 from ksfx.passes.atoms import Atom, leafset, leaves
-from ksfx.passes.detect import ActT, Factor, PermRec, Unsupported
+from ksfx.passes.detect import ActT, BranchSum, Factor, PermRec, Unsupported
 from ksfx.passes.weights import MAX_DENSE, read_core
 from ksfx.pattern import Chain, DigitPerm, IndexPerm, KSPattern, Perm, simplify
 
 
 @dataclass(frozen=True, eq=False)
 class ValueSource:
-    """A tensor built at run time as ``source.flatten()[ids - 1]`` (id 0: a zero)."""
+    """A tensor built at run time as ``source.flatten()[ids - 1]`` (id 0: a zero), plus the
+    tensors of ``plus`` (same shape): a factor summed from branches with other sources."""
 
     source: fx.Node
     ids: torch.Tensor
     dense: bool = False  # the original op multiplies by the structural zeros too (masked weight)
+    plus: tuple[ValueSource, ...] = ()
+
+    def terms(self) -> tuple[ValueSource, ...]:
+        return (replace(self, plus=()), *self.plus)
+
+    def remapped(self, remap) -> ValueSource:
+        """The same terms with every id tensor passed through ``remap`` (entries moved)."""
+        return replace(self, ids=remap(self.ids), plus=tuple(term.remapped(remap) for term in self.plus))
 
 
 @dataclass(frozen=True, eq=False)
@@ -57,9 +71,14 @@ class ChainPlan:
     guards: frozenset
     source_flops: int  # per batch row, as the original ops compute it
     tied: int = 1  # product of the feature digits no weight depends on (1: none)
+    unseen: int = 1  # product of the tied digits no weight even broadcasts along
     cast: torch.dtype | None = None  # the root is cast to this dtype first (autocast)
     root_feature_dims: tuple[int, ...] = ()  # dimensions of the root holding feature digits
     root_order: tuple[int, ...] | None = None  # the root is read permuted to this dim order first
+    # Trailing root dimensions that are batch dimensions *after* the features (a
+    # channels-first (N, C, H, W) input mixing C: 2). The op then runs batch-last on the
+    # input with the features moved to the front. 0: batch-first or batch-last.
+    inner_dims: int = 0
 
 
 def _sizes(atoms) -> list[int]:
@@ -78,22 +97,51 @@ def digit_perm(current: list[Atom], target: list[Atom]) -> DigitPerm | None:
     return DigitPerm(tuple(_sizes(current)), order)
 
 
+def _touched(steps) -> set[Atom]:
+    """Digits the steps read through a weight, sum over, permute or (a branch sum) consume."""
+    touched: set[Atom] = set()
+    for step in steps:
+        if isinstance(step, Factor):
+            touched |= leafset(step.weight.core_atoms) | leafset(step.summed)
+        elif isinstance(step, BranchSum):
+            touched |= leafset(step.consumed)
+            for branch in step.branches:
+                touched |= _touched(branch.steps)
+        else:
+            touched |= leafset(step.src)
+    return touched
+
+
+def _seen(steps) -> set[Atom]:
+    """Digits of the weights' dimensions, broadcast ones included (a weight expanded along ``d``)."""
+    seen: set[Atom] = set()
+    for step in steps:
+        if isinstance(step, Factor):
+            seen |= leafset([a for d in step.weight.dims for a in d]) | leafset(step.weight.core_atoms)
+        elif isinstance(step, BranchSum):
+            for branch in step.branches:
+                seen |= _seen(branch.steps)
+    return seen
+
+
+def _has_factor(steps) -> bool:
+    return any(
+        isinstance(step, Factor) or (isinstance(step, BranchSum) and any(_has_factor(b.steps) for b in step.branches))
+        for step in steps
+    )
+
+
 def plan_chain(act: ActT, end: fx.Node, root_order: tuple[int, ...] | None = None) -> ChainPlan:
     """``root_order``: read the root's dimensions in this order (a permute before the 2-D view)."""
     act = act.closed()
     if root_order is not None:
         act = replace(act, root_dims=tuple(act.root_dims[k] for k in root_order))
-    if not any(isinstance(step, Factor) for step in act.steps):
+    if not _has_factor(act.steps):
         raise Unsupported("no product with a weight (permutations only)")
     if any(a.size == 0 for a in leaves([a for d in act.root_dims for a in d])):
         raise Unsupported("the input is empty (a dimension of size 0): nothing to compute")
-    touched: set[Atom] = set()
-    for step in act.steps:
-        if isinstance(step, Factor):
-            touched |= leafset(step.weight.core_atoms) | leafset(step.summed)
-        else:
-            touched |= leafset(step.src)
-    batch, features, batch_last = _split_root(act.root_dims, touched)
+    touched = _touched(act.steps)
+    batch, features, batch_last, inner_dims = _split_root(act.root_dims, touched)
     tied = [a for a in features if a not in touched]
     batch_set = set(batch)
     end_leaves = leaves([a for d in act.dims for a in d])
@@ -102,7 +150,12 @@ def plan_chain(act: ActT, end: fx.Node, root_order: tuple[int, ...] | None = Non
     end_batch = [a for a in end_leaves if a in batch_set]
     if end_batch != leaves(batch):
         raise Unsupported("batch digits are reordered between input and output")
-    if _layout(end_leaves, batch_set, "output") not in (None, batch_last):
+    if inner_dims:
+        inner = len(leaves([a for d in act.root_dims[len(act.root_dims) - inner_dims :] for a in d]))
+        outer = len(batch) - inner
+        if not all(a in batch_set for a in end_leaves[:outer] + end_leaves[len(end_leaves) - inner :]):
+            raise Unsupported("input and output layouts differ (the input has batch digits on both sides)")
+    elif _layout(end_leaves, batch_set, "output") not in (None, batch_last):
         raise Unsupported("input and output layouts differ (batch-first vs batch-last)")
     out_features = [a for a in end_leaves if a not in batch_set]
     for atom in features + out_features:
@@ -110,19 +163,8 @@ def plan_chain(act: ActT, end: fx.Node, root_order: tuple[int, ...] | None = Non
             raise Unsupported(f"feature digit of symbolic size {atom.size}")
 
     applied: list = []  # application order: perms and (pattern, ValueSource)
-    space = list(features)
     guards: set = set()
-    source_flops = 0
-    for step in act.steps:
-        space = leaves(space)  # digits may have been refined after they were recorded
-        if isinstance(step, Factor):
-            space, flops = _factor(step, space, batch_set, applied)
-            source_flops += flops
-            guards |= step.weight.guards
-        else:
-            space = _perm(step, space, applied)
-            guards |= step.guards
-    space = leaves(space)
+    space, source_flops = _apply(act.steps, list(features), batch_set, applied, guards)
     if set(space) != set(out_features):
         raise Unsupported("internal: final feature space does not match the output")
     final = digit_perm(space, out_features)
@@ -158,6 +200,7 @@ def plan_chain(act: ActT, end: fx.Node, root_order: tuple[int, ...] | None = Non
         guards=frozenset(guards),
         source_flops=source_flops,
         tied=_prod(tied),
+        unseen=_prod([a for a in tied if a not in _seen(act.steps)]),
         cast=act.cast,
         root_feature_dims=tuple(
             k if root_order is None else root_order[k]  # dimensions of the root as it is, unpermuted
@@ -165,7 +208,102 @@ def plan_chain(act: ActT, end: fx.Node, root_order: tuple[int, ...] | None = Non
             if leafset(d) & set(features)
         ),
         root_order=root_order,
+        inner_dims=inner_dims,
     )
+
+
+def _apply(steps, space: list[Atom], batch: set[Atom], applied: list, guards: set) -> tuple[list[Atom], int]:
+    """Plan ``steps`` from the feature space ``space``: ``(final space, original FLOPs)``."""
+    source_flops = 0
+    for step in steps:
+        space = leaves(space)  # digits may have been refined after they were recorded
+        if isinstance(step, Factor):
+            space, flops = _factor(step, space, batch, applied)
+            source_flops += flops
+            guards |= step.weight.guards
+        elif isinstance(step, BranchSum):
+            space, flops = _branch_sum(step, space, batch, applied, guards)
+            source_flops += flops
+        else:
+            space = _perm(step, space, applied)
+            guards |= step.guards
+    return leaves(space), source_flops
+
+
+def _branch_sum(step: BranchSum, space: list[Atom], batch: set[Atom], applied: list, guards: set):
+    """``Σ_k P_k · K_k · Q_k`` as one factor: each branch must be a single factor between
+    permutations, and the union of their supports KS (up to permutations).
+
+    Every branch is planned from ``space``; its entries are the factor's, moved by the
+    permutations around it (rows in the order of the sum's output digits). The merged
+    factor's values are the branches' ids read at its entries, one term per branch (one
+    term when all branches read one tensor at disjoint entries).
+    """
+    out = [a for a in leaves([a for d in step.dims for a in d]) if a not in batch]
+    if leafset(step.consumed) & batch:
+        raise Unsupported(f"the branches of the sum {step.node.name} move batch digits")
+    shape = (_prod(out), _prod(space))
+    if shape[0] * shape[1] > MAX_DENSE:
+        raise Unsupported(f"the sum {step.node.name} is too large ({shape[0]}x{shape[1]}) to analyse")
+    names = ", ".join(b.nodes[-1].name for b in step.branches)
+    support = torch.zeros(shape, dtype=torch.bool)
+    entries, flops, structured = [], 0, False
+    for branch in step.branches:
+        sub: list = []
+        end, branch_flops = _apply(branch.steps, space, batch, sub, guards)
+        flops += branch_flops
+        branch_out = [a for a in leaves([a for d in branch.dims for a in d]) if a not in batch]
+        if set(end) != set(branch_out):
+            raise Unsupported(f"internal: a branch of {step.node.name} does not end on its output digits")
+        final = digit_perm(end, branch_out)
+        if final is not None:
+            sub.append(final)
+        factors = [k for k, item in enumerate(sub) if isinstance(item, tuple)]
+        if len(factors) != 1 or sub[factors[0]][1].dense or sub[factors[0]][1].plus:
+            raise Unsupported(
+                f"the branch {branch.nodes[-1].name} of the sum {step.node.name} is not a single plain factor"
+            )
+        structured |= sub[factors[0]][0].a * sub[factors[0]][0].d > 1
+        rows, cols, value = _branch_entries(sub, factors[0])
+        support[rows, cols] = True
+        entries.append((value.source, rows * shape[1] + cols, value.ids.reshape(-1)))
+    found = factor_from_support(support)
+    if found is None:
+        raise Unsupported(f"the sum {step.node.name} of the branches {names} is not Kronecker-sparse")
+    out_perm, pattern, in_perm, rows, cols = found
+    if structured and pattern.a * pattern.d == 1:
+        raise Unsupported(f"the sum {step.node.name} of the branches {names} is a dense matrix")
+    at = rows * shape[1] + cols
+    picked = [(source, _lookup(flat, ids, at)) for source, flat, ids in entries]
+    if len({source for source, _ in picked}) == 1 and not bool(sum((ids != 0).long() for _, ids in picked).gt(1).any()):
+        picked = [(picked[0][0], sum(ids for _, ids in picked))]  # one tensor, disjoint entries: one gather
+    terms = [ValueSource(source, ids.contiguous()) for source, ids in picked]
+    if in_perm is not None:
+        applied.append(in_perm)
+    applied.append((pattern, replace(terms[0], plus=tuple(terms[1:]))))
+    if out_perm is not None:
+        applied.append(out_perm)
+    return out, flops
+
+
+def _branch_entries(sub: list, k: int) -> tuple[torch.Tensor, torch.Tensor, ValueSource]:
+    """Matrix coordinates of the factor ``sub[k]`` in the map of the steps ``sub``
+    (application order): permutations applied before it move its columns, after it its rows."""
+    pattern, value = sub[k]
+    rows, cols = (grid.reshape(-1) for grid in pattern.index_grids())
+    for perm in reversed(sub[:k]):  # y = P x reads x[source]: the factor's column c reads source[c]
+        cols = perm.indices()[cols]
+    for perm in sub[k + 1 :]:  # the factor's row r lands where the gather reads it
+        rows = torch.argsort(perm.indices())[rows]
+    return rows, cols, value
+
+
+def _lookup(keys: torch.Tensor, values: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
+    """``values`` at the positions of ``query`` in ``keys`` (distinct), 0 where absent."""
+    order = torch.argsort(keys)
+    keys, values = keys[order], values[order]
+    pos = torch.searchsorted(keys, query).clamp(max=keys.numel() - 1)
+    return torch.where(keys[pos] == query, values[pos], torch.zeros_like(query))
 
 
 def reroot(act: ActT, node: fx.Node, state: ActT) -> ActT:
@@ -206,16 +344,14 @@ def absorb_permutations(steps: list, values: list[ValueSource]) -> tuple[list, l
             hi = right if use_right else None
             if (use_left and lo is None) or (use_right and hi is None):
                 continue
-            merged = _merge(
-                steps[lo] if lo is not None else None, step, steps[hi] if hi is not None else None, values[factor_index]
-            )
+            merged = _merge(steps[lo] if lo is not None else None, step, steps[hi] if hi is not None else None)
             if merged is None:
                 continue
-            pattern, ids = merged
+            pattern, remap = merged
             start = lo if lo is not None else k
             stop = (hi if hi is not None else k) + 1
             steps[start:stop] = [pattern]
-            values[factor_index] = replace(values[factor_index], ids=ids)
+            values[factor_index] = values[factor_index].remapped(remap)
             k = start
             break
         k -= 1
@@ -223,7 +359,9 @@ def absorb_permutations(steps: list, values: list[ValueSource]) -> tuple[list, l
     return steps, values
 
 
-def _merge(out_perm, pattern: KSPattern, in_perm, values: ValueSource):
+def _merge(out_perm, pattern: KSPattern, in_perm):
+    """``(merged pattern, remap)`` when ``out_perm · pattern · in_perm`` is KS; ``remap``
+    moves a value (id) tensor of ``pattern`` to the merged one's entries."""
     rows, cols = pattern.shape
     if rows * cols > MAX_DENSE:
         return None
@@ -233,17 +371,23 @@ def _merge(out_perm, pattern: KSPattern, in_perm, values: ValueSource):
     merged = KSPattern.from_support(support)
     if merged is None or merged.nnz != pattern.nnz:
         return None
-    dense = pattern.to_dense(values.ids.reshape(pattern.as_tuple()))[row_src][:, col_inv]
     r, c = merged.index_grids()
-    return merged, dense[r, c]
+
+    def remap(ids: torch.Tensor) -> torch.Tensor:
+        return pattern.to_dense(ids.reshape(pattern.as_tuple()))[row_src][:, col_inv][r, c]
+
+    return merged, remap
 
 
-def _split_root(root_dims, touched: set[Atom]) -> tuple[list[Atom], list[Atom], bool]:
-    """``(batch digits, feature digits, batch_last)`` of the chain's input.
+def _split_root(root_dims, touched: set[Atom]) -> tuple[list[Atom], list[Atom], bool, int]:
+    """``(batch digits, feature digits, batch_last, inner_dims)`` of the chain's input.
 
     Batch-first: the features are the trailing dimensions from the first one a weight
-    touches; batch-last: the leading dimensions up to the last one touched. Feature
-    digits no weight touches are kept by every factor (tied values).
+    touches; batch-last: the leading dimensions up to the last one touched. Otherwise the
+    features are the dimensions from the first touched one to the last, with batch
+    dimensions on both sides (channels-first activations, ``(N, C, H, W)`` mixing ``C``):
+    ``inner_dims`` counts the trailing ones, and the op runs batch-last. Feature digits no
+    weight touches are kept by every factor (tied values).
     """
     dims = [leaves(d) for d in root_dims]
     hit = [k for k, d in enumerate(dims) if any(a in touched for a in d)]
@@ -254,16 +398,16 @@ def _split_root(root_dims, touched: set[Atom]) -> tuple[list[Atom], list[Atom], 
             hit = [0]
         else:
             raise Unsupported("the products do not act on the root's features")
-    last = len(dims) - 1
+    last, inner_dims = len(dims) - 1, 0
     if hit[-1] == last or all(not d for d in dims[hit[-1] + 1 :]):
         feature_dims, batch_last = range(hit[0], len(dims)), False
     elif hit[0] == 0 or all(not d for d in dims[: hit[0]]):
         feature_dims, batch_last = range(0, hit[-1] + 1), True
     else:
-        raise Unsupported("the products act on middle dimensions of the input (neither batch-first nor batch-last)")
+        feature_dims, batch_last, inner_dims = range(hit[0], hit[-1] + 1), True, last - hit[-1]
     features = [a for k in feature_dims for a in dims[k]]
     batch = [a for k, d in enumerate(dims) if k not in feature_dims for a in d]
-    return batch, features, batch_last
+    return batch, features, batch_last, inner_dims
 
 
 def _layout(order: list[Atom], batch: set[Atom], what: str) -> bool | None:

@@ -109,14 +109,18 @@ def verify(plan: ChainPlan, learnable: set[fx.Node], known: dict[fx.Node, torch.
     try:
         with torch.no_grad():
             expected = value(plan.end)
-            values = [_gather(value(v.source), v) for v in plan.values]
+            values = [_values(v, value) for v in plan.values]
             bias = _gather(value(plan.bias.source), plan.bias) if plan.bias is not None else None
     except _Skip as skip:
         return "skipped", f"not re-evaluated ({skip})"
     dense = plan.chain.to_dense(values) if plan.chain.patterns else None
     x = env[plan.root] if plan.root_order is None else env[plan.root].permute(plan.root_order)
     fin = plan.chain.in_features
-    if plan.batch_last:
+    if plan.inner_dims:  # (outer, in, inner): the features in the middle
+        inner = math.prod(root_shape[len(root_shape) - plan.inner_dims :])
+        y = torch.einsum("of,bfi->boi", dense, x.reshape(-1, fin, inner))
+        y = y + bias[:, None] if bias is not None else y
+    elif plan.batch_last:
         y = dense @ x.reshape(fin, -1)
         y = y + bias[:, None] if bias is not None else y
     else:
@@ -133,3 +137,8 @@ def verify(plan: ChainPlan, learnable: set[fx.Node], known: dict[fx.Node, torch.
 def _gather(source: torch.Tensor, spec: ValueSource) -> torch.Tensor:
     flat = torch.cat([source.new_zeros(1), source.reshape(-1)])
     return flat[spec.ids.to(source.device)]
+
+
+def _values(spec: ValueSource, value) -> torch.Tensor:
+    """The factor's values: one gather per term (``value`` evaluates a source node)."""
+    return sum(_gather(value(term.source), term) for term in spec.terms())

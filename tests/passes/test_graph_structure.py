@@ -76,7 +76,8 @@ def test_dynamic_batch_recompiles_once_and_stays_rewritten():
     model = Monarch()
     reports = []
     torch._dynamo.reset()
-    compiled = torch.compile(model, backend=KsfxCompiler(rewrite="always", inner="aot_eager", reports=reports))
+    backend = KsfxCompiler(rewrite="always", inner="aot_eager", reports=reports, cpu="op")
+    compiled = torch.compile(model, backend=backend)
     for batch in (3, 5, 8, 2):
         x = torch.randn(batch, 7, 16)
         ksfx.stats(reset=True)
@@ -122,7 +123,9 @@ def test_rewrite_modes():
     model, x = Monarch(), torch.randn(4, 16)
     never = ksfx.explain(model, x, rewrite="never").chains
     assert [c.patterns for c in never] == [MONARCH] and not never[0].rewritten and "never" in never[0].reason
-    auto = ksfx.explain(model, x, rewrite="auto").chains[0]
+    auto = ksfx.explain(model, x, rewrite="auto").chains[0]  # inlined as aten ops: the grid measured it
+    assert auto.rewritten and "inlined as aten ops" in auto.reason and "cpu_grid_" in auto.reason
+    auto = ksfx.explain(model, x, rewrite="auto", cpu="op").chains[0]  # the opaque op: left to Inductor
     assert not auto.rewritten and "Inductor" in auto.reason and "patterns_cpu_" in auto.reason  # the measurement
 
     class OneFactor(nn.Module):
@@ -133,7 +136,7 @@ def test_rewrite_modes():
         def forward(self, x):
             return torch.einsum("nacd,abcd->nabd", x.reshape(-1, 2, 4, 2), self.w).reshape(-1, 16)
 
-    single = ksfx.explain(OneFactor(), x, rewrite="auto").chains[0]
+    single = ksfx.explain(OneFactor(), x, rewrite="auto", cpu="op").chains[0]
     assert single.patterns == [(2, 4, 4, 2)] and not single.rewritten and "on cpu the original ops" in single.reason
 
     class Masked(nn.Module):
@@ -145,7 +148,7 @@ def test_rewrite_modes():
         def forward(self, x):
             return F.linear(x, self.w * self.mask)
 
-    masked = ksfx.explain(Masked(), x, rewrite="auto").chains[0]
+    masked = ksfx.explain(Masked(), x, rewrite="auto", cpu="op").chains[0]
     assert masked.rewritten and "4.0x" in masked.reason  # the dense product does 4x the work
 
 

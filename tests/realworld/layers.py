@@ -12,7 +12,9 @@ copied):
   m2 block-diagonal linear and its gated MLP, Monarch Mixer's ``MonarchMatrix``;
 * ksmm: ``(a*d, b, c)`` bmm and ``(a,b,c,d)`` einsum formulations, batch-first and last;
 * torch-butterfly: 2×2 butterfly factors by broadcast multiply + sum, bit reversal by
-  indexing with a constant index buffer;
+  indexing with a constant index buffer; FFT-like butterflies written as two weighted
+  branches per factor (a diagonal and the partner ``i ^ stride``, by index buffer,
+  ``index_select`` or a ``flip`` of the pair axis);
 * lazylinop's array-API path: ``swapaxes`` + ``@`` with batch dimensions, batch-last;
 * block tensor-train (BTT) layers: two bmm's with a rank index;
 * masked dense weights, tied (expanded) weights;
@@ -413,6 +415,57 @@ class BitReversalButterfly(nn.Module):
 
     def forward(self, x):
         return self.butterfly(self.perm(x))
+
+
+class ButterflyBranches(nn.Module):
+    """Butterfly as ``log2(n)`` factors ``y = diag[k] * x + off[k] * x[..., partner]``.
+
+    Factor ``k`` pairs index ``i`` with its partner ``i ^ stride`` (stride ``2**k``
+    increasing, or decreasing); the partner is read with an index buffer (``"index"``),
+    ``torch.index_select`` (``"index_select"``) or by flipping the pair axis of a
+    ``(n / (2 * stride), 2, stride)`` view (``"flip"``).
+    """
+
+    def __init__(self, n: int, increasing_stride: bool = True, partner: str = "index"):
+        super().__init__()
+        log_n = int(math.log2(n))
+        if 1 << log_n != n:
+            raise ValueError(f"n={n} must be a power of 2")
+        self.n, self.partner = n, partner
+        self.strides = [1 << k for k in range(log_n)]
+        if not increasing_stride:
+            self.strides.reverse()
+        self.diag = nn.Parameter(torch.randn(log_n, n) / math.sqrt(2))
+        self.off = nn.Parameter(torch.randn(log_n, n) / math.sqrt(2))
+        for k, stride in enumerate(self.strides):
+            self.register_buffer(f"partner_{k}", torch.arange(n) ^ stride)
+
+    def _partner(self, x: torch.Tensor, k: int) -> torch.Tensor:
+        if self.partner == "index":
+            return x[..., getattr(self, f"partner_{k}")]
+        if self.partner == "index_select":
+            return torch.index_select(x, -1, getattr(self, f"partner_{k}"))
+        stride = self.strides[k]
+        return x.view(*x.shape[:-1], self.n // (2 * stride), 2, stride).flip(-2).reshape(x.shape)
+
+    def forward(self, x):
+        for k in range(len(self.strides)):
+            x = self.diag[k] * x + self.off[k] * self._partner(x, k)
+        return x
+
+
+class PairedBranches(nn.Module):
+    """One factor written as two branches ``w1 * x + w2 * x[..., perm]`` with any permutation."""
+
+    def __init__(self, perm: torch.Tensor):
+        super().__init__()
+        n = perm.numel()
+        self.w1 = _uniform(n, fan_in=2)
+        self.w2 = _uniform(n, fan_in=2)
+        self.register_buffer("perm", perm)
+
+    def forward(self, x):
+        return self.w1 * x + self.w2 * x[..., self.perm]
 
 
 # ----------------------------------------------------------------------------- matmul with batch dims (lazylinop-like)

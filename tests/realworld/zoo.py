@@ -100,6 +100,12 @@ def _monarch_ref(m: L.MonarchLinear) -> list[ChainRef]:
     return [ChainRef(chain, _monarch_values(m.blkdiag1, m.blkdiag2), m, m.bias)]
 
 
+def _monarch_stack_ref(m: nn.Sequential) -> list[ChainRef]:
+    # One chain per layer: the first layer's bias ends its chain (the op's epilogue), the
+    # second chain starts at that bias add.
+    return [ref for layer in m for ref in _monarch_ref(layer)]
+
+
 def _ks_bmm_ref(m: L.KSBmmLinear) -> list[ChainRef]:
     values = [f.reshape(a, d, b, c).permute(0, 2, 3, 1) for f, (a, b, c, d) in zip(m.factors, m.patterns)]
     chain = Chain(tuple(_ks(*reversed(m.patterns))))
@@ -162,6 +168,19 @@ def _butterfly_factors(b: L.Butterfly2x2) -> tuple[list[KSPattern], list[torch.T
 def _butterfly_ref(m: L.Butterfly2x2) -> list[ChainRef]:
     patterns, values = _butterfly_factors(m)
     return [ChainRef(Chain(tuple(reversed(patterns))), tuple(reversed(values)), m, m.bias)]
+
+
+def _butterfly_branches_ref(m: L.ButterflyBranches) -> list[ChainRef]:
+    """Factor ``k``: ``KS(n / (2s), 2, 2, s)``, value ``diag[k]`` on the diagonal of each 2×2
+    block (``β == γ``), ``off[k]`` off it (the partner), both read at the block's row."""
+    n, patterns, values = m.n, [], []
+    same = torch.eye(2, dtype=torch.bool).reshape(1, 2, 2, 1)
+    for k, stride in enumerate(m.strides):
+        a = n // (2 * stride)
+        on, off = (w[k].reshape(a, 2, 1, stride).expand(a, 2, 2, stride) for w in (m.diag, m.off))
+        patterns.append(KSPattern(a, 2, 2, stride))
+        values.append(torch.where(same, on, off))
+    return [ChainRef(Chain(tuple(reversed(patterns))), tuple(reversed(values)), m)]
 
 
 def _bitrev_ref(m: L.BitReversalButterfly) -> list[ChainRef]:
@@ -251,6 +270,15 @@ ZOO: list[ZooCase] = [
         False,
         True,
         _monarch_ref,
+    ),
+    ZooCase(
+        "monarch_bmm_stack_bias_between",
+        "bias_between_chains",
+        _maker(lambda: nn.Sequential(L.MonarchLinear(16, 32, 4), L.MonarchLinear(32, 16, 4)), (2, 3, 16)),
+        [[(1, 8, 4, 4), (4, 4, 4, 1)], [(1, 4, 4, 4), (4, 4, 8, 1)]],
+        False,
+        True,
+        _monarch_stack_ref,
     ),
     ZooCase(
         "ks_bmm_general",
@@ -377,6 +405,24 @@ ZOO: list[ZooCase] = [
         False,
         True,
         _bitrev_ref,
+    ),
+    ZooCase(
+        "butterfly_branches_index",
+        "butterfly_two_branches",
+        _maker(lambda: L.ButterflyBranches(8), (2, 3, 8)),
+        [[(1, 2, 2, 4), (2, 2, 2, 2), (4, 2, 2, 1)]],
+        False,
+        True,
+        _butterfly_branches_ref,
+    ),
+    ZooCase(
+        "butterfly_branches_flip_decreasing",
+        "butterfly_two_branches",
+        _maker(lambda: L.ButterflyBranches(16, increasing_stride=False, partner="flip"), (5, 16)),
+        [[(8, 2, 2, 1), (4, 2, 2, 2), (2, 2, 2, 4), (1, 2, 2, 8)]],
+        False,
+        True,
+        _butterfly_branches_ref,
     ),
     ZooCase(
         "matmul_swapaxes_broadcast",
