@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import statistics
 import sys
 from pathlib import Path
 
@@ -149,6 +150,16 @@ def run_case(name: str, rows: int, threads: int, mode: str, args) -> dict:
             {"patterns": c.patterns, "rewritten": c.rewritten, "reason": c.reason} for c in report.chains if c.patterns
         ],
     }
+
+
+def summary(data: dict) -> str:
+    """The measured claim the cost model's CPU rule quotes (``CPU_INLINE_MEASURED``)."""
+    ratios = sorted(c["times"]["inductor"] / c["times"]["ksfx"] for c in data["cases"] if "ksfx" in c["times"])
+    below = sum(max(c["spread"]["inductor"]) < min(c["spread"]["ksfx"]) for c in data["cases"] if "ksfx" in c["spread"])
+    return (
+        f"Inductor time / ksfx time on KS blocks: median {statistics.median(ratios):.2f}x, "
+        f"{ratios[0]:.2f}-{ratios[-1]:.2f}x over {len(ratios)} points, {below} slower beyond the spread"
+    )
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -8,9 +8,10 @@ import shutil
 import pytest
 import torch
 
-from benchmarks import models, patterns, report
+from benchmarks import cpu_grid, models, patterns, report
 from examples import ks_models
 from ksfx import Chain, KSPattern
+from ksfx.passes import cost
 
 GENERAL_CHAINS = [
     ((2, 3, 4, 5), (5, 8, 6, 1)),  # general (a, b, c, d) factors, widths 30 -> 40 -> 30
@@ -108,6 +109,43 @@ def test_model_benchmark_and_report(tmp_path):
     models_table = text.split("<!-- report:models -->")[1].split("<!-- /report:models -->")[0]
     assert models_table.count("| gpt2 | quick | fp32 |") == 2
     assert "[models.json](results/models.json)" in text
+
+
+@pytest.mark.slow
+def test_cpu_grid_writes_json_with_the_spread(tmp_path):
+    out = tmp_path / "grid.json"
+    argv = ["--case", "monarch_256", "--rows", "17", "--thread-list", "1", "--mode", "inference"]
+    cpu_grid.main([*argv, "--rounds", "2", "--cpu-min-time", "0.01", "--out", str(out), "--no-plot"])
+    (case,) = json.loads(out.read_text())["cases"]
+    assert case["key"] == "monarch_256/17/1/inference" and len(case["spread"]["ksfx"]) == 2
+    assert case["errors"]["ksfx"] < 1e-5 and case["errors"]["inductor"] < 1e-5
+    (chain,) = case["rewritten"]
+    assert chain["patterns"] == [[1, 16, 16, 16], [16, 16, 16, 1]] and chain["rewritten"]
+
+
+def test_cost_model_quotes_the_committed_cpu_grid():
+    data = json.loads((report.README.parent.parent / cost.CPU_INLINE_SOURCE).read_text())
+    assert cost.CPU_INLINE_MEASURED == cpu_grid.summary(data)
+
+
+@pytest.mark.parametrize("n", [4, 16])
+def test_mul_sum_butterfly_is_the_dense_butterfly(n):
+    torch.manual_seed(0)
+    layer = cpu_grid.MulSumButterfly(n)
+    x = torch.randn(3, n, dtype=torch.float64)
+    layer = layer.double()
+    dense = torch.eye(n, dtype=torch.float64)
+    for level in range(layer.log_n):  # factor `level` pairs i with i ^ stride, values twiddle[level, pair, out, in]
+        stride, factor = 1 << level, torch.zeros(n, n, dtype=torch.float64)
+        for i in range(n):
+            block, offset = divmod(i, 2 * stride)
+            pair, side = block * stride + offset % stride, offset // stride
+            for other in (0, 1):
+                j = block * 2 * stride + other * stride + offset % stride
+                factor[i, j] = layer.twiddle[level, pair, side, other]
+        dense = factor @ dense
+    torch.testing.assert_close(layer(x), x @ dense.T)
+    assert cpu_grid.butterfly_patterns(n)[0] == (1, 2, 2, n // 2)
 
 
 @pytest.mark.slow
