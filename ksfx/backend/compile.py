@@ -117,7 +117,8 @@ def lower(gm: fx.GraphModule, example_inputs, decompositions=None) -> fx.GraphMo
         for x in example_inputs
     ]
     allowed = fake_mode.allow_non_fake_inputs
-    fake_mode.allow_non_fake_inputs = True  # the rewrite's index tables are real constants
+    if decompositions is not None:  # re-tracing a rewritten graph: its index tables are real constants
+        fake_mode.allow_non_fake_inputs = True
     try:
         with fake_mode:
             aten_gm = make_fx(gm, decompositions, tracing_mode="real")(*fakes)
@@ -251,15 +252,17 @@ class KsfxCompiler:
             if report.specialised:  # the guarded widths are static in a new trace
                 aten_gm = lower(gm, example_inputs)
             placeholders = [n for n in aten_gm.graph.nodes if n.op == "placeholder"]
+            device_type = _device_type(example_inputs)
+            inline = self.cpu == "aten" and device_type == "cpu"
             report.chains = run_pass(
                 aten_gm,
                 {placeholders[k] for k in weights},
                 {placeholders[k]: v for k, v in known.items()},
                 {placeholders[k] for k in learnable},
                 mode=self.rewrite,
-                device_type=_device_type(example_inputs),
+                device_type=device_type,
                 refuse=_refusal(gm, example_inputs),
-                inline=self.cpu == "aten",
+                inline=inline,
             )
         except Exception as err:  # noqa: BLE001 - a bug in the pass must never break the user's compile
             report.note = f"pass failed, graph left to the inner compiler ({type(err).__name__}: {err})"
@@ -269,7 +272,7 @@ class KsfxCompiler:
         if not rewritten:
             return self.inner(gm, example_inputs)
         report.code = aten_gm.code
-        if self.cpu == "aten" and _device_type(example_inputs) == "cpu":  # ops Inductor fuses with their neighbours
+        if inline:  # the chains become aten ops Inductor fuses with their neighbours
             aten_gm = lower(aten_gm, example_inputs, INLINE_ON_CPU)
         compiled = self.inner(aten_gm, example_inputs)
         guards = sorted({placeholders.index(g) for c in rewritten for g in c.plan.guards})

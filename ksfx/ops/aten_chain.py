@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from ksfx.ops.chain_op import _nonfinite_as_dense
+from ksfx.ops.chain_op import _nonfinite_as_dense, factor_steps
 from ksfx.ops.torch_path import apply_perm
 from ksfx.pattern import Chain, FactorStep, PermStep, split_chain
 
@@ -53,10 +53,9 @@ def chain_as_aten(
     if isinstance(plan, PermStep):
         h = apply_perm(h, plan.perm, batch_last=True).clone()
     else:
-        values = list(reversed(factors))  # the plan runs in application order
-        for k, step in enumerate(plan):
-            y = _factor(h, values[k], step)
-            h = _nonfinite_as_dense(h, y, step, batch_last=True) if dense >> (len(plan) - 1 - k) & 1 else y
+        for values, step, as_dense in factor_steps(factors, plan, dense):
+            y = _factor(h, values, step)
+            h = _nonfinite_as_dense(h, y, step, batch_last=True) if as_dense else y
     if bias is not None:
         h = h + bias[:, None]
     return h if batch_last else h.t()

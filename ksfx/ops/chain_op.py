@@ -94,6 +94,16 @@ def _nonfinite_as_dense(x: torch.Tensor, y: torch.Tensor, step: FactorStep, batc
     return y + torch_path.apply_perm(full, step.out_perm, batch_last)
 
 
+def factor_steps(factors, plan: list[FactorStep], dense: int) -> list[tuple[torch.Tensor, FactorStep, bool]]:
+    """``(values, step, stands for a dense product)`` per step, in application order.
+
+    ``factors`` and the bits of ``dense`` are in chain order (leftmost first); the plan
+    runs the rightmost factor first.
+    """
+    last = len(plan) - 1
+    return [(factors[last - k], step, bool(dense >> (last - k) & 1)) for k, step in enumerate(plan)]
+
+
 def run_forward(x, factors, chain: Chain, batch_last: bool, bias=None, dense: int = 0) -> torch.Tensor:
     """``dense``: bit mask of the factors that stand for dense products (see :func:`_nonfinite_as_dense`)."""
     plan = _plan(chain)
@@ -104,10 +114,9 @@ def run_forward(x, factors, chain: Chain, batch_last: bool, bias=None, dense: in
         if bias is not None:
             return y + (bias[:, None] if batch_last else bias)
         return y.clone()  # op outputs must never alias the input
-    values = list(reversed(factors))  # plan runs in application order
-    for k, step in enumerate(plan):
-        y = _forward_step(x, values[k], step, batch_last, bias if k == len(plan) - 1 else None)
-        x = _nonfinite_as_dense(x, y, step, batch_last) if dense >> (len(plan) - 1 - k) & 1 else y
+    for k, (values, step, as_dense) in enumerate(factor_steps(factors, plan, dense)):
+        y = _forward_step(x, values, step, batch_last, bias if k == len(plan) - 1 else None)
+        x = _nonfinite_as_dense(x, y, step, batch_last) if as_dense else y
     return x
 
 
