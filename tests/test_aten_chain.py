@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 import ksfx
-from ksfx.backend import KsfxCompiler
-from ksfx.ops.aten_chain import SMALL_BLOCK, chain_as_aten
+from ksfx.backend import KsfxCompiler, lowerings
+from ksfx.ops.aten_chain import SMALL_BLOCK, as_buffer, chain_as_aten
 from ksfx.pattern import Chain, DigitPerm, IndexPerm, KSPattern
 from tests.test_ks_matmul import CHAINS, dense_of, random_factors, rel_err
 
@@ -113,6 +113,41 @@ def test_training_through_inductor_matches_eager():
         torch.testing.assert_close(y, model(x), rtol=1e-5, atol=1e-6)
     for got, want in zip(grads[1], grads[0], strict=True):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_as_buffer_is_a_copy_with_an_identity_gradient():
+    t = torch.randn(4, 6, dtype=torch.float64).t().requires_grad_()
+    stored = as_buffer(t)
+    assert torch.equal(stored, t) and stored.data_ptr() != t.data_ptr()
+    probe = torch.randn(6, 4, dtype=torch.float64)
+    (stored * probe).sum().backward()
+    assert torch.equal(t.grad, probe)
+
+
+def test_inductor_lowers_as_buffer_to_a_stored_buffer():
+    """The layout move after a d = 2 factor, batch-first, then GELU: the op is lowered
+    (no call to it is left in the generated code) and forward and backward equal eager."""
+    from torch._inductor.utils import run_and_get_code
+
+    torch.manual_seed(0)
+    chain = _chain([(1, 8, 4, 2), (2, 4, 8, 1)])
+    factors = [f.requires_grad_() for f in random_factors([(1, 8, 4, 2), (2, 4, 8, 1)], torch.float32)]
+    x = torch.randn(33, chain.in_features, requires_grad=True)
+
+    def block(x, f0, f1):
+        return torch.nn.functional.gelu(chain_as_aten(x, [f0, f1], chain.to_spec(), False, None, 0)) + x
+
+    lowerings.register()  # as the backend does before it runs Inductor
+    torch._dynamo.reset()
+    compiled = torch.compile(block, backend="inductor")
+    y, code = run_and_get_code(compiled, x, *factors)
+    assert not any("as_buffer.default" in c for c in code)
+    want = block(x, *factors)
+    torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-6)
+    grads = torch.autograd.grad(y.square().sum(), [x, *factors])
+    expected = torch.autograd.grad(want.square().sum(), [x, *factors])
+    for got, ref in zip(grads, expected, strict=True):
+        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
 
 
 def test_bad_cpu_option():

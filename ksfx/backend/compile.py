@@ -26,6 +26,7 @@ import torch.fx as fx
 from torch._guards import detect_fake_mode
 from torch.fx.experimental.proxy_tensor import make_fx
 
+from ksfx.backend import lowerings
 from ksfx.backend.widths import specialise_widths
 from ksfx.config import config
 from ksfx.passes import INLINE_ON_CPU, ChainReport, run_pass
@@ -55,6 +56,7 @@ def _inner_compiler(inner) -> Callable:
     if inner == "inductor":
         from torch._inductor.compile_fx import compile_fx
 
+        lowerings.register()
         return compile_fx
     if inner == "aot_eager":
         from torch._dynamo.backends.registry import lookup_backend

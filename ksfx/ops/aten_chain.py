@@ -7,9 +7,10 @@ chain, and differentiates it for training.
 
 The chain runs batch-last inside, whatever the input layout: with the batch as the
 unit-stride axis, the input of factor ``(a, b, c, d)`` is a ``(a, d)``-batch of
-``(c, n)`` matrices read in place for ``a = 1`` or ``d = 1`` and its output is written
-in the next factor's order. A batch-first chain transposes once on the way in and once
-on the way out, moves Inductor fuses into the neighbouring ops. Small blocks
+``(c, n)`` matrices read in place for ``a = 1`` or ``d = 1`` and its output is stored
+once in the next factor's order (:func:`as_buffer`). A batch-first chain transposes
+once on the way in and once on the way out, moves Inductor fuses into the
+neighbouring ops. Small blocks
 (:data:`SMALL_BLOCK`) are a broadcast multiply and a sum over ``γ``, a loop Inductor
 generates, rather than a batched matmul of tiny matrices.
 """
@@ -35,7 +36,34 @@ def _factor(h: torch.Tensor, values: torch.Tensor, step: FactorStep) -> torch.Te
         y = (values[:, :, :, :, None] * x[:, None]).sum(2)  # (a, b, d, n)
     else:
         y = torch.matmul(values.permute(0, 3, 1, 2), x.permute(0, 2, 1, 3)).permute(0, 2, 1, 3)  # (a, b, d, n)
-    return apply_perm(y.reshape(a * b * d, n), step.out_perm, batch_last=True)
+    y = apply_perm(y.reshape(a * b * d, n), step.out_perm, batch_last=True)
+    return as_buffer(y)
+
+
+@torch.library.custom_op("ksfx::as_buffer", mutates_args=())
+def as_buffer(t: torch.Tensor) -> torch.Tensor:
+    """A copy of ``t`` that the backend's compiler must store as a buffer of its own.
+
+    Left a view, the layout move that made ``t`` is fused into every reader, which
+    then indexes it by div/mod of its flat feature and is compiled scalar (the
+    batch-first GELU after a ``d = 2`` factor ran at 14 ns per element). Stored, the
+    move is one copy vectorised along the batch and the readers load a plain 2-D
+    layout. Inductor's lowering (registered by the backend) stores the input and
+    reads it back, so the copy below only runs under other compilers and eagerly.
+    """
+    return t.clone()
+
+
+@as_buffer.register_fake
+def _(t: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(t)
+
+
+def _as_buffer_backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+    return as_buffer(grad)  # the gradient's layout move, stored the same way
+
+
+as_buffer.register_autograd(_as_buffer_backward)
 
 
 def chain_as_aten(
