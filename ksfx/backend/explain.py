@@ -9,7 +9,9 @@ from dataclasses import dataclass, field
 import torch
 
 from ksfx.backend.compile import GraphReport, KsfxCompiler
+from ksfx.codegen.fusion import describe, segments
 from ksfx.passes import ChainReport
+from ksfx.pattern import split_chain
 
 
 @dataclass
@@ -60,6 +62,8 @@ class Report:
                     lines.append(f"{'':>5}  estimate: {chain.estimate}")
                 if chain.verification:
                     lines.append(f"{'':>5}  check: {chain.verification}")
+                if chain.rewritten and chain.plan is not None:
+                    lines.append(f"{'':>5}  generated kernels: {_kernel_plan(chain)}")
         if self.ddp_note:
             lines.append("")
             lines.append(f"DDP: {self.ddp_note}")
@@ -75,6 +79,15 @@ class Report:
                 lines.append(f"rewritten graph {graph.index}:")
                 lines.append(graph.code.strip())
         return "\n".join(lines)
+
+
+def _kernel_plan(chain: ChainReport) -> str:
+    """How the generated kernels would run the chain: fused segments and single steps."""
+    plan = split_chain(chain.plan.chain)
+    if not isinstance(plan, list):
+        return "a single gather"
+    fused = describe(segments(plan, chain.plan.batch_last))
+    return f"{fused} (fused under the interpreter; on CUDA with ksfx.config.fuse='always')"
 
 
 def _find_graph_breaks(model, example_inputs):

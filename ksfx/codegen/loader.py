@@ -16,6 +16,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+from ksfx.codegen.chain_source import chain_forward_source
 from ksfx.codegen.source import forward_source, grad_source
 from ksfx.codegen.tiling import TileConfig
 from ksfx.pattern import FactorStep
@@ -45,8 +46,23 @@ class KernelKey:
         return f"{self.kind}_{self.mode}"
 
 
+@dataclass(frozen=True)
+class ChainKernelKey:
+    """The kernel of a fused segment (:mod:`ksfx.codegen.fusion`): the source depends on
+    the steps only (loads upcast to fp32, the store casts to the output's dtype)."""
+
+    steps: tuple[FactorStep, ...]
+    interpret: bool
+    capability: tuple[int, int] | None
+    kind: str = "forward_chain"
+    function_name: str = "forward_chain"
+
+    def source(self) -> str:
+        return chain_forward_source(self.steps)
+
+
 _lock = threading.Lock()
-_kernels: dict[KernelKey, object] = {}
+_kernels: dict[KernelKey | ChainKernelKey, object] = {}
 _autotuned: dict[tuple[KernelKey, tuple[TileConfig, ...]], object] = {}
 
 
@@ -62,7 +78,7 @@ def _write_module(source: str, cache_dir: Path) -> Path:
     return path
 
 
-def _import(path: Path, key: KernelKey):
+def _import(path: Path, key: KernelKey | ChainKernelKey):
     # A distinct module per (file, interpret flag): triton.jit picks the interpreter at
     # decoration time, so the same file is imported once per mode.
     name = f"ksfx_generated.{path.stem}_{'interp' if key.interpret else 'jit'}"
@@ -72,7 +88,7 @@ def _import(path: Path, key: KernelKey):
     return getattr(module, key.function_name)
 
 
-def get_kernel(key: KernelKey, cache_dir: str | os.PathLike):
+def get_kernel(key: KernelKey | ChainKernelKey, cache_dir: str | os.PathLike):
     """The ``@triton.jit`` function for ``key``, generated and imported on first use."""
     kernel = _kernels.get(key)
     if kernel is not None:
@@ -109,7 +125,7 @@ def get_autotuned(key: KernelKey, cache_dir: str | os.PathLike, configs: list[Ti
     return tuned
 
 
-def cached_kernels() -> list[KernelKey]:
+def cached_kernels() -> list[KernelKey | ChainKernelKey]:
     """Keys of the kernels generated in this process (for tests and ``explain``)."""
     with _lock:
         return list(_kernels)

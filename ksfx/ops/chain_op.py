@@ -16,8 +16,9 @@ import functools
 
 import torch
 
+from ksfx.codegen.fusion import on_chip_steps
 from ksfx.ops import stats, torch_path
-from ksfx.ops.dispatch import chain_implementation, step_implementation
+from ksfx.ops.dispatch import chain_implementation, chain_segments, step_implementation
 from ksfx.pattern import Chain, FactorStep, PermStep, split_chain
 
 
@@ -105,7 +106,11 @@ def factor_steps(factors, plan: list[FactorStep], dense: int) -> list[tuple[torc
 
 
 def run_forward(x, factors, chain: Chain, batch_last: bool, bias=None, dense: int = 0) -> torch.Tensor:
-    """``dense``: bit mask of the factors that stand for dense products (see :func:`_nonfinite_as_dense`)."""
+    """``dense``: bit mask of the factors that stand for dense products (see :func:`_nonfinite_as_dense`).
+
+    Runs of small-block factors go in one fused launch where the implementation has one
+    (:func:`~ksfx.ops.dispatch.chain_segments`); the other steps one launch each.
+    """
     plan = _plan(chain)
     if isinstance(plan, PermStep):
         name, impl = chain_implementation(x)
@@ -114,8 +119,18 @@ def run_forward(x, factors, chain: Chain, batch_last: bool, bias=None, dense: in
         if bias is not None:
             return y + (bias[:, None] if batch_last else bias)
         return y.clone()  # op outputs must never alias the input
-    for k, (values, step, as_dense) in enumerate(factor_steps(factors, plan, dense)):
-        y = _forward_step(x, values, step, batch_last, bias if k == len(plan) - 1 else None)
+    steps = factor_steps(factors, plan, dense)
+    for segment in chain_segments(x, plan, batch_last, [as_dense for *_, as_dense in steps]):
+        segment_bias = bias if segment.stop == len(plan) else None
+        if segment.fused:
+            name, impl = chain_implementation(x)
+            stats.record(f"{name}.forward_chain")
+            run = slice(segment.start, segment.stop)
+            values = [v for v, *_ in steps[run]]
+            x = impl.chain_forward(x, values, on_chip_steps(plan[run]), batch_last, segment_bias)
+            continue
+        values, step, as_dense = steps[segment.start]
+        y = _forward_step(x, values, step, batch_last, segment_bias)
         x = _nonfinite_as_dense(x, y, step, batch_last) if as_dense else y
     return x
 

@@ -27,6 +27,7 @@ from types import ModuleType
 
 import torch
 
+from ksfx.codegen.fusion import Segment, segments
 from ksfx.codegen.tiling import kernel_mode
 from ksfx.config import config
 from ksfx.ops import torch_path
@@ -65,3 +66,20 @@ def prefers_triton(step: FactorStep, batch_last: bool, dtype: torch.dtype) -> bo
         return False
     d = step.pattern.d
     return d >= 16 if batch_last else d == 1
+
+
+def chain_segments(x: torch.Tensor, plan: list[FactorStep], batch_last: bool, dense: list[bool]) -> list[Segment]:
+    """The plan cut into fused segments and single steps, for the implementation running ``x``.
+
+    Fused segments exist only for the generated kernels: always under the interpreter (which
+    exists to test them); on CUDA only with ``ksfx.config.fuse = "always"`` until
+    ``benchmarks.gpu_suite`` has timed them against the per-factor kernels (the traffic model
+    says a segment of ``k`` factors moves about ``1/k`` of their bytes, untimed so far).
+    """
+    if config.fuse not in ("auto", "always", "never"):
+        raise ValueError(f"ksfx.config.fuse must be 'auto', 'always' or 'never', got {config.fuse!r}")
+    name, _ = chain_implementation(x)
+    on = config.fuse == "always" or (config.fuse == "auto" and name == "triton-interpret")
+    if not on or not name.startswith("triton") or (x.is_cuda and config.dispatch == "torch"):
+        return [Segment(k, k + 1, False, "fusion off") for k in range(len(plan))]
+    return segments(plan, batch_last, dense)

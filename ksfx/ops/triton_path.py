@@ -16,7 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ksfx.codegen import KernelKey, TileConfig, get_autotuned, get_kernel, kernel_mode
+from ksfx.codegen import ChainKernelKey, KernelKey, TileConfig, get_autotuned, get_kernel, kernel_mode
+from ksfx.codegen.fusion import fused_tile
 from ksfx.codegen.tiling import (
     cdiv,
     forward_heuristic,
@@ -313,3 +314,43 @@ def _grad_launch(step, batch_last, dtype, device, n, tile, fp32_precision, inter
     key, tile, chunk, programs = grad_plan(step, batch_last, dtype, n, device_target(device), tile)
     meta = {**tile.meta(), "num_warps": tile.num_warps, "num_stages": tile.num_stages}
     return get_kernel(key, config.cache_dir), chunk, cdiv(n, chunk), (programs,), meta
+
+
+def chain_forward(
+    x: torch.Tensor,
+    values: list[torch.Tensor],
+    steps: tuple[FactorStep, ...],
+    batch_last: bool,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """A fused segment (:func:`ksfx.codegen.fusion.on_chip_steps`) in one launch; a new contiguous tensor.
+
+    ``values[k]`` are the values of ``steps[k]`` (application order).
+    """
+    if len(values) != len(steps):
+        raise ValueError(f"a fused segment of {len(steps)} steps got {len(values)} value tensors")
+    _check(x, None, steps[0], batch_last)
+    for step, v in zip(steps, values, strict=True):
+        step.pattern.check_values(v)
+        if v.dtype != x.dtype or v.device != x.device:
+            raise TypeError(f"{step}: values ({v.dtype}, {v.device}) must match x ({x.dtype}, {x.device})")
+    last = steps[-1].pattern
+    n, stride_xm, stride_xf = _layout(x, batch_last)
+    y = torch.empty((last.out_features, n) if batch_last else (n, last.out_features), dtype=x.dtype, device=x.device)
+    if n == 0:
+        return y
+    _, stride_ym, stride_yf = _layout(y, batch_last)
+    tables = [_table(s.in_perm, x.device) if isinstance(s.in_perm, IndexPerm) else y for s in steps]
+    store = None if steps[-1].out_perm is None else steps[-1].out_perm.inverse()
+    out_table = _table(store, x.device) if isinstance(store, IndexPerm) else y
+    target = device_target(x.device)
+    kernel = get_kernel(ChainKernelKey(steps, target.interpret, target.capability), config.cache_dir)
+    tile = fused_tile(steps, n)
+    values = [v.contiguous() for v in values]  # the kernel indexes them as stored (a, b, c, d)
+    args = (x, y, y if bias is None else bias.contiguous(), *values, *tables, out_table,
+            n, stride_xm, stride_xf, stride_ym, stride_yf)  # fmt: skip
+    with _launch_guard(x.device):
+        kernel[(cdiv(n, tile.block_m),)](
+            *args, HAS_BIAS=bias is not None, INT64=_needs_int64(x, y), BLOCK_M=tile.block_m, num_warps=tile.num_warps
+        )
+    return y

@@ -1,0 +1,167 @@
+"""Fused segments: the planner, and the one-launch kernel against dense float64 products."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import ksfx
+from ksfx.codegen.chain_source import chain_forward_source
+from ksfx.codegen.fusion import MAX_WIDTH, Segment, on_chip_steps, segments
+from ksfx.config import config
+from ksfx.ops import triton_path
+from ksfx.pattern import Chain, DigitPerm, FactorStep, IndexPerm, KSPattern, split_chain
+from tests.test_kernels import dense_step, random_index_perm
+from tests.test_ks_matmul import dense_of, random_factors
+
+TOL = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
+
+
+def butterfly(n: int) -> list[tuple[int, int, int, int]]:
+    """Leftmost first: ``(2^{l-1}, 2, 2, n / 2^l)``."""
+    return [(2 ** (level - 1), 2, 2, n >> level) for level in range(1, int(math.log2(n)) + 1)]
+
+
+def plan_of(patterns) -> list[FactorStep]:
+    return split_chain(Chain(tuple(KSPattern(*p) for p in patterns)))
+
+
+# ----------------------------------------------------------------------------- the planner
+def test_a_butterfly_is_one_segment():
+    assert segments(plan_of(butterfly(1024)), batch_last=False) == [Segment(0, 10, True)]
+
+
+def test_segments_end_at_tensor_core_factors_dense_steps_and_wide_vectors():
+    plan = plan_of([(1, 2, 2, 8), (2, 2, 2, 4), (1, 16, 16, 1), (8, 2, 2, 1)])  # applied right to left
+    cut = segments(plan, batch_last=False)
+    assert [(s.start, s.stop, s.fused) for s in cut] == [(0, 1, False), (1, 2, False), (2, 4, True)]
+    assert "16x16 blocks" in cut[1].why and cut[0].why == "no fusable neighbour"
+    dense = segments(plan_of(butterfly(16)), batch_last=True, dense=[False, True, False, False])
+    assert [(s.start, s.stop, s.fused) for s in dense] == [(0, 1, False), (1, 2, False), (2, 4, True)]
+    assert dense[1].why == "stands for a dense product"
+    wide = plan_of([(1, 2, 2, MAX_WIDTH), (MAX_WIDTH, 2, 2, 1)])
+    assert not any(s.fused for s in segments(wide, batch_last=False))
+
+
+def test_permutations_move_to_the_next_loads_without_changing_the_product():
+    torch.manual_seed(0)
+    steps = [
+        FactorStep(KSPattern(2, 2, 2, 2), DigitPerm((2, 4), (1, 0)), random_index_perm(8, seed=3)),
+        FactorStep(KSPattern(1, 2, 2, 4), random_index_perm(8, seed=4), None),
+        FactorStep(KSPattern(2, 2, 2, 2), None, DigitPerm((4, 2), (1, 0))),
+    ]
+    values = [torch.randn(s.pattern.as_tuple(), dtype=torch.float64) for s in steps]
+    moved = on_chip_steps(steps)
+    assert all(s.out_perm is None for s in moved[:-1]) and moved[-1].out_perm == steps[-1].out_perm
+
+    def product(chain_steps):
+        w = torch.eye(8, dtype=torch.float64)
+        for step, v in zip(chain_steps, values, strict=True):
+            w = dense_step(step, v) @ w
+        return w
+
+    torch.testing.assert_close(product(moved), product(steps), rtol=0, atol=1e-12)
+
+
+def test_source_rejects_what_it_cannot_fuse():
+    with pytest.raises(ValueError, match="two or more steps"):
+        chain_forward_source((FactorStep(KSPattern(1, 2, 2, 1)),))
+    with pytest.raises(ValueError, match="two or more steps"):
+        chain_forward_source(tuple(FactorStep(KSPattern(1, 2, 2, 1), None, DigitPerm((1, 2), (1, 0))) for _ in "ab"))
+
+
+# ----------------------------------------------------------------------------- the kernel
+def _reference(steps, values, x, batch_last, bias):
+    w = None
+    for step, v in zip(steps, values, strict=True):
+        m = dense_step(step, v)
+        w = m if w is None else m @ w
+    x64 = x.double()
+    y = w @ x64 if batch_last else x64 @ w.T
+    if bias is not None:
+        y = y + (bias.double()[:, None] if batch_last else bias.double())
+    return y
+
+
+def _assert_close(actual, expected, dtype):
+    scale = expected.abs().max().clamp_min(1.0)
+    err = (actual.double() - expected).abs().max() / scale
+    assert err < TOL[dtype], f"max error {err:.3g} > {TOL[dtype]} ({dtype})"
+
+
+SEGMENTS = {
+    "butterfly-16": [FactorStep(KSPattern(*p)) for p in reversed(butterfly(16))],
+    # widths 6 -> 12 -> 12 -> 6 (padded to powers of two), an index table and digit permutations between
+    "tables-and-odd-widths": [
+        FactorStep(KSPattern(3, 4, 2, 1), DigitPerm((2, 3), (1, 0)), None),
+        FactorStep(KSPattern(2, 3, 3, 2), random_index_perm(12, seed=5), None),
+        FactorStep(KSPattern(1, 3, 6, 2), None, random_index_perm(6, seed=6)),
+    ],
+    "wide-gamma-loop": [FactorStep(KSPattern(1, 2, 20, 1)), FactorStep(KSPattern(1, 3, 2, 1))],  # c > unroll limit
+}
+
+
+@pytest.mark.parametrize("name", SEGMENTS)
+@pytest.mark.parametrize("batch_last", [False, True], ids=["bfirst", "blast"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_fused_segment_matches_dense(triton_interpret, name, batch_last, dtype):
+    steps = on_chip_steps(SEGMENTS[name])
+    g = torch.Generator().manual_seed(0)
+    values = [(torch.randn(s.pattern.as_tuple(), generator=g) / s.pattern.c**0.5).to(dtype) for s in steps]
+    n, width_in, width_out = 37, steps[0].pattern.in_features, steps[-1].pattern.out_features
+    x = torch.randn((width_in, n) if batch_last else (n, width_in), generator=g).to(dtype)
+    bias = torch.randn(width_out, generator=g).to(dtype)
+    y = triton_path.chain_forward(x, values, steps, batch_last, bias)
+    assert y.shape == ((width_out, n) if batch_last else (n, width_out)) and y.dtype == dtype
+    _assert_close(y, _reference(steps, values, x, batch_last, bias), dtype)
+
+
+def test_fused_segment_reads_strided_inputs(triton_interpret):
+    steps = on_chip_steps(SEGMENTS["butterfly-16"])
+    values = [torch.randn(s.pattern.as_tuple()) for s in steps]
+    x = torch.randn(16, 40)[:, ::2]  # batch-last (16, 20) with strides (40, 2); its transpose batch-first
+    for batch_last, xin in ((True, x), (False, x.t())):
+        y = triton_path.chain_forward(xin, values, steps, batch_last)
+        _assert_close(y, _reference(steps, values, xin, batch_last, None), torch.float32)
+
+
+@pytest.mark.parametrize("batch_last", [False, True], ids=["bfirst", "blast"])
+def test_butterfly_1024_runs_in_one_forward_launch_with_gradients(triton_interpret, batch_last):
+    patterns = butterfly(1024)
+    factors = random_factors(patterns, torch.float32, requires_grad=True)
+    dense = dense_of([f.detach().double() for f in factors])
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn((1024, 5) if batch_last else (5, 1024), generator=g, requires_grad=True)
+    ksfx.stats(reset=True)
+    y = ksfx.ks_matmul(x, factors, batch_last=batch_last)
+    assert ksfx.stats() == {"triton-interpret.forward_chain": 1}
+    want = dense @ x.double() if batch_last else x.double() @ dense.T
+    _assert_close(y.detach(), want.detach(), torch.float32)
+    probe = torch.randn(y.shape, generator=g)
+    grads = torch.autograd.grad((y * probe).sum(), [x, *factors])
+    x64 = x.detach().double().requires_grad_()
+    f64 = [f.detach().double().requires_grad_() for f in factors]
+    w = dense_of(f64)
+    ref = (w @ x64 if batch_last else x64 @ w.T) * probe.double()
+    expected = torch.autograd.grad(ref.sum(), [x64, *f64])
+    for got, want in zip(grads, expected, strict=True):
+        _assert_close(got, want, torch.float32)
+
+
+def test_fusion_can_be_switched_off(triton_interpret, monkeypatch):
+    monkeypatch.setattr(config, "fuse", "never")
+    factors = random_factors(butterfly(16), torch.float32)
+    ksfx.stats(reset=True)
+    ksfx.ks_matmul(torch.randn(3, 16), factors)
+    assert ksfx.stats() == {"triton-interpret.forward": 4}
+    monkeypatch.setattr(config, "fuse", "sometimes")
+    with pytest.raises(ValueError, match="fuse must be"):
+        ksfx.ks_matmul(torch.randn(3, 16), factors)
+
+
+def test_index_tables_are_read_in_the_fused_kernel():
+    source = chain_forward_source(on_chip_steps(SEGMENTS["tables-and-odd-widths"]))
+    assert "in_table1_ptr +" in source and "out_table_ptr +" in source and "in_table0_ptr +" not in source
+    assert isinstance(SEGMENTS["tables-and-odd-widths"][1].in_perm, IndexPerm)
