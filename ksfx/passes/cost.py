@@ -31,7 +31,7 @@ CPU_SOURCE = "benchmarks/results/patterns_cpu_2026-11-23.json"
 #: for ``backend="ksfx"`` against Inductor on the original ops (a test checks the file).
 CPU_INLINE_SOURCE = "benchmarks/results/cpu_grid_cpu_2026-12-01.json"
 CPU_INLINE_MEASURED = (
-    "Inductor time / ksfx time on KS blocks: median 1.37x, 0.59-7.66x over 97 points, 4 slower beyond the spread"
+    "Inductor time / ksfx time on KS blocks: median 1.52x, 0.89-9.10x over 112 points, 0 slower beyond the spread"
 )
 
 
