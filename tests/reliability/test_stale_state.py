@@ -52,7 +52,10 @@ def test_kernel_cache_keeps_patterns_layouts_and_dtypes_apart(triton_interpret):
     ksfx.stats(reset=True)
     for k, case in enumerate(cases + cases[::-1]):  # and again in reverse: cached kernels are reused
         run_and_check(*case, seed=k)
-    assert ksfx.stats().get("triton-interpret.forward", 0) >= 2 * len(cases)
+    launches = ksfx.stats()  # per factor, or per fused segment of small-block factors
+    assert launches.get("triton-interpret.forward", 0) + launches.get("triton-interpret.forward_chain", 0) >= 2 * len(
+        cases
+    )
 
 
 @pytest.mark.parametrize(
@@ -118,7 +121,9 @@ def test_frozen_weights_are_read_at_run_time(interpret, request):
             update()
         ksfx.stats(reset=True)
         torch.testing.assert_close(compiled(x), model(x), **TOL[torch.float32])
-        assert sum(v for k, v in ksfx.stats().items() if k.endswith(".forward")) >= 1, "left the rewritten chain"
+        assert sum(v for k, v in ksfx.stats().items() if k.endswith((".forward", ".forward_chain"))) >= 1, (
+            "left the rewritten chain"
+        )
 
 
 def test_replaced_parameter_object_is_used():
