@@ -13,7 +13,7 @@ not rounded to the input dtype between factors.
 from __future__ import annotations
 
 from ksfx.codegen import index_maps as im
-from ksfx.codegen.source import FORWARD_EPILOGUE, HEADER, UNROLL_LIMIT
+from ksfx.codegen.source import FORWARD_EPILOGUE, HEADER, gamma_loop
 from ksfx.codegen.tiling import next_pow2
 from ksfx.pattern import ROW, FactorStep
 
@@ -67,7 +67,7 @@ def _factor(k: int, step: FactorStep) -> str:
         alpha=im.code(alpha),
         beta=im.code(beta),
         delta=im.code(delta),
-        gamma_range=f"tl.static_range({p.c})" if p.c <= UNROLL_LIMIT else f"range({p.c})",
+        gamma_range=gamma_loop(p.c),
         # Padded rows read column 0: any in-range index, their weight is masked to zero.
         col=col if full else f"tl.where(mask_r, {col}, 0)",
         v_offset=im.code(im.value_offset(step, strided=False)),

@@ -345,6 +345,11 @@ def grad_dot3(
 UNROLL_LIMIT = 16
 
 
+def gamma_loop(c: int) -> str:
+    """The range of an FMA kernel's loop over γ: unrolled up to :data:`UNROLL_LIMIT`."""
+    return f"tl.static_range({c})" if c <= UNROLL_LIMIT else f"range({c})"
+
+
 def dot_code(a: str, b: str, acc: str, dtype: str, interpret: bool, precision: str) -> str:
     """``tl.dot`` accumulating in fp32, with the operand handling each dtype needs.
 
@@ -390,7 +395,7 @@ def forward_source(step: FactorStep, mode: str, dtype: str, interpret: bool, pre
             alpha=im.code(alpha),
             beta=im.code(beta),
             delta=im.code(delta),
-            gamma_range=f"tl.static_range({p.c})" if p.c <= UNROLL_LIMIT else f"range({p.c})",
+            gamma_range=gamma_loop(p.c),
             x_feature=im.code(im.x_feature(step), mask="mask_r"),
             v_offset=im.code(im.value_offset(step)),
             epilogue=FORWARD_EPILOGUE.format(

@@ -340,9 +340,8 @@ def chain_forward(
     if n == 0:
         return y
     _, stride_ym, stride_yf = _layout(y, batch_last)
-    tables = [_table(s.in_perm, x.device) if isinstance(s.in_perm, IndexPerm) else y for s in steps]
-    store = None if steps[-1].out_perm is None else steps[-1].out_perm.inverse()
-    out_table = _table(store, x.device) if isinstance(store, IndexPerm) else y
+    tables = [_tables(s, x.device, y)[0] for s in steps]
+    out_table = _tables(steps[-1], x.device, y)[1]
     target = device_target(x.device)
     kernel = get_kernel(ChainKernelKey(steps, target.interpret, target.capability), config.cache_dir)
     tile = fused_tile(steps, n)
