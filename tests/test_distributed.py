@@ -206,6 +206,7 @@ def _ddp(
         result.update(_step(compiled, x[rows], weights[rows]))
     result["chains"] = _chains(reports)
     result["pieces"] = sum(graph.ddp_piece for graph in reports)
+    result["containers"] = sorted({graph.ddp_container for graph in reports})
     result["grads"] = {n: p.grad.clone() for n, p in module.named_parameters()}
     return result
 
@@ -381,6 +382,8 @@ def test_ddp_of_a_sequential_names_the_cause_and_compiling_inside_keeps_the_chai
     assert "torch.nn.modules.container.Sequential.forward" in cut["explain"]
     assert "DDP(torch.compile(module, backend=...))" in cut["explain"]
     _assert_grads(cut["grads"], "sequential")  # cut, each part rewritten alone: still right
+    assert cut["containers"] == ["torch.nn.modules.container.Sequential.forward"]
+    assert inside["containers"] == [""]  # compiled inside DDP: nothing to warn about
     assert [c["patterns"] for c in inside["chains"]] == [whole]
     for kind in ("forward", "total", "grad_values"):
         assert inside[kind] == single[kind] > 0, kind

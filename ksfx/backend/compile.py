@@ -186,8 +186,8 @@ def _ddp_container() -> str:
     from torch.nn.parallel import DistributedDataParallel
 
     ddp = DistributedDataParallel._get_active_ddp_module()
-    if ddp is None:
-        return ""
+    if ddp is None or isinstance(ddp.module, torch._dynamo.eval_frame.OptimizedModule):
+        return ""  # DDP(torch.compile(module)): Dynamo starts its graph at the module itself
     forward = type(ddp.module).forward
     where = getattr(forward, "__module__", None) or ""
     return f"{where}.{forward.__qualname__}" if where.split(".")[0] == "torch" else ""
