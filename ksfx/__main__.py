@@ -56,7 +56,7 @@ def _kernels(args) -> int:
         raise SystemExit(str(error)) from None
     torch.set_float32_matmul_precision(args.fp32_precision)
     launches = static_check.chain_launches(
-        chain, DTYPES[args.dtype], args.layout == "batch-last", args.batch, device, args.backward
+        chain, DTYPES[args.dtype], args.layout == "batch-last", args.batch, device, args.backward, args.fuse or None
     )
     reports = [static_check.check(launch, device, args.dump_dir) for launch in launches]
     for report in reports:
@@ -66,13 +66,13 @@ def _kernels(args) -> int:
         return 0
     print(f"{chain}, {args.dtype} {args.layout}, batch {args.batch}, {args.target}, roofline on {device.name}")
     print(
-        "kind     step                         mode  regs spill smem_kB  wgmma  mma  ffma  ld wide/all  st wide/all"
-        "  model/min  roofline_us  problems"
+        "kind          step                         mode  regs spill smem_kB  wgmma  mma  ffma  ld wide/all"
+        "  st wide/all  model/min  roofline_us  problems"
     )
     for r in reports:
         model = "-" if r["model_ratio"] is None else f"{r['model_ratio']:.2f}"
         print(
-            f"{r['kind']:<8} {r['step'][:28]:<28} {r['mode']:<5} {r['registers']:>4} {r['spills']:>5} "
+            f"{r['kind']:<13} {r['step'][:28]:<28} {r['mode']:<5} {r['registers']:>4} {r['spills']:>5} "
             f"{r['shared_bytes'] / 1024:>7.1f} {r['hgmma']:>6} {r['hmma']:>4} {r['ffma']:>5} "
             f"{r['wide_loads']:>5}/{r['global_loads']:<5} {r['wide_stores']:>5}/{r['global_stores']:<5} "
             f"{model:>9} {r['roofline_us']:>12.1f}  {'; '.join(r['problems']) or 'ok'}"
@@ -97,6 +97,9 @@ def main(argv: list[str] | None = None) -> int:
     kernels.add_argument("--device", default="H100", help="ceilings for the roofline: H100 or H200 (sm_90 only)")
     kernels.add_argument("--fp32-precision", default="highest", choices=("highest", "high", "medium"))
     kernels.add_argument("--backward", action="store_true", help="also the weight-gradient and dx kernels")
+    kernels.add_argument(
+        "--fuse", action="store_true", help="fused segments, as the op runs them with ksfx.config.fuse='always'"
+    )
     kernels.add_argument("--dump-dir", type=Path, help="write each kernel's cubin here")
     kernels.add_argument("--json", action="store_true", help="print a JSON list, one object per kernel")
     args = parser.parse_args(argv)

@@ -13,7 +13,7 @@ from ksfx.codegen.fusion import MAX_WIDTH, Segment, on_chip_steps, segments
 from ksfx.config import config
 from ksfx.ops import triton_path
 from ksfx.pattern import Chain, DigitPerm, FactorStep, IndexPerm, KSPattern, split_chain
-from tests.test_kernels import dense_step, random_index_perm
+from tests.test_kernels import dense_step, perm_matrix, random_index_perm
 from tests.test_ks_matmul import dense_of, random_factors
 
 TOL = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
@@ -33,16 +33,28 @@ def test_a_butterfly_is_one_segment():
     assert segments(plan_of(butterfly(1024)), batch_last=False) == [Segment(0, 10, True)]
 
 
-def test_segments_end_at_tensor_core_factors_dense_steps_and_wide_vectors():
-    plan = plan_of([(1, 2, 2, 8), (2, 2, 2, 4), (1, 16, 16, 1), (8, 2, 2, 1)])  # applied right to left
-    cut = segments(plan, batch_last=False)
-    assert [(s.start, s.stop, s.fused) for s in cut] == [(0, 1, False), (1, 2, False), (2, 4, True)]
-    assert "16x16 blocks" in cut[1].why and cut[0].why == "no fusable neighbour"
+def test_segments_end_where_the_on_chip_vectors_overflow_and_at_dense_steps():
+    # tensor-core and small-block factors fuse together
+    mixed = plan_of([(1, 2, 2, 8), (2, 2, 2, 4), (1, 16, 16, 1), (8, 2, 2, 1)])  # applied right to left
+    assert segments(mixed, batch_last=False) == [Segment(0, 4, True)]
+    # a 2048-wide intermediate leaves a tensor-core tile under 16 rows; small blocks hold 4096
+    blocks = plan_of([(1, 4, 4, 256), (64, 16, 32, 1), (128, 16, 16, 1)])
+    cut = segments(blocks, batch_last=False)
+    assert [(s.start, s.stop, s.fused) for s in cut] == [(0, 1, False), (1, 3, True)]
+    assert cut[0].why == "with step 2, a 2048-wide vector on chip leaves under 16 rows for tensor cores"
+    assert segments(plan_of(butterfly(MAX_WIDTH)), batch_last=False) == [Segment(0, 12, True)]
     dense = segments(plan_of(butterfly(16)), batch_last=True, dense=[False, True, False, False])
     assert [(s.start, s.stop, s.fused) for s in dense] == [(0, 1, False), (1, 2, False), (2, 4, True)]
-    assert dense[1].why == "stands for a dense product"
+    assert dense[1].why == "stands for a dense product" and dense[0].why == "no fusable neighbour"
     wide = plan_of([(1, 2, 2, MAX_WIDTH), (MAX_WIDTH, 2, 2, 1)])
     assert not any(s.fused for s in segments(wide, batch_last=False))
+
+
+def test_the_planner_counts_the_input_a_strided_first_factor_reads_whole():
+    """Batch-first, a tensor-core first factor with d > 1 loads its input tile whole."""
+    plan = plan_of([(64, 16, 16, 1), (1, 16, 32, 64)])  # 2048 -> 1024 -> 1024
+    assert segments(plan, batch_last=True) == [Segment(0, 2, True)]  # reads γ tiles from memory
+    assert not segments(plan, batch_last=False)[0].fused
 
 
 def test_permutations_move_to_the_next_loads_without_changing_the_product():
@@ -100,6 +112,14 @@ SEGMENTS = {
         FactorStep(KSPattern(1, 3, 6, 2), None, random_index_perm(6, seed=6)),
     ],
     "wide-gamma-loop": [FactorStep(KSPattern(1, 2, 20, 1)), FactorStep(KSPattern(1, 3, 2, 1))],  # c > unroll limit
+    # tensor-core factors between small-block ones, a d > 1 one first (read whole batch-first)
+    "mixed-blocks": [FactorStep(KSPattern(*p)) for p in reversed([(2, 16, 16, 8), (8, 2, 2, 16), (1, 32, 16, 8)])],
+    # 24x24 / 24x20 / 20x24 blocks: masked β and γ tiles, an index table into a tensor-core factor
+    "masked-dot-tiles": [
+        FactorStep(KSPattern(1, 20, 24, 3)),
+        FactorStep(KSPattern(3, 24, 20, 1), random_index_perm(60, seed=7), None),
+        FactorStep(KSPattern(1, 24, 24, 3), None, random_index_perm(72, seed=8)),
+    ],
 }
 
 
@@ -148,6 +168,71 @@ def test_butterfly_1024_runs_in_one_forward_launch_with_gradients(triton_interpr
     expected = torch.autograd.grad(ref.sum(), [x64, *f64])
     for got, want in zip(grads, expected, strict=True):
         _assert_close(got, want, torch.float32)
+
+
+#: Chains (leftmost first; a permutation between factors as a chain step) that run in one launch.
+ONE_LAUNCH = {
+    "monarch-1024": [(1, 32, 32, 32), (32, 32, 32, 1)],
+    "vit-qkv": [(1, 192, 48, 2), (2, 48, 192, 1)],
+    "vit-mlp-up": [(1, 768, 192, 2), (6, 64, 64, 1)],
+    "vit-mlp-down": [(1, 128, 128, 3), (6, 64, 256, 1)],
+    "table-between": [(4, 16, 16, 2), random_index_perm(128, seed=9), (2, 16, 16, 4)],
+}
+
+
+def _dense_chain(steps, factors):
+    """Leftmost-first dense product of KS factors (``dense_of``) and permutation matrices."""
+    w, values = None, iter(factors)
+    for step in steps:
+        m = perm_matrix(step) if isinstance(step, IndexPerm) else dense_of([next(values)])
+        w = m if w is None else w @ m
+    return w
+
+
+@pytest.mark.parametrize("name", ONE_LAUNCH)
+@pytest.mark.parametrize("batch_last", [False, True], ids=["bfirst", "blast"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_tensor_core_chains_run_in_one_forward_launch_with_gradients(triton_interpret, name, batch_last, dtype):
+    steps = [s if isinstance(s, IndexPerm) else KSPattern(*s) for s in ONE_LAUNCH[name]]
+    chain = Chain(tuple(steps))
+    g = torch.Generator().manual_seed(2)
+    factors = [
+        (torch.randn(s.as_tuple(), generator=g) / s.c**0.5).to(dtype).requires_grad_()
+        for s in steps
+        if isinstance(s, KSPattern)
+    ]
+    shape = (chain.in_features, 5) if batch_last else (5, chain.in_features)
+    x = torch.randn(shape, generator=g).to(dtype).requires_grad_()
+    ksfx.stats(reset=True)
+    y = ksfx.ks_matmul(x, factors, batch_last=batch_last, chain=chain)
+    assert ksfx.stats() == {"triton-interpret.forward_chain": 1}
+    probe = torch.randn(y.shape, generator=g).to(dtype)
+    grads = torch.autograd.grad((y * probe).sum(), [x, *factors])
+    x64 = x.detach().double().requires_grad_()
+    f64 = [f.detach().double().requires_grad_() for f in factors]
+    w = _dense_chain(steps, f64)
+    want = w @ x64 if batch_last else x64 @ w.T
+    _assert_close(y.detach(), want.detach(), dtype)
+    expected = torch.autograd.grad((want * probe.double()).sum(), [x64, *f64])
+    for got, ref in zip(grads, expected, strict=True):
+        _assert_close(got, ref, dtype)
+
+
+def test_fused_segments_keep_the_per_factor_launches_non_finite_values(triton_interpret, monkeypatch):
+    """inf / nan reach the same outputs, fused or not: the γ tiles of the 24x20 blocks
+    overhang c, and those lanes must add zero, not 0 x a non-finite feature of another block."""
+    factors = random_factors([(4, 24, 20, 1), (4, 20, 20, 1)], torch.float32)  # block-diagonal twice
+    x = torch.randn(3, 80)
+    x[0, 3], x[1, 45] = float("inf"), float("nan")  # blocks 0 and 2
+    ksfx.stats(reset=True)
+    fused = ksfx.ks_matmul(x, factors)
+    assert ksfx.stats() == {"triton-interpret.forward_chain": 1}
+    monkeypatch.setattr(config, "fuse", "never")
+    apart = ksfx.ks_matmul(x, factors)
+    finite = apart.isfinite()
+    assert finite[0].sum() == finite[1].sum() == 72 and finite[2].all()  # only the blocks they touch
+    assert torch.equal(fused.isnan(), apart.isnan()) and torch.equal(fused.isinf(), apart.isinf())
+    torch.testing.assert_close(fused[finite], apart[finite], rtol=1e-5, atol=1e-5)
 
 
 def test_fusion_can_be_switched_off(triton_interpret, monkeypatch):

@@ -74,18 +74,26 @@ def test_batch_first_d_above_one_runs_the_delta_tiled_kernel():
     assert report["model_bytes"] == 6 * x + y + tiles_m * w
 
 
-def test_census_plans_the_launches_the_op_makes(triton_interpret, monkeypatch):
-    """static_check mirrors run_forward / run_backward: same kernels (kind, step, mode, layout, dtype)."""
+def _identity(key) -> tuple:
+    return (key.kind, getattr(key, "steps", None) or key.step, getattr(key, "mode", "fused"), key.batch_last, key.dtype)
+
+
+@pytest.mark.parametrize("fuse", ["never", "auto"])
+def test_census_plans_the_launches_the_op_makes(triton_interpret, monkeypatch, fuse):
+    """static_check mirrors run_forward / run_backward: same kernels (kind, steps, mode, layout,
+    dtype), per factor or with the fused segments the op runs under the interpreter."""
     import ksfx
+    from ksfx.config import config
     from ksfx.ops import triton_path
 
     launched = set()
 
     def recording(key, cache_dir):
-        launched.add((key.kind, key.step, key.mode, key.batch_last, key.dtype))
+        launched.add(_identity(key))
         return get_kernel(key, cache_dir)
 
     monkeypatch.setattr(triton_path, "get_kernel", recording)
+    monkeypatch.setattr(config, "fuse", fuse)
     triton_path._forward_launch.cache_clear()  # launch plans cached by earlier tests
     triton_path._grad_launch.cache_clear()
     patterns = [(1, 32, 16, 2), (2, 16, 16, 1), (4, 2, 2, 4)]
@@ -94,9 +102,10 @@ def test_census_plans_the_launches_the_op_makes(triton_interpret, monkeypatch):
     factors = [torch.randn(p, generator=g).requires_grad_(True) for p in patterns]
     x = torch.randn(5, c.in_features, generator=g).requires_grad_(True)
     ksfx.ks_matmul(x, factors).sum().backward()
-    planned = static_check.chain_launches(c, torch.float32, False, 5, H100, backward=True)
-    keys = {(p.key.kind, p.key.step, p.key.mode, p.key.batch_last, p.key.dtype) for p in planned}
-    assert keys == launched and len(planned) == 3 * len(patterns)
+    planned = static_check.chain_launches(c, torch.float32, False, 5, H100, backward=True, fuse=fuse == "auto")
+    assert {_identity(p.key) for p in planned} == launched
+    forward = 1 if fuse == "auto" else len(patterns)
+    assert len(planned) == forward + 2 * len(patterns)
 
 
 def test_specialise_reproduces_a_launch():

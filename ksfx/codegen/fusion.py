@@ -1,16 +1,24 @@
 """Which consecutive factor steps of a chain run as one fused launch, and how.
 
-A fused segment keeps a batch tile's whole feature vector on chip from one factor to
-the next: the input is read once, each factor gathers its ``c`` inputs per output row
-from the previous factor's on-chip output (the permutations between factors fold into
-that gather), and only the last factor's output is stored. The segment moves
-``|X| + |W| + |Y|`` bytes, where per-factor launches move every intermediate twice more.
+A fused segment keeps a batch tile's feature vector on chip from one factor to the
+next: the input is read once, each factor gathers its inputs from the previous factor's
+on-chip output (the permutations between factors fold into that gather), and only the
+last factor's output is stored. The segment moves ``|X| + |W| + |Y|`` bytes, where
+per-factor launches move every intermediate twice more.
 
-This first version fuses small-block factors (the ``fma`` kernel mode: butterflies and
-other chains of blocks under 16x16), whose per-factor launches are bound by those
-round trips. A segment ends where a factor needs tensor cores, where an intermediate is
-wider than :data:`MAX_WIDTH` (the tile no longer fits on chip), or where a factor must
-keep the non-finite behaviour of a dense product (that needs its input in memory).
+Two kinds of factor join a segment (:func:`~ksfx.codegen.tiling.kernel_mode`):
+
+* small blocks (``fma``: butterflies and other chains of blocks under 16x16) compute
+  their whole output vector at once by rank-1 updates over γ;
+* tensor-core blocks (``dot`` / ``dot3``) compute it as ``(group, β tile)`` tiles of
+  :class:`DotTiles`, each a ``tl.dot`` over γ tiles gathered from the on-chip vector;
+  the tiles of an intermediate are joined into one vector (in tile-interleaved order,
+  which the next factor's gather undoes); the last factor stores each tile as it is done.
+
+A segment ends where the vectors it holds per batch row no longer fit the register tile
+(:data:`TILE_ELEMENTS` with at least :data:`MIN_ROWS` rows, or :data:`MAX_WIDTH` for
+small blocks), or where a factor must keep the non-finite behaviour of a dense product
+(that needs its input in memory).
 """
 
 from __future__ import annotations
@@ -18,14 +26,16 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 
-from ksfx.codegen.tiling import clamp_pow2, kernel_mode, next_pow2
-from ksfx.pattern import FactorStep
+from ksfx.codegen.tiling import MIN_DOT, cdiv, clamp_pow2, kernel_mode, next_pow2
+from ksfx.pattern import FactorStep, KSPattern
 from ksfx.pattern.perm import compose
 
-#: Widest feature vector a fused segment holds per batch row (input, intermediates, output).
+#: Widest feature vector a small-block segment holds per batch row (input, intermediates, output).
 MAX_WIDTH = 4096
 #: Features a program holds in registers at once (batch tile x padded width), about 64 KiB of fp32.
 TILE_ELEMENTS = 16384
+#: Fewest batch rows of a segment with tensor-core factors (``tl.dot`` needs 16).
+MIN_ROWS = MIN_DOT
 
 
 @dataclass(frozen=True)
@@ -38,13 +48,87 @@ class Segment:
     why: str = ""
 
 
-def fusable(step: FactorStep, batch_last: bool) -> str:
-    """Empty when ``step`` can join a fused segment, else the reason it cannot."""
-    p = step.pattern
-    if kernel_mode(p, batch_last) != "fma":
-        return f"{p} has {p.b}x{p.c} blocks (tensor-core kernel of its own)"
-    if max(p.in_features, p.out_features) > MAX_WIDTH:
-        return f"{p} is wider than {MAX_WIDTH} features"
+@dataclass(frozen=True)
+class DotTiles:
+    """How a tensor-core factor of a segment tiles its output: ``tiles`` tiles of ``block_n``
+    rows (β) of one group ``(α, δ)``, tile ``t = group * beta_tiles + β // block_n``, each
+    reduced over γ in steps of ``block_k``. Joined on chip, row β of tile ``t`` sits at
+    column ``(β % block_n) * padded + t`` of a vector ``width`` wide."""
+
+    block_n: int
+    block_k: int
+    beta_tiles: int
+    tiles: int
+
+    @property
+    def padded(self) -> int:
+        return next_pow2(self.tiles)
+
+    @property
+    def width(self) -> int:
+        return self.padded * self.block_n
+
+
+def dot_tiles(pattern: KSPattern) -> DotTiles:
+    block_n = clamp_pow2(pattern.b, MIN_DOT, 64)
+    beta_tiles = cdiv(pattern.b, block_n)
+    return DotTiles(block_n, clamp_pow2(pattern.c, MIN_DOT, 64), beta_tiles, pattern.groups * beta_tiles)
+
+
+def is_dot(step: FactorStep, batch_last: bool) -> bool:
+    return kernel_mode(step.pattern, batch_last) != "fma"
+
+
+def values_order(step: FactorStep, batch_last: bool) -> tuple[int, int, int, int]:
+    """The order (outermost first) in which a segment's kernel reads a step's values.
+
+    A tensor-core factor loads ``[γ, β]`` tiles at one ``δ``: with ``d > 1`` the stored
+    ``(a, b, c, d)`` order strides them by ``d`` along γ and ``c·d`` along β, so they are
+    read with β innermost (a copy of ``|W|`` per launch); other steps as stored.
+    """
+    return (0, 3, 2, 1) if is_dot(step, batch_last) and step.pattern.d > 1 else (0, 1, 2, 3)
+
+
+def value_strides(step: FactorStep, batch_last: bool) -> tuple[int, int, int, int]:
+    """Strides of ``values[α, β, γ, δ]`` laid out in :func:`values_order`."""
+    shape = step.pattern.as_tuple()
+    strides, size = [0] * 4, 1
+    for dim in reversed(values_order(step, batch_last)):
+        strides[dim], size = size, size * shape[dim]
+    return tuple(strides)
+
+
+def reads_input_whole(steps: tuple[FactorStep, ...], batch_last: bool) -> bool:
+    """Whether the segment loads its input tile whole before the first factor.
+
+    Small blocks gather from it; a tensor-core first factor reads its γ tiles straight
+    from memory, except batch-first with ``d > 1``, where those reads would be strided
+    by ``d`` along the contiguous axis.
+    """
+    first = steps[0]
+    return not is_dot(first, batch_last) or (first.pattern.d > 1 and not batch_last)
+
+
+def on_chip_widths(steps: tuple[FactorStep, ...], batch_last: bool) -> list[int]:
+    """Columns of each vector the segment holds whole per batch row (padded to powers of two)."""
+    widths = [next_pow2(steps[0].pattern.in_features)] if reads_input_whole(steps, batch_last) else []
+    for k, step in enumerate(steps):
+        if not is_dot(step, batch_last):
+            widths.append(next_pow2(step.pattern.out_features))
+        elif k < len(steps) - 1:  # the last tensor-core factor stores tile by tile
+            widths.append(dot_tiles(step.pattern).width)
+    return widths
+
+
+def _overflow(steps: tuple[FactorStep, ...], batch_last: bool) -> str:
+    """Empty when ``steps`` fit one fused launch, else why not."""
+    widest = max(on_chip_widths(steps, batch_last), default=0)
+    if any(is_dot(s, batch_last) for s in steps):
+        limit = TILE_ELEMENTS // MIN_ROWS
+        if widest > limit:
+            return f"a {widest}-wide vector on chip leaves under {MIN_ROWS} rows for tensor cores"
+    elif widest > MAX_WIDTH:
+        return f"a {widest}-wide vector on chip (at most {MAX_WIDTH})"
     return ""
 
 
@@ -58,19 +142,22 @@ def segments(steps: list[FactorStep], batch_last: bool, dense: list[bool] | None
 
 @functools.lru_cache(maxsize=1024)
 def _segments(steps: tuple[FactorStep, ...], batch_last: bool, dense: tuple[bool, ...]) -> tuple[Segment, ...]:
-    reasons = ["stands for a dense product" if dense[k] else fusable(s, batch_last) for k, s in enumerate(steps)]
+    moved = _on_chip(steps)  # permutations as the fused kernel would hold them (they change no width)
     out: list[Segment] = []
     k = 0
     while k < len(steps):
-        stop = k
-        while stop < len(steps) and not reasons[stop]:
+        stop = k + 1
+        while stop < len(steps) and not dense[k] and not dense[stop] and not _overflow(moved[k : stop + 1], batch_last):
             stop += 1
         if stop - k >= 2:
             out.append(Segment(k, stop, True))
-            k = stop
+        elif dense[k]:
+            out.append(Segment(k, stop, False, "stands for a dense product"))
+        elif stop < len(steps) and not dense[stop]:
+            out.append(Segment(k, stop, False, f"with step {stop + 1}, {_overflow(moved[k : stop + 1], batch_last)}"))
         else:
-            out.append(Segment(k, k + 1, False, reasons[k] or "no fusable neighbour"))
-            k += 1
+            out.append(Segment(k, stop, False, "no fusable neighbour"))
+        k = stop
     return tuple(out)
 
 
@@ -111,15 +198,21 @@ class FusedTile:
 
     block_m: int
     num_warps: int
+    num_stages: int = 3  # Triton's default
+    splits: int = 1
+
+    def meta(self) -> dict[str, int]:
+        return {"BLOCK_M": self.block_m}
 
 
-def fused_tile(steps: tuple[FactorStep, ...], n: int) -> FusedTile:
+def fused_tile(steps: tuple[FactorStep, ...], n: int, batch_last: bool) -> FusedTile:
     """Batch rows so that a program's widest vector tile stays near :data:`TILE_ELEMENTS`, on 8 warps.
 
     Compiled for sm_90 (triton 3.9, butterflies of width 64-1024, fp32 and bf16, both
     layouts): no spill on 8 warps; width 256 on 4 warps spilled (114-243 spill instructions).
     """
-    width = max(next_pow2(max(s.pattern.in_features, s.pattern.out_features)) for s in steps)
-    block_m = clamp_pow2(TILE_ELEMENTS // width, 1, 64)
-    block_m = min(block_m, clamp_pow2(n, 1, block_m))
+    low = MIN_ROWS if any(is_dot(s, batch_last) for s in steps) else 1
+    width = max(on_chip_widths(steps, batch_last), default=1)
+    block_m = clamp_pow2(TILE_ELEMENTS // width, low, 64)
+    block_m = min(block_m, clamp_pow2(n, low, block_m))
     return FusedTile(block_m, 8)

@@ -76,13 +76,16 @@ def y_feature(step: FactorStep, row: sympy.Expr | None = None) -> FeatureExpr:
     return through(store_perm(step), step.pattern.row_expr if row is None else row, "out_table_ptr")
 
 
-def value_offset(step: FactorStep, strided: bool = True, tile: bool = False) -> sympy.Expr:
-    """Offset of ``values[α, β, γ, δ]``: runtime strides, or contiguous when not ``strided``.
+def value_offset(step: FactorStep, strided: bool = True, tile: bool = False, strides=None) -> sympy.Expr:
+    """Offset of ``values[α, β, γ, δ]``: runtime strides, or contiguous when not ``strided``,
+    or the given ``strides``.
 
     ``tile`` renames β, γ to ``beta_tile`` / ``gamma_tile``, which the kernel binds to
     2-D broadcasts of the β and γ vectors so that the offset is a whole tile.
     """
-    expr = step.pattern.value_offset_expr(VALUE_STRIDES if strided else None)
+    if strides is None:
+        strides = VALUE_STRIDES if strided else None
+    expr = step.pattern.value_offset_expr(strides)
     return expr.subs({BETA: BETA_TILE, GAMMA: GAMMA_TILE}) if tile else expr
 
 

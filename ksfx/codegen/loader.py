@@ -48,17 +48,19 @@ class KernelKey:
 
 @dataclass(frozen=True)
 class ChainKernelKey:
-    """The kernel of a fused segment (:mod:`ksfx.codegen.fusion`): the source depends on
-    the steps only (loads upcast to fp32, the store casts to the output's dtype)."""
+    """The kernel of a fused segment (:mod:`ksfx.codegen.fusion`)."""
 
     steps: tuple[FactorStep, ...]
+    batch_last: bool  # whether a tensor-core first factor reads its input whole
+    dtype: str  # the tensor-core factors' operands
     interpret: bool
+    precision: str  # fp32 dot precision: "ieee" | "tf32" (other dtypes: "-")
     capability: tuple[int, int] | None
     kind: str = "forward_chain"
     function_name: str = "forward_chain"
 
     def source(self) -> str:
-        return chain_forward_source(self.steps)
+        return chain_forward_source(self.steps, self.batch_last, self.dtype, self.interpret, self.precision)
 
 
 _lock = threading.Lock()

@@ -24,8 +24,9 @@ import sympy
 import torch
 
 from ksfx.codegen import index_maps as im
-from ksfx.codegen.tiling import TileConfig, cdiv, delta_tile, kernel_mode, values_order
-from ksfx.pattern import ALPHA, BETA, DELTA, GAMMA, ROW, FactorStep, evaluate
+from ksfx.codegen.fusion import dot_tiles
+from ksfx.codegen.tiling import TileConfig, cdiv, delta_tile, kernel_mode, next_pow2, values_order
+from ksfx.pattern import ALPHA, BETA, DELTA, GAMMA, ROW, FactorStep, IndexPerm, evaluate
 
 TABLE_ITEMSIZE = 4  # int32 index tables
 
@@ -150,4 +151,42 @@ def bytes_moved(
         tables=tables,
         lower_bound=p.min_bytes(n, itemsize),
         relayout=0 if values_order(p, batch_last) == (0, 1, 2, 3) else 2 * p.nnz * itemsize,
+    )
+
+
+def segment_bytes(steps: tuple[FactorStep, ...], n: int, batch_last: bool, block_m: int, itemsize: int,
+                  sector: int = 0) -> Traffic:  # fmt: skip
+    """Global bytes of a fused segment's launch (:mod:`~ksfx.codegen.chain_source`).
+
+    One program per batch tile reads each input feature and writes each output feature
+    once, and reads every value of the segment once: the values count once per batch
+    tile (from L2 after the first), the intermediates not at all. Index tables are read
+    per gathered element.
+    """
+    first, last = steps[0].pattern, steps[-1].pattern
+    tiles_m = cdiv(n, block_m)
+    batch = _batch_bytes(n, block_m, itemsize, sector, batch_last)
+
+    def units(features: int) -> int:
+        every = torch.arange(features)[None, :]
+        return int(_units(every, torch.ones_like(every, dtype=torch.bool), itemsize, sector, batch_last).sum())
+
+    lookups = 0
+    for step in steps:
+        if isinstance(step.in_perm, IndexPerm):
+            p = step.pattern
+            if kernel_mode(p, batch_last) == "fma":
+                lookups += p.c * next_pow2(p.out_features)
+            else:
+                tiles = dot_tiles(p)
+                lookups += tiles.tiles * cdiv(p.c, tiles.block_k) * tiles.block_k
+    if isinstance(steps[-1].out_perm, IndexPerm):
+        lookups += last.out_features
+    nnz = sum(s.pattern.nnz for s in steps)
+    return Traffic(
+        x=units(first.in_features) * batch,
+        values=tiles_m * nnz * itemsize,
+        y=units(last.out_features) * batch,
+        tables=tiles_m * lookups * TABLE_ITEMSIZE,
+        lower_bound=n * (first.in_features + last.out_features) * itemsize + nnz * itemsize,
     )

@@ -18,6 +18,8 @@ import torch
 from ksfx.codegen import census as sass
 from ksfx.codegen import get_kernel, traffic
 from ksfx.codegen.devices import DEVICES, Device, roofline_seconds, unit_of
+from ksfx.codegen.fusion import Segment, on_chip_steps, segments
+from ksfx.codegen.tiling import kernel_mode
 from ksfx.config import config
 from ksfx.ops import triton_path
 from ksfx.ops.chain_op import _plan
@@ -29,9 +31,9 @@ from ksfx.pattern import Chain, FactorStep, KSPattern
 class PlannedLaunch:
     """One kernel launch of the op: what it computes and how it is launched."""
 
-    kind: str  # "forward" | "dx" | "grad"
-    step: FactorStep
-    key: object  # KernelKey
+    kind: str  # "forward" | "dx" | "grad" | "forward_chain"
+    steps: tuple[FactorStep, ...]  # one, or a fused segment's (application order)
+    key: object  # KernelKey | ChainKernelKey
     tile: object  # TileConfig
     programs: int
     args: tuple
@@ -39,6 +41,26 @@ class PlannedLaunch:
     n: int
     dtype: torch.dtype
     batch_last: bool
+
+    @property
+    def step(self) -> FactorStep:
+        """The step of a per-factor launch (a segment's first)."""
+        return self.steps[0]
+
+    @property
+    def fused(self) -> bool:
+        return len(self.steps) > 1
+
+    def patterns(self) -> list[list[int]]:
+        return [list(s.pattern.as_tuple()) for s in self.steps]
+
+    def min_bytes(self) -> int:
+        """``|X| + |W| + |Y|`` of what the launch computes."""
+        if not self.fused:
+            return self.step.pattern.min_bytes(self.n, self.dtype.itemsize)
+        first, last = self.steps[0].pattern, self.steps[-1].pattern
+        elements = self.n * (first.in_features + last.out_features) + sum(s.pattern.nnz for s in self.steps)
+        return elements * self.dtype.itemsize
 
 
 def _activation(features: int, n: int, dtype, batch_last: bool) -> torch.Tensor:
@@ -51,7 +73,16 @@ def _forward(kind, step, values, n, dtype, batch_last, target) -> PlannedLaunch:
     x, y = _activation(p.in_features, n, dtype, batch_last), _activation(p.out_features, n, dtype, batch_last)
     key, tile, programs = triton_path.forward_plan(step, batch_last, dtype, n, target)
     args, flags = triton_path.forward_arguments(x, values, y, step, batch_last)
-    return PlannedLaunch(kind, step, key, tile, programs, args, flags, n, dtype, batch_last)
+    return PlannedLaunch(kind, (step,), key, tile, programs, args, flags, n, dtype, batch_last)
+
+
+def _segment(steps, n, dtype, batch_last, target) -> PlannedLaunch:
+    first, last = steps[0].pattern, steps[-1].pattern
+    x, y = _activation(first.in_features, n, dtype, batch_last), _activation(last.out_features, n, dtype, batch_last)
+    values = [torch.empty(s.pattern.as_tuple(), dtype=dtype, device="meta") for s in steps]
+    key, tile, programs = triton_path.chain_plan(steps, batch_last, dtype, n, target)
+    args, flags = triton_path.chain_arguments(x, values, y, steps, batch_last)
+    return PlannedLaunch("forward_chain", steps, key, tile, programs, args, flags, n, dtype, batch_last)
 
 
 def _grad(step, n, dtype, batch_last, target) -> PlannedLaunch:
@@ -60,27 +91,43 @@ def _grad(step, n, dtype, batch_last, target) -> PlannedLaunch:
     key, tile, chunk, programs = triton_path.grad_plan(step, batch_last, dtype, n, target)
     partials = torch.empty((triton_path.cdiv(n, chunk), *p.as_tuple()), dtype=torch.float32, device="meta")
     args, flags = triton_path.grad_arguments(dy, x, partials, chunk, step, batch_last)
-    return PlannedLaunch("grad", step, key, tile, programs, args, flags, n, dtype, batch_last)
+    return PlannedLaunch("grad", (step,), key, tile, programs, args, flags, n, dtype, batch_last)
 
 
 def chain_launches(
-    chain: Chain, dtype: torch.dtype, batch_last: bool, n: int, device: Device, backward: bool = False
+    chain: Chain,
+    dtype: torch.dtype,
+    batch_last: bool,
+    n: int,
+    device: Device,
+    backward: bool = False,
+    fuse: bool | None = None,
 ) -> list[PlannedLaunch]:
     """The launches of one forward (and, with ``backward``, one backward) of ``chain``.
 
-    Mirrors :func:`ksfx.ops.chain_op.run_forward` / ``run_backward``: one forward launch per
-    step in application order; the backward adds, per step, the weight gradient and
-    ``dx`` as the forward kernel of the transposed step on the transposed values view.
+    Mirrors :func:`ksfx.ops.chain_op.run_forward` / ``run_backward``: the forward runs
+    the plan's fused segments (``fuse``; default: as the op on a GPU, with
+    ``ksfx.config.fuse == "always"``) and one launch per other step; the backward adds,
+    per step, the weight gradient and ``dx`` as the forward kernel of the transposed
+    step on the transposed values view.
     """
     plan = _plan(chain)
     if not isinstance(plan, list):
         return []  # a lone permutation is a torch gather, no generated kernel
+    if fuse is None:
+        fuse = config.fuse == "always"
     target = triton_path.Target((device.capability // 10, device.capability % 10), device.sms, False)
     launches = []
-    for step in plan:
+    for segment in segments(plan, batch_last) if fuse else [Segment(k, k + 1, False) for k in range(len(plan))]:
+        if segment.fused:
+            launches.append(_segment(on_chip_steps(plan[segment.start : segment.stop]), n, dtype, batch_last, target))
+            continue
+        step = plan[segment.start]
         values = torch.empty(step.pattern.as_tuple(), dtype=dtype, device="meta")
         launches.append(_forward("forward", step, values, n, dtype, batch_last, target))
-        if backward:
+    if backward:
+        for step in plan:
+            values = torch.empty(step.pattern.as_tuple(), dtype=dtype, device="meta")
             launches.append(_grad(step, n, dtype, batch_last, target))
             launches.append(_forward("dx", step.transpose(), values.permute(0, 2, 1, 3), n, dtype, batch_last, target))
     return launches
@@ -88,10 +135,12 @@ def chain_launches(
 
 def _launch_bytes(launch: PlannedLaunch) -> tuple[int | None, int]:
     """``(traffic model bytes in 32-byte sectors, |X| + |W| + |Y|)``; the model covers forward kernels."""
-    p, itemsize = launch.step.pattern, launch.dtype.itemsize
-    lower = p.min_bytes(launch.n, itemsize)
+    itemsize, lower = launch.dtype.itemsize, launch.min_bytes()
     if launch.kind == "grad":
         return None, lower
+    if launch.fused:
+        model = traffic.segment_bytes(launch.steps, launch.n, launch.batch_last, launch.tile.block_m, itemsize, 32)
+        return model.total, lower
     return traffic.bytes_moved(launch.step, launch.n, launch.batch_last, launch.tile, itemsize, sector=32).total, lower
 
 
@@ -103,28 +152,31 @@ def check(launch: PlannedLaunch, device: Device, dump_dir: Path | None = None) -
         kernel, launch.args, {**launch.flags, **tile.meta()}, tile.num_warps, tile.num_stages, device.capability
     )
     counts = sass.census(cubin, shared)
+    slug = "-".join(_slug(step) for step in launch.steps)
+    mode = "fused" if launch.fused else key.mode
     cubin_path = None
     if dump_dir is not None:
         dump_dir.mkdir(parents=True, exist_ok=True)
-        cubin_path = dump_dir / f"{launch.kind}_{key.mode}_{_slug(launch.step)}_{key.dtype}.cubin"
+        cubin_path = dump_dir / f"{launch.kind}_{mode}_{slug}_{key.dtype}.cubin"
         cubin_path.write_bytes(cubin)
     model_bytes, lower = _launch_bytes(launch)
-    flops = launch.step.pattern.flops(launch.n)
+    flops = sum(step.pattern.flops(launch.n) for step in launch.steps)
     summary = counts.summary()
     unit = unit_of(summary["hgmma"], summary["hmma"], key.dtype)
-    p = launch.step.pattern
+    dispatch = "triton" if launch.fused or prefers_triton(launch.step, launch.batch_last, launch.dtype) else "torch"
     return {
         "kind": launch.kind,
-        "pattern": list(p.as_tuple()),
-        "step": str(launch.step),
-        "mode": key.mode,
+        "pattern": launch.patterns() if launch.fused else launch.patterns()[0],
+        "step": "; ".join(str(step) for step in launch.steps),
+        "mode": mode,
+        "tensor_core_steps": sum(kernel_mode(s.pattern, launch.batch_last) != "fma" for s in launch.steps),
         "dtype": key.dtype,
         "layout": "batch-last" if launch.batch_last else "batch-first",
         "batch": launch.n,
         "target": f"sm_{device.capability}",
         "tile": {**tile.meta(), "num_warps": tile.num_warps, "num_stages": tile.num_stages, "splits": tile.splits},
         "programs": launch.programs,
-        "dispatch": "triton" if prefers_triton(launch.step, launch.batch_last, launch.dtype) else "torch",
+        "dispatch": dispatch,
         "cubin": None if cubin_path is None else str(cubin_path),
         **summary,
         "wide_load_fraction": counts.wide_load_fraction,
@@ -150,6 +202,9 @@ def passes(report: dict, min_wide: float = 0.75) -> list[str]:
         problems.append(f"{report['spills']} local-memory instructions (spills)")
     if report["wide_load_fraction"] < min_wide:
         problems.append(f"{report['wide_loads']}/{report['global_loads']} global loads wide")
+    if report["mode"] == "fused" and report["tensor_core_steps"] and report["dtype"] in ("float16", "bfloat16"):
+        if not (report["hgmma"] or report["hmma"]):  # batch tiles of 16 rows: wgmma needs 64
+            problems.append(f"no tensor cores ({report['unit']})")
     if report["mode"] in ("dot", "dot3") and report["dtype"] in ("float16", "bfloat16"):
         if report["target"] == "sm_90" and not report["hgmma"]:
             problems.append(f"no wgmma ({report['unit']})")

@@ -18,6 +18,7 @@ import torch
 
 from ksfx.codegen import ChainKernelKey, KernelKey, TileConfig, get_autotuned, get_kernel, kernel_mode
 from ksfx.codegen.fusion import fused_tile
+from ksfx.codegen.fusion import values_order as fused_values_order
 from ksfx.codegen.tiling import (
     cdiv,
     forward_heuristic,
@@ -316,6 +317,27 @@ def _grad_launch(step, batch_last, dtype, device, n, tile, fp32_precision, inter
     return get_kernel(key, config.cache_dir), chunk, cdiv(n, chunk), (programs,), meta
 
 
+def chain_plan(steps: tuple[FactorStep, ...], batch_last, dtype, n, target: Target):
+    """Kernel key, tile and grid size of a fused segment's launch."""
+    name = str(dtype).removeprefix("torch.")
+    key = ChainKernelKey(steps, batch_last, name, target.interpret, _precision(dtype), target.capability)
+    tile = fused_tile(steps, n, batch_last)
+    return key, tile, cdiv(n, tile.block_m)
+
+
+def chain_arguments(x, values, y, steps: tuple[FactorStep, ...], batch_last: bool, bias=None) -> tuple[tuple, dict]:
+    """Positional arguments and flags of a fused segment's launch (any device, ``meta`` included)."""
+    n, stride_xm, stride_xf = _layout(x, batch_last)
+    _, stride_ym, stride_yf = _layout(y, batch_last)
+    tables = [_tables(s, x.device, y)[0] for s in steps]
+    out_table = _tables(steps[-1], x.device, y)[1]
+    # the kernel indexes them with the strides of fusion.values_order
+    values = [_laid_out(v, fused_values_order(s, batch_last)) for v, s in zip(values, steps, strict=True)]
+    args = (x, y, y if bias is None else bias.contiguous(), *values, *tables, out_table,
+            n, stride_xm, stride_xf, stride_ym, stride_yf)  # fmt: skip
+    return args, {"HAS_BIAS": bias is not None, "INT64": _needs_int64(x, y)}
+
+
 def chain_forward(
     x: torch.Tensor,
     values: list[torch.Tensor],
@@ -335,21 +357,13 @@ def chain_forward(
         if v.dtype != x.dtype or v.device != x.device:
             raise TypeError(f"{step}: values ({v.dtype}, {v.device}) must match x ({x.dtype}, {x.device})")
     last = steps[-1].pattern
-    n, stride_xm, stride_xf = _layout(x, batch_last)
+    n = _layout(x, batch_last)[0]
     y = torch.empty((last.out_features, n) if batch_last else (n, last.out_features), dtype=x.dtype, device=x.device)
     if n == 0:
         return y
-    _, stride_ym, stride_yf = _layout(y, batch_last)
-    tables = [_tables(s, x.device, y)[0] for s in steps]
-    out_table = _tables(steps[-1], x.device, y)[1]
-    target = device_target(x.device)
-    kernel = get_kernel(ChainKernelKey(steps, target.interpret, target.capability), config.cache_dir)
-    tile = fused_tile(steps, n)
-    values = [v.contiguous() for v in values]  # the kernel indexes them as stored (a, b, c, d)
-    args = (x, y, y if bias is None else bias.contiguous(), *values, *tables, out_table,
-            n, stride_xm, stride_xf, stride_ym, stride_yf)  # fmt: skip
+    key, tile, programs = chain_plan(steps, batch_last, x.dtype, n, device_target(x.device))
+    kernel = get_kernel(key, config.cache_dir)
+    args, flags = chain_arguments(x, values, y, steps, batch_last, bias)
     with _launch_guard(x.device):
-        kernel[(cdiv(n, tile.block_m),)](
-            *args, HAS_BIAS=bias is not None, INT64=_needs_int64(x, y), BLOCK_M=tile.block_m, num_warps=tile.num_warps
-        )
+        kernel[(programs,)](*args, **flags, **tile.meta(), num_warps=tile.num_warps, num_stages=tile.num_stages)
     return y
