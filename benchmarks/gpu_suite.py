@@ -13,9 +13,12 @@ under ``benchmarks/results/``:
    patterns spread over ``h(b, c)`` and ``d``) x fp32/bf16 x both layouts at batch
    25,088, against bmm, einsum, dense cuBLAS and the bmm formulation compiled by
    Inductor, every output checked;
-3. ``models``: KS-ViT-S/16 (batch 128) and GPT-2-medium-KS (batch 8 x 1024) inference in
+3. ``chains``: ``benchmarks.chains``, whole chains (a 1024 butterfly, Monarch, the ViT-S/16
+   chains) as fused segments against per-factor launches, bmm and dense, with the bytes
+   each moves by the traffic model;
+4. ``models``: KS-ViT-S/16 (batch 128) and GPT-2-medium-KS (batch 8 x 1024) inference in
    fp32 and bf16 against eager and Inductor, then a ViT training step;
-4. the summary, printed last and saved as ``gpu_suite_<device>_<date>.json``: per dtype
+5. the summary, printed last and saved as ``gpu_suite_<device>_<date>.json``: per dtype
    and layout the median speedup over the best baseline and the median fraction of the
    roofline ``max(|X|+|W|+|Y| / copy bandwidth, FLOPs / rate of the unit)`` reached (the
    bandwidth measured in the run, the rates from :mod:`ksfx.codegen.devices`), and each
@@ -68,17 +71,21 @@ def _device_tag(dry_run: bool) -> str:
 def steps(args, tag: str, date: str) -> list[dict]:
     """The commands of the suite: name, argv, share of the budget, output file."""
     patterns_out = args.out_dir / f"gpu_suite_patterns_{tag}_{date}.json"
+    chains_out = args.out_dir / f"gpu_suite_chains_{tag}_{date}.json"
     models_out = args.out_dir / f"gpu_suite_models_{tag}_{date}.json"
     py = [sys.executable]
     if args.dry_run:
         return [
-            {"name": "tests", "share": 0.3, "argv": [*py, "-m", "pytest", "-q", "-x", "tests/test_kernels.py", "-k",
+            {"name": "tests", "share": 0.25, "argv": [*py, "-m", "pytest", "-q", "-x", "tests/test_kernels.py", "-k",
              "test_forward_matches_dense and interpret and float32 and bfirst"]},
-            {"name": "patterns", "share": 0.3, "out": patterns_out, "argv": [
+            {"name": "patterns", "share": 0.25, "out": patterns_out, "argv": [
                 *py, "-m", "benchmarks.patterns", "--device", "cpu", "--quick", "--limit", "2", "--batch", "16",
                 "--dtype", "fp32,bf16", "--baselines", "bmm,einsum,dense", "--rounds", "1", "--cpu-min-time", "0.002",
                 "--out", str(patterns_out)]},
-            {"name": "models", "share": 0.4, "out": models_out, "argv": [
+            {"name": "chains", "share": 0.2, "out": chains_out, "argv": [
+                *py, "-m", "benchmarks.chains", "--device", "cpu", "--quick", "--chain", "butterfly-16,dot-pair",
+                "--batch", "8", "--rounds", "1", "--cpu-min-time", "0.002", "--out", str(chains_out)]},
+            {"name": "models", "share": 0.2, "out": models_out, "argv": [
                 *py, "-m", "benchmarks.models", "--device", "cpu", "--quick", "--model", "gpt2", "--batch", "1",
                 "--contenders", "eager,ksfx", "--rounds", "1", "--cpu-min-time", "0.01", "--out", str(models_out)]},
         ]  # fmt: skip
@@ -86,9 +93,12 @@ def steps(args, tag: str, date: str) -> list[dict]:
         {"name": "tests", "share": 0.15, "argv": [*py, "-m", "pytest", "-q", "tests/test_kernels.py",
          "tests/test_static_check.py", "tests/test_ks_matmul.py", "-k", "cuda or static"]},
         # The generated kernels on every case (KSFX_DISPATCH=triton): the data a dispatch policy is derived from.
-        {"name": "patterns", "share": 0.55, "out": patterns_out, "env": {"KSFX_DISPATCH": "triton"}, "argv": [
+        {"name": "patterns", "share": 0.45, "out": patterns_out, "env": {"KSFX_DISPATCH": "triton"}, "argv": [
             *py, "-m", "benchmarks.patterns", "--limit", str(args.patterns), "--dtype", "fp32,bf16",
             "--batch", "25088", "--layout", "batch-first,batch-last", "--out", str(patterns_out)]},
+        # Whole chains: fused segments against per-factor launches, bmm and dense (issue: one kernel per chain).
+        {"name": "chains", "share": 0.1, "out": chains_out, "argv": [
+            *py, "-m", "benchmarks.chains", "--dtype", "fp32,bf16", "--batch", "25088", "--out", str(chains_out)]},
         {"name": "models", "share": 0.2, "out": models_out, "argv": [
             *py, "-m", "benchmarks.models", "--dtype", "fp32,bf16", "--out", str(models_out)]},
         {"name": "models-train", "share": 0.1, "out": models_out, "argv": [
@@ -183,6 +193,14 @@ def summarise_models(path: Path) -> list[dict]:
     return rows
 
 
+def summarise_chains(path: Path) -> list[dict]:
+    """Per chain case: fused over each contender, and the fraction of the roofline reached."""
+    if not path.exists():
+        return []
+    keep = ("key", "fused_speedup", "fused_roofline_fraction", "fused_bytes", "per_factor_bytes", "min_bytes", "failed")
+    return [{k: case.get(k) for k in keep} for case in json.loads(path.read_text())["cases"]]
+
+
 def table(summary: dict) -> str:
     lines = [f"device {summary['environment']['device']}, torch {summary['environment']['torch']}, "
              f"triton {summary['environment']['triton']}, fp32 {summary['environment']['fp32_precision']}, "
@@ -196,6 +214,12 @@ def table(summary: dict) -> str:
             speed = "-" if g["median_speedup_vs_best"] is None else f"{g['median_speedup_vs_best']:.2f}x"
             roof = "-" if g["median_roofline_fraction"] is None else f"{100 * g['median_roofline_fraction']:.0f}%"
             lines.append(f"{key:<17} {g['cases']:>5}  {speed:>22}  {roof:>24}  {g['out_of_tolerance']:>5}")
+    for row in summary.get("chains", []):
+        speed = ", ".join(f"{k} {v:.2f}x" for k, v in (row["fused_speedup"] or {}).items())
+        roof = row["fused_roofline_fraction"]
+        line = f"chain {row['key']}: fused vs {speed or '-'}"
+        line += "" if roof is None else f", {100 * roof:.0f}% of roofline"
+        lines.append(line + (f"; failed {row['failed']}" if row["failed"] else ""))
     for row in summary["models"]:
         vs = row.get("ksfx_vs_inductor_latency")
         times = ", ".join(f"{k} {v:.2f} ms" for k, v in row.items() if k not in ("key", "ksfx_vs_inductor_latency"))
@@ -231,6 +255,7 @@ def main(argv=None) -> int:
         state["steps"][step["name"]] = run_step(step, seconds, args.dry_run)
         state_path.write_text(json.dumps(state, indent=1) + "\n")
     state["patterns"] = summarise_patterns(next(s["out"] for s in plan if s["name"] == "patterns"))
+    state["chains"] = summarise_chains(next(s["out"] for s in plan if s["name"] == "chains"))
     state["models"] = summarise_models(next(s["out"] for s in plan if s["name"] == "models"))
     state_path.write_text(json.dumps(state, indent=1) + "\n")
     print(table(state))

@@ -21,6 +21,7 @@ whole. Widths are padded to powers of two; padded features are zero and never re
 
 from __future__ import annotations
 
+import re
 import textwrap
 from dataclasses import dataclass
 
@@ -39,8 +40,8 @@ COL = sympy.Symbol("col", integer=True, nonnegative=True)
 CHAIN_KERNEL = '''
 @triton.jit
 def forward_chain(
-    x_ptr, y_ptr, bias_ptr, {value_ptrs}, {table_ptrs}, out_table_ptr,
-    n, stride_xm, stride_xf, stride_ym, stride_yf,
+    x_ptr, y_ptr, bias_ptr, {value_ptrs}, {table_ptrs}, out_table_ptr,{tap_ptrs}
+    n, stride_xm, stride_xf, stride_ym, stride_yf,{tap_strides}
     HAS_BIAS: tl.constexpr, INT64: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     """{count} factor steps, program = batch tile, the feature vector on chip between them:
@@ -94,6 +95,14 @@ READ_ON_CHIP = """    col = {col}
     a_tile = a_tile.to(v{k}_ptr.dtype.element_ty)
 {zero}"""
 
+#: A step's output stored as well (``taps``): natural feature order, the input dtype.
+TAP = """    tap_feature = {feature}
+    if INT64:
+        tap_feature = tap_feature.to(tl.int64)
+    tap_ptrs = tap{k}_ptr + offs_m[:, None] * stride_t{k}m + tap_feature[None, :] * stride_t{k}f
+    tl.store(tap_ptrs, acc.to(tap{k}_ptr.dtype.element_ty), mask=mask_m[:, None] & {mask}[None, :])
+"""
+
 LAST_DOT_FACTOR = """    # step {k}: {step}, one ({block_n}-row β tile, group) tile at a time
     for tile in range({tiles}):
         group = tile // {beta_tiles}
@@ -110,6 +119,11 @@ class _Options:
     dtype: str
     interpret: bool
     precision: str
+    taps: bool
+
+    @property
+    def itemsize(self) -> int:
+        return 4 if self.dtype == "float32" else 2
 
 
 def _position(previous, feature: str) -> str:
@@ -200,7 +214,7 @@ def _join(names: list[str], lines: list[str], block_n: int, prefix: str) -> str:
 def _inner_dot(k: int, step: FactorStep, position, on_chip: bool, opts: _Options) -> tuple[str, sympy.Expr]:
     """A tensor-core factor inside the segment: its tiles unrolled and joined into ``h``."""
     p = step.pattern
-    tiles = dot_tiles(p)
+    tiles = dot_tiles(p, opts.itemsize)
     lines = [f"    # step {k}: {step}, {tiles.tiles} tiles of {tiles.block_n} rows joined on chip\n"]
     names = []
     for t in range(tiles.tiles):
@@ -209,6 +223,8 @@ def _inner_dot(k: int, step: FactorStep, position, on_chip: bool, opts: _Options
         body = _dot_tile(k, step, tiles, str(beta_tile * tiles.block_n), position, on_chip, opts)
         lines.append(f"    alpha = {alpha}\n    delta = {delta}\n")
         lines.append(textwrap.indent(body, "    "))
+        if opts.taps:
+            lines.append(TAP.format(feature=to_code(p.row_expr), k=k, mask="mask_b"))
         lines.append(f"    h{k}_{t} = acc.to(x_ptr.dtype.element_ty)\n")
         names.append(f"h{k}_{t}")
     for t in range(tiles.tiles, tiles.padded):
@@ -220,7 +236,7 @@ def _inner_dot(k: int, step: FactorStep, position, on_chip: bool, opts: _Options
 
 def _last_dot(k: int, step: FactorStep, position, on_chip: bool, opts: _Options) -> str:
     p = step.pattern
-    tiles = dot_tiles(p)
+    tiles = dot_tiles(p, opts.itemsize)
     alpha, delta = im.group_digits(step, sympy.Symbol("group", integer=True, nonnegative=True))
     body = _dot_tile(k, step, tiles, f"(tile % {tiles.beta_tiles}) * {tiles.block_n}", position, on_chip, opts)
     epilogue = FORWARD_EPILOGUE.format(
@@ -253,15 +269,18 @@ def chain_forward_source(
     dtype: str = "float32",
     interpret: bool = False,
     precision: str = "ieee",
+    taps: bool = False,
 ) -> str:
     """Module source of ``forward_chain`` for ``steps`` (application order, from
     :func:`~ksfx.codegen.fusion.on_chip_steps`: only the last step has an ``out_perm``).
 
     ``dtype`` / ``interpret`` / ``precision`` shape the tensor-core factors' ``tl.dot``
     (:func:`~ksfx.codegen.source.dot_code`); small-block factors compute in fp32.
+    ``taps``: every step but the last also stores its output (``tap{k}_ptr``, the backward's
+    recomputed intermediates), in natural feature order, before any permutation.
     """
     _check(steps)
-    opts = _Options(batch_last, dtype, interpret, precision)
+    opts = _Options(batch_last, dtype, interpret, precision, taps)
     first = steps[0].pattern
     load = ""
     if reads_input_whole(steps, batch_last):
@@ -274,24 +293,40 @@ def chain_forward_source(
     for k, step in enumerate(steps):
         last = k == len(steps) - 1
         if not is_dot(step, batch_last):
-            factors.append(_fma(k, step, position))
-            factors.append("    h = acc\n" if not last else _fma_epilogue(step))
+            code = _fma(k, step, position)
+            if not last and opts.taps:
+                code += TAP.format(feature="row", k=k, mask="mask_r")
+            code += "    h = acc\n" if not last else _fma_epilogue(step)
             position = None
         elif last:
-            factors.append(_last_dot(k, step, position, on_chip, opts))
+            code = _last_dot(k, step, position, on_chip, opts)
         else:
             code, position = _inner_dot(k, step, position, on_chip, opts)
-            factors.append(code)
+        factors.append(_scoped(code, k))
         on_chip = True
     body = CHAIN_KERNEL.format(
         value_ptrs=", ".join(f"v{k}_ptr" for k in range(len(steps))),
         table_ptrs=", ".join(f"in_table{k}_ptr" for k in range(len(steps))),
+        tap_ptrs="".join(f" tap{k}_ptr," for k in range(len(steps) - 1)) if taps else "",
+        tap_strides="".join(f" stride_t{k}m, stride_t{k}f," for k in range(len(steps) - 1)) if taps else "",
         count=len(steps),
         listing="\n".join(f"    {k}: {s}" for k, s in enumerate(steps)),
         load=load,
         factors="".join(factors),
     )
     return HEADER.format(step=f"a fused segment of {len(steps)} steps") + body
+
+
+#: Names a factor's code assigns: suffixed per factor, since Triton requires a variable that a
+#: loop reassigns to keep the type it had before the loop (another factor's tile shapes).
+_LOCAL = re.compile(
+    r"\b(acc|alpha|beta|gamma|delta|group|tile|row|col|w|mask_[bkr]|beta_tile|gamma_tile|k0|"
+    r"x_feature|y_feature|y_ptrs|tap_feature|tap_ptrs|a_tile|w_tile)\b"
+)
+
+
+def _scoped(code: str, k: int) -> str:
+    return _LOCAL.sub(lambda m: f"{m.group(1)}_{k}", code)
 
 
 def _fma_epilogue(step: FactorStep) -> str:

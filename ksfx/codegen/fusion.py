@@ -69,10 +69,13 @@ class DotTiles:
         return self.padded * self.block_n
 
 
-def dot_tiles(pattern: KSPattern) -> DotTiles:
+def dot_tiles(pattern: KSPattern, itemsize: int = 2) -> DotTiles:
+    """γ tiles of 16 in fp32: compiled for sm_90 (triton 3.9, batch 25,088), the ViT-S/16 MLP
+    segments spilled 2184-4671 instructions with 64 and none with 16 (FMA dots under IEEE)."""
     block_n = clamp_pow2(pattern.b, MIN_DOT, 64)
     beta_tiles = cdiv(pattern.b, block_n)
-    return DotTiles(block_n, clamp_pow2(pattern.c, MIN_DOT, 64), beta_tiles, pattern.groups * beta_tiles)
+    block_k = clamp_pow2(pattern.c, MIN_DOT, 64 if itemsize <= 2 else MIN_DOT)
+    return DotTiles(block_n, block_k, beta_tiles, pattern.groups * beta_tiles)
 
 
 def is_dot(step: FactorStep, batch_last: bool) -> bool:
@@ -216,3 +219,39 @@ def fused_tile(steps: tuple[FactorStep, ...], n: int, batch_last: bool) -> Fused
     block_m = clamp_pow2(TILE_ELEMENTS // width, low, 64)
     block_m = min(block_m, clamp_pow2(n, low, block_m))
     return FusedTile(block_m, 8)
+
+
+@dataclass(frozen=True)
+class BackwardPlan:
+    """The backward of a plan as chains of steps that fuse like the forward's.
+
+    All three use the plan with every permutation between factors moved onto the next
+    factor's loads (:func:`on_chip_steps`: the same product), so that every intermediate
+    is a step's raw output, which a fused segment can store (``taps``) as it goes:
+
+    * ``recompute``: steps ``0 .. L-2``; their outputs are the inputs of steps ``1 .. L-1``,
+      recomputed in the backward instead of saved by the forward (no activation memory
+      per chain beyond its input);
+    * ``transposed``: ``dx``'s chain, the transposed steps from ``L-1`` down (to ``0`` when
+      ``dx`` is needed, else ``1``); the raw output of the one for step ``k`` is the
+      gradient at step ``k``'s loads;
+    * ``grads[k]``: the step whose weight-gradient kernel reads that gradient: step ``k``
+      with the next step's load permutation as its store.
+    """
+
+    recompute: tuple[FactorStep, ...]
+    transposed: tuple[FactorStep, ...]
+    grads: tuple[FactorStep, ...]
+
+
+def backward_plan(plan: list[FactorStep] | tuple[FactorStep, ...], need_x: bool) -> BackwardPlan:
+    moved = on_chip_steps(plan)
+    last = len(moved) - 1
+    transposed = list(on_chip_steps([moved[k].transpose() for k in range(last, -1 if need_x else 0, -1)]))
+    if transposed and not need_x:  # the gradient at step 1's loads, not at step 0's output
+        transposed[-1] = FactorStep(transposed[-1].pattern, transposed[-1].in_perm, None)
+    grads = tuple(
+        moved[k] if k == last else FactorStep(moved[k].pattern, moved[k].in_perm, moved[k + 1].in_perm)
+        for k in range(len(moved))
+    )
+    return BackwardPlan(moved[:-1], tuple(transposed), grads)

@@ -56,11 +56,12 @@ class ChainKernelKey:
     interpret: bool
     precision: str  # fp32 dot precision: "ieee" | "tf32" (other dtypes: "-")
     capability: tuple[int, int] | None
+    taps: bool = False  # every step's output stored (the backward's recomputed intermediates)
     kind: str = "forward_chain"
     function_name: str = "forward_chain"
 
     def source(self) -> str:
-        return chain_forward_source(self.steps, self.batch_last, self.dtype, self.interpret, self.precision)
+        return chain_forward_source(self.steps, self.batch_last, self.dtype, self.interpret, self.precision, self.taps)
 
 
 _lock = threading.Lock()

@@ -16,7 +16,7 @@ import functools
 
 import torch
 
-from ksfx.codegen.fusion import on_chip_steps
+from ksfx.codegen.fusion import backward_plan, on_chip_steps
 from ksfx.ops import stats, torch_path
 from ksfx.ops.dispatch import chain_implementation, chain_segments, step_implementation
 from ksfx.pattern import Chain, FactorStep, PermStep, split_chain
@@ -135,26 +135,47 @@ def run_forward(x, factors, chain: Chain, batch_last: bool, bias=None, dense: in
     return x
 
 
+def run_steps(x, values: list[torch.Tensor], steps: tuple[FactorStep, ...], batch_last: bool) -> list[torch.Tensor]:
+    """Every step's output, for ``steps`` whose permutations are on the loads (only the last
+    may store through one): fused segments store their intermediates as they go."""
+    outputs: list[torch.Tensor] = []
+    for segment in chain_segments(x, list(steps), batch_last, [False] * len(steps)):
+        run = slice(segment.start, segment.stop)
+        if segment.fused:
+            name, impl = chain_implementation(x)
+            stats.record(f"{name}.forward_chain")
+            outputs += impl.chain_forward(x, values[run], steps[run], batch_last, taps=True)
+        else:
+            outputs.append(_forward_step(x, values[segment.start], steps[segment.start], batch_last, None))
+        x = outputs[-1]
+    return outputs
+
+
 def run_backward(grad, x, factors, chain: Chain, batch_last: bool, need_x: bool):
-    """``(dx, [dvalues...])`` with factor gradients in chain order (leftmost first)."""
+    """``(dx, [dvalues...])`` with factor gradients in chain order (leftmost first).
+
+    The intermediates are recomputed, and ``dx`` runs as the transposed chain, both in
+    fused segments where the implementation has them (:func:`~ksfx.codegen.fusion.backward_plan`);
+    one weight-gradient launch per factor reads them.
+    """
     plan = _plan(chain)
     if isinstance(plan, PermStep):
         name, impl = chain_implementation(grad)
         stats.record(f"{name}.perm")
         return impl.apply_perm(grad, plan.perm.inverse(), batch_last), []
     values = list(reversed(factors))
-    inputs = [x]
-    for k, step in enumerate(plan[:-1]):  # recompute the intermediates instead of saving them
-        inputs.append(_forward_step(inputs[-1], values[k], step, batch_last, None))
-    grads = [None] * len(plan)
-    for k in reversed(range(len(plan))):
-        step: FactorStep = plan[k]
+    last = len(plan) - 1
+    steps = backward_plan(plan, need_x)
+    inputs = [x, *run_steps(x, values[:last], steps.recompute, batch_last)]
+    transposed_values = [values[k].permute(0, 2, 1, 3) for k in range(last, -1 if need_x else 0, -1)]
+    loads = run_steps(grad, transposed_values, steps.transposed, batch_last)  # gradients at steps L-1 .. 0
+    grads = []
+    for k, step in enumerate(steps.grads):
         name, impl = step_implementation(grad, step, batch_last)
         stats.record(f"{name}.grad_values")
-        grads[k] = impl.factor_grad_values(grad, inputs[k], step, batch_last)
-        if k > 0 or need_x:
-            grad = _forward_step(grad, values[k].permute(0, 2, 1, 3), step.transpose(), batch_last, None)
-    dx = grad.contiguous() if need_x else grad.new_empty(0)
+        dy = grad if k == last else loads[last - 1 - k]
+        grads.append(impl.factor_grad_values(dy, inputs[k], step, batch_last))
+    dx = loads[-1].contiguous() if need_x else grad.new_empty(0)
     # contiguous like the fake kernel's outputs: Inductor asserts the strides it was promised
     return dx, [g.contiguous() for g in reversed(grads)]
 

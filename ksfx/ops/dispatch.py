@@ -73,8 +73,9 @@ def chain_segments(x: torch.Tensor, plan: list[FactorStep], batch_last: bool, de
 
     Fused segments exist only for the generated kernels: always under the interpreter (which
     exists to test them); on CUDA only with ``ksfx.config.fuse = "always"`` until
-    ``benchmarks.gpu_suite`` has timed them against the per-factor kernels (the traffic model
-    says a segment of ``k`` factors moves about ``1/k`` of their bytes, untimed so far).
+    ``benchmarks.gpu_suite`` has timed them against the per-factor kernels (untimed so far;
+    the traffic model: a butterfly segment of ``k`` factors moves about ``1/k`` of their
+    bytes, a tensor-core segment re-reads its values once per 16-32-row batch tile).
     """
     if config.fuse not in ("auto", "always", "never"):
         raise ValueError(f"ksfx.config.fuse must be 'auto', 'always' or 'never', got {config.fuse!r}")

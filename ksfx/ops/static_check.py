@@ -18,7 +18,7 @@ import torch
 from ksfx.codegen import census as sass
 from ksfx.codegen import get_kernel, traffic
 from ksfx.codegen.devices import DEVICES, Device, roofline_seconds, unit_of
-from ksfx.codegen.fusion import Segment, on_chip_steps, segments
+from ksfx.codegen.fusion import Segment, backward_plan, on_chip_steps, segments
 from ksfx.codegen.tiling import kernel_mode
 from ksfx.config import config
 from ksfx.ops import triton_path
@@ -31,7 +31,7 @@ from ksfx.pattern import Chain, FactorStep, KSPattern
 class PlannedLaunch:
     """One kernel launch of the op: what it computes and how it is launched."""
 
-    kind: str  # "forward" | "dx" | "grad" | "forward_chain"
+    kind: str  # "forward" | "recompute" | "dx" | "grad"
     steps: tuple[FactorStep, ...]  # one, or a fused segment's (application order)
     key: object  # KernelKey | ChainKernelKey
     tile: object  # TileConfig
@@ -76,13 +76,28 @@ def _forward(kind, step, values, n, dtype, batch_last, target) -> PlannedLaunch:
     return PlannedLaunch(kind, (step,), key, tile, programs, args, flags, n, dtype, batch_last)
 
 
-def _segment(steps, n, dtype, batch_last, target) -> PlannedLaunch:
+def _segment(kind, steps, values, n, dtype, batch_last, target, taps: bool = False) -> PlannedLaunch:
     first, last = steps[0].pattern, steps[-1].pattern
     x, y = _activation(first.in_features, n, dtype, batch_last), _activation(last.out_features, n, dtype, batch_last)
-    values = [torch.empty(s.pattern.as_tuple(), dtype=dtype, device="meta") for s in steps]
-    key, tile, programs = triton_path.chain_plan(steps, batch_last, dtype, n, target)
-    args, flags = triton_path.chain_arguments(x, values, y, steps, batch_last)
-    return PlannedLaunch("forward_chain", steps, key, tile, programs, args, flags, n, dtype, batch_last)
+    tapped = [_activation(s.pattern.out_features, n, dtype, batch_last) for s in steps[:-1]] if taps else []
+    key, tile, programs = triton_path.chain_plan(steps, batch_last, dtype, n, target, taps)
+    args, flags = triton_path.chain_arguments(x, values, y, steps, batch_last, None, tapped)
+    return PlannedLaunch(kind, steps, key, tile, programs, args, flags, n, dtype, batch_last)
+
+
+def _run(kind, steps, values, n, dtype, batch_last, target, fuse: bool, taps: bool) -> list[PlannedLaunch]:
+    """The launches running ``steps`` in turn, as the op's ``run_forward`` / ``run_steps`` do."""
+    steps = list(steps)
+    cut = segments(steps, batch_last) if fuse else [Segment(k, k + 1, False) for k in range(len(steps))]
+    launches = []
+    for segment in cut:
+        run = slice(segment.start, segment.stop)
+        if segment.fused:
+            fused = tuple(steps[run]) if taps else on_chip_steps(steps[run])
+            launches.append(_segment(kind, fused, values[run], n, dtype, batch_last, target, taps))
+        else:
+            launches.append(_forward(kind, steps[segment.start], values[segment.start], n, dtype, batch_last, target))
+    return launches
 
 
 def _grad(step, n, dtype, batch_last, target) -> PlannedLaunch:
@@ -107,9 +122,10 @@ def chain_launches(
 
     Mirrors :func:`ksfx.ops.chain_op.run_forward` / ``run_backward``: the forward runs
     the plan's fused segments (``fuse``; default: as the op on a GPU, with
-    ``ksfx.config.fuse == "always"``) and one launch per other step; the backward adds,
-    per step, the weight gradient and ``dx`` as the forward kernel of the transposed
-    step on the transposed values view.
+    ``ksfx.config.fuse == "always"``) and one launch per other step; the backward
+    (:func:`~ksfx.codegen.fusion.backward_plan`) recomputes the intermediates, runs ``dx``
+    as the transposed chain on the transposed values views, and one weight-gradient
+    launch per step.
     """
     plan = _plan(chain)
     if not isinstance(plan, list):
@@ -117,19 +133,14 @@ def chain_launches(
     if fuse is None:
         fuse = config.fuse == "always"
     target = triton_path.Target((device.capability // 10, device.capability % 10), device.sms, False)
-    launches = []
-    for segment in segments(plan, batch_last) if fuse else [Segment(k, k + 1, False) for k in range(len(plan))]:
-        if segment.fused:
-            launches.append(_segment(on_chip_steps(plan[segment.start : segment.stop]), n, dtype, batch_last, target))
-            continue
-        step = plan[segment.start]
-        values = torch.empty(step.pattern.as_tuple(), dtype=dtype, device="meta")
-        launches.append(_forward("forward", step, values, n, dtype, batch_last, target))
+    values = [torch.empty(step.pattern.as_tuple(), dtype=dtype, device="meta") for step in plan]
+    launches = _run("forward", plan, values, n, dtype, batch_last, target, fuse, taps=False)
     if backward:
-        for step in plan:
-            values = torch.empty(step.pattern.as_tuple(), dtype=dtype, device="meta")
-            launches.append(_grad(step, n, dtype, batch_last, target))
-            launches.append(_forward("dx", step.transpose(), values.permute(0, 2, 1, 3), n, dtype, batch_last, target))
+        steps = backward_plan(plan, need_x=True)
+        transposed = [values[k].permute(0, 2, 1, 3) for k in reversed(range(len(plan)))]
+        launches += _run("recompute", steps.recompute, values, n, dtype, batch_last, target, fuse, taps=True)
+        launches += _run("dx", steps.transposed, transposed, n, dtype, batch_last, target, fuse, taps=True)
+        launches += [_grad(step, n, dtype, batch_last, target) for step in steps.grads]
     return launches
 
 

@@ -317,25 +317,29 @@ def _grad_launch(step, batch_last, dtype, device, n, tile, fp32_precision, inter
     return get_kernel(key, config.cache_dir), chunk, cdiv(n, chunk), (programs,), meta
 
 
-def chain_plan(steps: tuple[FactorStep, ...], batch_last, dtype, n, target: Target):
+def chain_plan(steps: tuple[FactorStep, ...], batch_last, dtype, n, target: Target, taps: bool = False):
     """Kernel key, tile and grid size of a fused segment's launch."""
     name = str(dtype).removeprefix("torch.")
-    key = ChainKernelKey(steps, batch_last, name, target.interpret, _precision(dtype), target.capability)
+    key = ChainKernelKey(steps, batch_last, name, target.interpret, _precision(dtype), target.capability, taps)
     tile = fused_tile(steps, n, batch_last)
     return key, tile, cdiv(n, tile.block_m)
 
 
-def chain_arguments(x, values, y, steps: tuple[FactorStep, ...], batch_last: bool, bias=None) -> tuple[tuple, dict]:
-    """Positional arguments and flags of a fused segment's launch (any device, ``meta`` included)."""
+def chain_arguments(x, values, y, steps: tuple[FactorStep, ...], batch_last: bool, bias=None, taps=()) -> tuple:
+    """Positional arguments and flags of a fused segment's launch (any device, ``meta`` included).
+
+    ``taps``: the tensors receiving every step's output but the last (or none).
+    """
     n, stride_xm, stride_xf = _layout(x, batch_last)
     _, stride_ym, stride_yf = _layout(y, batch_last)
     tables = [_tables(s, x.device, y)[0] for s in steps]
     out_table = _tables(steps[-1], x.device, y)[1]
     # the kernel indexes them with the strides of fusion.values_order
     values = [_laid_out(v, fused_values_order(s, batch_last)) for v, s in zip(values, steps, strict=True)]
-    args = (x, y, y if bias is None else bias.contiguous(), *values, *tables, out_table,
-            n, stride_xm, stride_xf, stride_ym, stride_yf)  # fmt: skip
-    return args, {"HAS_BIAS": bias is not None, "INT64": _needs_int64(x, y)}
+    tap_strides = [stride for tap in taps for stride in _layout(tap, batch_last)[1:]]
+    args = (x, y, y if bias is None else bias.contiguous(), *values, *tables, out_table, *taps,
+            n, stride_xm, stride_xf, stride_ym, stride_yf, *tap_strides)  # fmt: skip
+    return args, {"HAS_BIAS": bias is not None, "INT64": _needs_int64(x, y, *taps)}
 
 
 def chain_forward(
@@ -344,10 +348,13 @@ def chain_forward(
     steps: tuple[FactorStep, ...],
     batch_last: bool,
     bias: torch.Tensor | None = None,
-) -> torch.Tensor:
+    taps: bool = False,
+):
     """A fused segment (:func:`ksfx.codegen.fusion.on_chip_steps`) in one launch; a new contiguous tensor.
 
-    ``values[k]`` are the values of ``steps[k]`` (application order).
+    ``values[k]`` are the values of ``steps[k]`` (application order). With ``taps``, the
+    list of every step's output (before the permutation moved onto the next step's loads),
+    the last one being the segment's output.
     """
     if len(values) != len(steps):
         raise ValueError(f"a fused segment of {len(steps)} steps got {len(values)} value tensors")
@@ -356,14 +363,16 @@ def chain_forward(
         step.pattern.check_values(v)
         if v.dtype != x.dtype or v.device != x.device:
             raise TypeError(f"{step}: values ({v.dtype}, {v.device}) must match x ({x.dtype}, {x.device})")
-    last = steps[-1].pattern
     n = _layout(x, batch_last)[0]
-    y = torch.empty((last.out_features, n) if batch_last else (n, last.out_features), dtype=x.dtype, device=x.device)
-    if n == 0:
-        return y
-    key, tile, programs = chain_plan(steps, batch_last, x.dtype, n, device_target(x.device))
-    kernel = get_kernel(key, config.cache_dir)
-    args, flags = chain_arguments(x, values, y, steps, batch_last, bias)
-    with _launch_guard(x.device):
-        kernel[(programs,)](*args, **flags, **tile.meta(), num_warps=tile.num_warps, num_stages=tile.num_stages)
-    return y
+
+    def output(features: int) -> torch.Tensor:
+        return torch.empty((features, n) if batch_last else (n, features), dtype=x.dtype, device=x.device)
+
+    outs = [output(s.pattern.out_features) for s in (steps if taps else steps[-1:])]
+    if n > 0:
+        key, tile, programs = chain_plan(steps, batch_last, x.dtype, n, device_target(x.device), taps)
+        kernel = get_kernel(key, config.cache_dir)
+        args, flags = chain_arguments(x, values, outs[-1], steps, batch_last, bias, outs[:-1])
+        with _launch_guard(x.device):
+            kernel[(programs,)](*args, **flags, **tile.meta(), num_warps=tile.num_warps, num_stages=tile.num_stages)
+    return outs if taps else outs[0]
