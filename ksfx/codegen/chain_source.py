@@ -141,7 +141,7 @@ def _joined_position(step: FactorStep, tiles: DotTiles) -> sympy.Expr:
     return sympy.Mod(beta, tiles.block_n) * tiles.padded + tile
 
 
-def _fma(k: int, step: FactorStep, position) -> str:
+def _fma(k: int, step: FactorStep, position, opts: _Options) -> str:
     p = step.pattern
     width = next_pow2(p.out_features)
     full = width == p.out_features
@@ -159,7 +159,7 @@ def _fma(k: int, step: FactorStep, position) -> str:
         # Padded rows read feature 0: any in-range index, their weight is masked to zero.
         col=col if full else f"tl.where(mask_r, {col}, 0)",
         position=_position(position, "        "),
-        v_offset=im.code(im.value_offset(step, strided=False)),
+        v_offset=im.code(im.value_offset(step, strides=value_strides(step, opts.batch_last))),
         w_mask="" if full else ", mask=mask_r, other=0.0",
     )
 
@@ -293,7 +293,7 @@ def chain_forward_source(
     for k, step in enumerate(steps):
         last = k == len(steps) - 1
         if not is_dot(step, batch_last):
-            code = _fma(k, step, position)
+            code = _fma(k, step, position, opts)
             if not last and opts.taps:
                 code += TAP.format(feature="row", k=k, mask="mask_r")
             code += "    h = acc\n" if not last else _fma_epilogue(step)

@@ -83,13 +83,17 @@ def is_dot(step: FactorStep, batch_last: bool) -> bool:
 
 
 def values_order(step: FactorStep, batch_last: bool) -> tuple[int, int, int, int]:
-    """The order (outermost first) in which a segment's kernel reads a step's values.
+    """The order (outermost first) in which a segment's kernel reads a step's values
+    (a copy of ``|W|`` per launch where it is not the stored ``(a, b, c, d)``).
 
     A tensor-core factor loads ``[γ, β]`` tiles at one ``δ``: with ``d > 1`` the stored
-    ``(a, b, c, d)`` order strides them by ``d`` along γ and ``c·d`` along β, so they are
-    read with β innermost (a copy of ``|W|`` per launch); other steps as stored.
+    order strides them by ``d`` along γ and ``c·d`` along β, so β goes innermost. A
+    small-block factor loads, per γ, one value per output row ``(α, β, δ)``: γ outermost
+    makes that vector contiguous.
     """
-    return (0, 3, 2, 1) if is_dot(step, batch_last) and step.pattern.d > 1 else (0, 1, 2, 3)
+    if not is_dot(step, batch_last):
+        return (2, 0, 1, 3)
+    return (0, 3, 2, 1) if step.pattern.d > 1 else (0, 1, 2, 3)
 
 
 def value_strides(step: FactorStep, batch_last: bool) -> tuple[int, int, int, int]:
