@@ -75,10 +75,10 @@ def parse_args(argv):
     return p.parse_args(argv)
 
 
-def model_bytes(patterns, dtype: torch.dtype, batch_last: bool, n: int, sms: int = 132) -> dict:
+def model_bytes(patterns, dtype: torch.dtype, batch_last: bool, n: int) -> dict:
     """Traffic-model bytes of the fused segments and of the per-factor kernels, and ``|X|+|W|+|Y|``."""
     from ksfx.codegen import traffic
-    from ksfx.codegen.fusion import fused_programs, fused_tile, is_persistent, on_chip_steps, segments
+    from ksfx.codegen.fusion import fused_tile, on_chip_steps, segments
     from ksfx.codegen.tiling import forward_heuristic
     from ksfx.pattern import Chain, KSPattern, split_chain
 
@@ -86,7 +86,7 @@ def model_bytes(patterns, dtype: torch.dtype, batch_last: bool, n: int, sms: int
     itemsize = dtype.itemsize
 
     def per_factor(step) -> int:
-        tile = forward_heuristic(step.pattern, n, itemsize, batch_last, sms)
+        tile = forward_heuristic(step.pattern, n, itemsize, batch_last, 132)
         return traffic.bytes_moved(step, n, batch_last, tile, itemsize, sector=32).total
 
     fused = 0
@@ -94,8 +94,7 @@ def model_bytes(patterns, dtype: torch.dtype, batch_last: bool, n: int, sms: int
         steps = on_chip_steps(plan[segment.start : segment.stop])
         if segment.fused:
             block_m = fused_tile(steps, n, batch_last).block_m
-            programs = fused_programs(n, block_m, sms, is_persistent(steps, itemsize))
-            fused += traffic.segment_bytes(steps, n, batch_last, block_m, itemsize, 32, programs).total
+            fused += traffic.segment_bytes(steps, n, batch_last, block_m, itemsize, sector=32).total
         else:
             fused += per_factor(steps[0])
     first, last = plan[0].pattern, plan[-1].pattern

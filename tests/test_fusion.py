@@ -294,23 +294,3 @@ def test_a_compiled_ks_mlp_block_runs_each_chain_in_one_launch(triton_interpret)
     want = torch.autograd.grad((y_eager * probe).sum(), params)
     for g_got, g_want in zip(got, want, strict=True):
         torch.testing.assert_close(g_got, g_want, rtol=1e-4, atol=1e-4)
-
-
-def test_persistent_programs_walk_several_batch_tiles(triton_interpret):
-    """Segments whose values fit L1: fewer programs than batch tiles (at most 2 per SM), each
-    looping over tiles; larger values: one program per tile."""
-    from ksfx.codegen.fusion import fused_tile
-
-    target = triton_path.device_target(torch.device("cpu"))
-    monarch = on_chip_steps(plan_of(ONE_LAUNCH["monarch-1024"]))  # 256 KiB of fp32 values
-    key, tile, programs = triton_path.chain_plan(monarch, False, torch.float32, 600, target)
-    assert not key.persistent and programs == -(-600 // tile.block_m)
-    for name, n in (("butterfly-16", 600), ("masked-dot-tiles", 600)):
-        steps = on_chip_steps(SEGMENTS[name])
-        tile = fused_tile(steps, n, False)
-        key, _, programs = triton_path.chain_plan(steps, False, torch.float32, n, target)
-        assert key.persistent and programs == 2 * triton_path.INTERPRETER_SMS < -(-n // tile.block_m)
-        values = [torch.randn(s.pattern.as_tuple()) / s.pattern.c**0.5 for s in steps]
-        x = torch.randn(n, steps[0].pattern.in_features)
-        y = triton_path.chain_forward(x, values, steps, False)
-        _assert_close(y, _reference(steps, values, x, False, None), torch.float32)

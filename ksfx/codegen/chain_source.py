@@ -44,21 +44,15 @@ def forward_chain(
     n, stride_xm, stride_xf, stride_ym, stride_yf,{tap_strides}
     HAS_BIAS: tl.constexpr, INT64: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
-    """{count} factor steps, per batch tile, the feature vector on chip between them:
+    """{count} factor steps, program = batch tile, the feature vector on chip between them:
 {listing}
     """
-{tiles}{body}'''
-
-TILE_ROWS = """    offs_m = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    pid = tl.program_id(0)
+    offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_m = offs_m < n
     if INT64:
         offs_m = offs_m.to(tl.int64)
-"""
-
-#: Persistent programs (fusion.is_persistent): each walks batch tiles in turn, and the values
-#: it reads for every tile stay in its L1.
-PERSISTENT_LOOP = """    for tile_m in range(tl.program_id(0), (n + BLOCK_M - 1) // BLOCK_M, tl.num_programs(0)):
-"""
+{load}{factors}'''
 
 LOAD_WHOLE = """    feature = tl.arange(0, {width_in})
     x_ptrs = x_ptr + offs_m[:, None] * stride_xm + feature[None, :] * stride_xf
@@ -276,7 +270,6 @@ def chain_forward_source(
     interpret: bool = False,
     precision: str = "ieee",
     taps: bool = False,
-    persistent: bool = False,
 ) -> str:
     """Module source of ``forward_chain`` for ``steps`` (application order, from
     :func:`~ksfx.codegen.fusion.on_chip_steps`: only the last step has an ``out_perm``).
@@ -285,7 +278,6 @@ def chain_forward_source(
     (:func:`~ksfx.codegen.source.dot_code`); small-block factors compute in fp32.
     ``taps``: every step but the last also stores its output (``tap{k}_ptr``, the backward's
     recomputed intermediates), in natural feature order, before any permutation.
-    ``persistent``: programs loop over batch tiles (else one tile per program).
     """
     _check(steps)
     opts = _Options(batch_last, dtype, interpret, precision, taps)
@@ -319,8 +311,8 @@ def chain_forward_source(
         tap_strides="".join(f" stride_t{k}m, stride_t{k}f," for k in range(len(steps) - 1)) if taps else "",
         count=len(steps),
         listing="\n".join(f"    {k}: {s}" for k, s in enumerate(steps)),
-        tiles=PERSISTENT_LOOP if persistent else "    tile_m = tl.program_id(0)\n",
-        body=textwrap.indent(TILE_ROWS + load + "".join(factors), "    " if persistent else ""),
+        load=load,
+        factors="".join(factors),
     )
     return HEADER.format(step=f"a fused segment of {len(steps)} steps") + body
 

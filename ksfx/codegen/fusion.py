@@ -15,11 +15,10 @@ Two kinds of factor join a segment (:func:`~ksfx.codegen.tiling.kernel_mode`):
   the tiles of an intermediate are joined into one vector (in tile-interleaved order,
   which the next factor's gather undoes); the last factor stores each tile as it is done.
 
-A launch is persistent (:func:`fused_programs`): each program walks batch tiles, so small
-values stay in its L1. A segment ends where the vectors it holds per batch row no longer
-fit the register tile (:data:`TILE_ELEMENTS` with at least :data:`MIN_ROWS` rows, or
-:data:`MAX_WIDTH` for small blocks), or where a factor must keep the non-finite behaviour
-of a dense product (that needs its input in memory).
+A segment ends where the vectors it holds per batch row no longer fit the register tile
+(:data:`TILE_ELEMENTS` with at least :data:`MIN_ROWS` rows, or :data:`MAX_WIDTH` for
+small blocks), or where a factor must keep the non-finite behaviour of a dense product
+(that needs its input in memory).
 """
 
 from __future__ import annotations
@@ -37,30 +36,6 @@ MAX_WIDTH = 4096
 TILE_ELEMENTS = 16384
 #: Fewest batch rows of a segment with tensor-core factors (``tl.dot`` needs 16).
 MIN_ROWS = MIN_DOT
-#: Programs per SM of a fused launch. Each walks batch tiles in turn (persistent), so the
-#: values it reads for every tile come from its SM's L1 after the first when they fit.
-PROGRAMS_PER_SM = 2
-#: Values a segment may have for them to stay in L1 across batch tiles: half of Hopper's
-#: 256 KiB combined L1 / shared memory per SM (NVIDIA H100 whitepaper), the other half
-#: left to the shared memory of the dot operands.
-L1_VALUES_BYTES = 128 * 1024
-
-
-def is_persistent(steps: tuple[FactorStep, ...], itemsize: int) -> bool:
-    """Whether a segment's launch is persistent: where its values fit :data:`L1_VALUES_BYTES`.
-
-    Elsewhere the loop over batch tiles saves nothing and costs registers (compiled for
-    sm_90, triton 3.9: 12-16 more spill instructions in the fp32 Monarch n = 1024 and 1024
-    butterfly segments, 172 -> 243 registers in a 256 butterfly's).
-    """
-    return sum(s.pattern.nnz for s in steps) * itemsize <= L1_VALUES_BYTES
-
-
-def fused_programs(n: int, block_m: int, sms: int, persistent: bool = True) -> int:
-    """Programs of a fused launch over ``n`` batch rows: one per batch tile, or with
-    ``persistent`` at most :data:`PROGRAMS_PER_SM` per SM."""
-    tiles = cdiv(n, block_m)
-    return max(1, min(tiles, PROGRAMS_PER_SM * sms)) if persistent else tiles
 
 
 @dataclass(frozen=True)

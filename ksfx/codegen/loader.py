@@ -57,14 +57,11 @@ class ChainKernelKey:
     precision: str  # fp32 dot precision: "ieee" | "tf32" (other dtypes: "-")
     capability: tuple[int, int] | None
     taps: bool = False  # every step's output stored (the backward's recomputed intermediates)
-    persistent: bool = False  # programs loop over batch tiles
     kind: str = "forward_chain"
     function_name: str = "forward_chain"
 
     def source(self) -> str:
-        return chain_forward_source(
-            self.steps, self.batch_last, self.dtype, self.interpret, self.precision, self.taps, self.persistent
-        )
+        return chain_forward_source(self.steps, self.batch_last, self.dtype, self.interpret, self.precision, self.taps)
 
 
 _lock = threading.Lock()

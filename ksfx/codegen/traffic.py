@@ -24,7 +24,7 @@ import sympy
 import torch
 
 from ksfx.codegen import index_maps as im
-from ksfx.codegen.fusion import L1_VALUES_BYTES, dot_tiles
+from ksfx.codegen.fusion import dot_tiles
 from ksfx.codegen.tiling import TileConfig, cdiv, delta_tile, kernel_mode, next_pow2, values_order
 from ksfx.pattern import ALPHA, BETA, DELTA, GAMMA, ROW, FactorStep, IndexPerm, evaluate
 
@@ -155,20 +155,16 @@ def bytes_moved(
 
 
 def segment_bytes(steps: tuple[FactorStep, ...], n: int, batch_last: bool, block_m: int, itemsize: int,
-                  sector: int = 0, programs: int | None = None) -> Traffic:  # fmt: skip
+                  sector: int = 0) -> Traffic:  # fmt: skip
     """Global bytes of a fused segment's launch (:mod:`~ksfx.codegen.chain_source`).
 
-    Each batch tile reads each input feature and writes each output feature once, and
-    reads every value of the segment; the intermediates cost nothing. ``programs``
-    persistent programs walk the tiles: values of at most
-    :data:`~ksfx.codegen.fusion.L1_VALUES_BYTES` count once per program (they stay in its
-    L1), larger ones once per tile (from L2 after the first). Index tables count per
-    gathered element and tile.
+    One program per batch tile reads each input feature and writes each output feature
+    once, and reads every value of the segment once: the values count once per batch
+    tile (from L2 after the first), the intermediates not at all. Index tables are read
+    per gathered element.
     """
     first, last = steps[0].pattern, steps[-1].pattern
     tiles_m = cdiv(n, block_m)
-    nnz = sum(s.pattern.nnz for s in steps)
-    reads = tiles_m if programs is None or nnz * itemsize > L1_VALUES_BYTES else min(programs, tiles_m)
     batch = _batch_bytes(n, block_m, itemsize, sector, batch_last)
 
     def units(features: int) -> int:
@@ -186,9 +182,10 @@ def segment_bytes(steps: tuple[FactorStep, ...], n: int, batch_last: bool, block
                 lookups += tiles.tiles * cdiv(p.c, tiles.block_k) * tiles.block_k
     if isinstance(steps[-1].out_perm, IndexPerm):
         lookups += last.out_features
+    nnz = sum(s.pattern.nnz for s in steps)
     return Traffic(
         x=units(first.in_features) * batch,
-        values=reads * nnz * itemsize,
+        values=tiles_m * nnz * itemsize,
         y=units(last.out_features) * batch,
         tables=tiles_m * lookups * TABLE_ITEMSIZE,
         lower_bound=n * (first.in_features + last.out_features) * itemsize + nnz * itemsize,

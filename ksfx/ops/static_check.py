@@ -150,9 +150,7 @@ def _launch_bytes(launch: PlannedLaunch) -> tuple[int | None, int]:
     if launch.kind == "grad":
         return None, lower
     if launch.fused:
-        model = traffic.segment_bytes(
-            launch.steps, launch.n, launch.batch_last, launch.tile.block_m, itemsize, 32, launch.programs
-        )
+        model = traffic.segment_bytes(launch.steps, launch.n, launch.batch_last, launch.tile.block_m, itemsize, 32)
         return model.total, lower
     return traffic.bytes_moved(launch.step, launch.n, launch.batch_last, launch.tile, itemsize, sector=32).total, lower
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from ksfx.codegen import ChainKernelKey, KernelKey, TileConfig, get_autotuned, get_kernel, kernel_mode
-from ksfx.codegen.fusion import fused_programs, fused_tile, is_persistent
+from ksfx.codegen.fusion import fused_tile
 from ksfx.codegen.fusion import values_order as fused_values_order
 from ksfx.codegen.tiling import (
     cdiv,
@@ -320,12 +320,9 @@ def _grad_launch(step, batch_last, dtype, device, n, tile, fp32_precision, inter
 def chain_plan(steps: tuple[FactorStep, ...], batch_last, dtype, n, target: Target, taps: bool = False):
     """Kernel key, tile and grid size of a fused segment's launch."""
     name = str(dtype).removeprefix("torch.")
-    persistent = is_persistent(steps, dtype.itemsize)
-    key = ChainKernelKey(
-        steps, batch_last, name, target.interpret, _precision(dtype), target.capability, taps, persistent
-    )
+    key = ChainKernelKey(steps, batch_last, name, target.interpret, _precision(dtype), target.capability, taps)
     tile = fused_tile(steps, n, batch_last)
-    return key, tile, fused_programs(n, tile.block_m, target.sms, persistent)
+    return key, tile, cdiv(n, tile.block_m)
 
 
 def chain_arguments(x, values, y, steps: tuple[FactorStep, ...], batch_last: bool, bias=None, taps=()) -> tuple:
