@@ -17,6 +17,7 @@ feature on chip. Per factor:
 A tensor-core first factor reads its γ tiles from memory (unless
 :func:`~ksfx.codegen.fusion.reads_input_whole`); otherwise the input tile is loaded
 whole. Widths are padded to powers of two; padded features are zero and never read.
+With ``taps`` every step's output is stored as well (the backward's intermediates).
 """
 
 from __future__ import annotations
