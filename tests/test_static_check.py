@@ -77,6 +77,17 @@ def test_fused_tensor_core_segments_meet_the_bar(name, batch_last):
     assert report["model_bytes"] - report["min_bytes"] == (launch.programs - 1) * nnz * 2  # values once per tile
 
 
+def test_a_segment_mixing_block_sizes_compiles_for_sm90():
+    """Small-block factors between tensor-core ones, whose tiles have other shapes: the
+    interpreter accepts what Triton's compiler rejects (a loop reassigning a variable of
+    another shape), so this compiles for sm_90."""
+    patterns = [(2, 16, 16, 8), (8, 2, 2, 16), (1, 32, 16, 8), (4, 2, 2, 16)]  # dot, fma, dot, fma applied
+    (launch,) = static_check.chain_launches(chain(patterns), torch.bfloat16, False, 25088, H100, fuse=True)
+    report = static_check.check(launch, H100)
+    assert report["mode"] == "fused" and report["tensor_core_steps"] == 2 and report["hmma"] + report["hgmma"] > 0
+    assert report["spills"] == 0
+
+
 def test_batch_first_d_above_one_runs_the_delta_tiled_kernel():
     """The case that gathered with stride d: now contiguous runs, on wgmma, with a floor-level model."""
     (report,) = reports([(1, 768, 192, 2)], torch.bfloat16, False)
