@@ -97,8 +97,7 @@ def model_bytes(patterns, dtype: torch.dtype, batch_last: bool, n: int) -> dict:
             fused += traffic.segment_bytes(steps, n, batch_last, block_m, itemsize, sector=32).total
         else:
             fused += per_factor(steps[0])
-    first, last = plan[0].pattern, plan[-1].pattern
-    least = (n * (first.in_features + last.out_features) + sum(s.pattern.nnz for s in plan)) * itemsize
+    least = traffic.segment_min_bytes(plan, n, itemsize)
     return {
         "fused_bytes": fused,
         "per_factor_bytes": sum(per_factor(s) for s in plan),

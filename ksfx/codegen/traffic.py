@@ -154,6 +154,12 @@ def bytes_moved(
     )
 
 
+def segment_min_bytes(steps, n: int, itemsize: int) -> int:
+    """``|X| + |W| + |Y|`` of a run of steps: its input, every value, its output."""
+    first, last = steps[0].pattern, steps[-1].pattern
+    return (n * (first.in_features + last.out_features) + sum(s.pattern.nnz for s in steps)) * itemsize
+
+
 def segment_bytes(steps: tuple[FactorStep, ...], n: int, batch_last: bool, block_m: int, itemsize: int,
                   sector: int = 0) -> Traffic:  # fmt: skip
     """Global bytes of a fused segment's launch (:mod:`~ksfx.codegen.chain_source`).
@@ -188,5 +194,5 @@ def segment_bytes(steps: tuple[FactorStep, ...], n: int, batch_last: bool, block
         values=tiles_m * nnz * itemsize,
         y=units(last.out_features) * batch,
         tables=tiles_m * lookups * TABLE_ITEMSIZE,
-        lower_bound=n * (first.in_features + last.out_features) * itemsize + nnz * itemsize,
+        lower_bound=segment_min_bytes(steps, n, itemsize),
     )

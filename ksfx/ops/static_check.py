@@ -58,9 +58,7 @@ class PlannedLaunch:
         """``|X| + |W| + |Y|`` of what the launch computes."""
         if not self.fused:
             return self.step.pattern.min_bytes(self.n, self.dtype.itemsize)
-        first, last = self.steps[0].pattern, self.steps[-1].pattern
-        elements = self.n * (first.in_features + last.out_features) + sum(s.pattern.nnz for s in self.steps)
-        return elements * self.dtype.itemsize
+        return traffic.segment_min_bytes(self.steps, self.n, self.dtype.itemsize)
 
 
 def _activation(features: int, n: int, dtype, batch_last: bool) -> torch.Tensor:
