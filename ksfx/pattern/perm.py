@@ -122,7 +122,11 @@ class IndexPerm:
         return torch.tensor(self.indices_, dtype=torch.long)
 
     def inverse(self) -> IndexPerm:
-        return IndexPerm(tuple(torch.argsort(self.indices()).tolist()))
+        # plain Python: a plan is built inside traced op bodies too, where torch ops are traced
+        inverse = [0] * self.size
+        for position, source in enumerate(self.indices_):
+            inverse[source] = position
+        return IndexPerm(tuple(inverse))
 
     @property
     def is_identity(self) -> bool:
