@@ -322,7 +322,7 @@ def chain_forward_source(
 #: loop reassigns to keep the type it had before the loop (another factor's tile shapes).
 _LOCAL = re.compile(
     r"\b(acc|alpha|beta|gamma|delta|group|tile|row|col|w|mask_[bkr]|beta_tile|gamma_tile|k0|"
-    r"x_feature|y_feature|y_ptrs|tap_feature|tap_ptrs|a_tile|w_tile)\b"
+    r"x_feature|y_feature|y_ptrs|mask_y|tap_feature|tap_ptrs|a_tile|w_tile)\b"
 )
 
 

@@ -50,7 +50,8 @@ GRAD_ARGS = """    dy_ptr, x_ptr, part_ptr, in_table_ptr, out_table_ptr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,"""
 
 # Bias and store of the forward kernels; {mask} covers the output features of the tile
-# (left out when {full}, i.e. when the tiles divide the sizes).
+# (left out when {full}, i.e. when the tiles divide the sizes). One tl.store in the source:
+# Inductor fuses a pointwise epilogue into a launched kernel only if it has a single store.
 FORWARD_EPILOGUE = """    y_feature = {y_feature}
     if HAS_BIAS:
         acc += tl.load(bias_ptr + y_feature, mask={mask}, other=0.0).to(tl.float32)[None, :]
@@ -58,9 +59,10 @@ FORWARD_EPILOGUE = """    y_feature = {y_feature}
         y_feature = y_feature.to(tl.int64)
     y_ptrs = y_ptr + offs_m[:, None] * stride_ym + y_feature[None, :] * stride_yf
     if {full}:
-        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None])
+        mask_y = mask_m[:, None]
     else:
-        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & {mask}[None, :])
+        mask_y = mask_m[:, None] & {mask}[None, :]
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_y)
 """
 
 FORWARD_DOT = '''
