@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 import ksfx
+from ksfx.backend import compile as compile_module
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -116,6 +117,30 @@ def test_bad_options():
         ksfx.backend(rewrite="sometimes")
     with pytest.raises(ValueError, match="inner must be one of"):
         ksfx.backend(inner="tvm")
+    with pytest.raises(ValueError, match="cuda must be one of"):
+        ksfx.backend(cuda="cutlass")
+
+
+def test_torch_compile_mode_and_options_configure_the_inner_inductor(monkeypatch):
+    """``torch.compile(model, backend="ksfx", mode="reduce-overhead")`` reaches Inductor as
+    its own configuration (CUDA graphs), on rewritten graphs and on the others alike."""
+    patches = []
+
+    def inductor(gm, example_inputs, config_patches=None):
+        patches.append(config_patches)
+        return gm.forward
+
+    monkeypatch.setattr(compile_module, "_inner_compiler", lambda inner: inductor)
+    torch.manual_seed(0)
+    model, x = MaskedMonarchBlock(), torch.randn(2, 5, 16)
+    torch._dynamo.reset()
+    y = torch.compile(model, backend="ksfx", mode="reduce-overhead")(x)
+    torch.testing.assert_close(y, model(x), rtol=1e-4, atol=1e-5)
+    torch._dynamo.reset()
+    torch.compile(nn.Linear(4, 4), backend="ksfx", options={"max_autotune": True})(torch.randn(2, 4))
+    assert patches == [{"triton.cudagraphs": True}, {"max_autotune": True}]
+    with pytest.raises(ValueError, match="configure Inductor, but this ksfx backend's inner compiler is 'eager'"):
+        ksfx.backend(inner="eager")(torch.fx.symbolic_trace(nn.Linear(4, 4)), [torch.randn(2, 4)], mode="max-autotune")
 
 
 def test_rewritten_chain_runs_the_triton_kernels_under_the_interpreter(triton_interpret):

@@ -16,6 +16,7 @@ original graph (eagerly) and says so in a warning.
 
 from __future__ import annotations
 
+import functools
 import logging
 import warnings
 from collections.abc import Callable
@@ -29,7 +30,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 from ksfx.backend import lowerings
 from ksfx.backend.widths import specialise_widths
 from ksfx.config import config
-from ksfx.passes import INLINE_ON_CPU, ChainReport, run_pass
+from ksfx.passes import AS_CUSTOM_OP, INLINE_ON_CPU, LAUNCHED_BY_INDUCTOR, ChainReport, retarget, run_pass
 from ksfx.passes.cost import MODES
 
 log = logging.getLogger("ksfx.passes")
@@ -210,25 +211,49 @@ def default_cpu() -> str:
     return "op" if config.interpret else "aten"
 
 
+#: How a rewritten chain runs on CUDA: as Triton launches Inductor generates and may fuse
+#: epilogues into (``"triton_op"``, :mod:`ksfx.ops.triton_op`) or as the ``ksfx::ks_chain``
+#: call, which launches them from Python (``"op"``). The same kernels either way.
+CUDA_CHAINS = ("triton_op", "op")
+
+
 class KsfxCompiler:
     """A torch.compile backend: ``KsfxCompiler(rewrite="auto", inner="inductor")(gm, example_inputs)``.
 
-    ``cpu``: how rewritten chains run on CPU tensors, one of :data:`CPU_CHAINS`.
+    ``cpu``: how rewritten chains run on CPU tensors, one of :data:`CPU_CHAINS`; ``cuda``:
+    on CUDA tensors, one of :data:`CUDA_CHAINS`. ``epilogue_fusion``: let Inductor fuse a
+    pointwise epilogue (GELU, a cast, ...) into the store of a chain it launches (its
+    prototype ``epilogue_fusion_user_defined_triton_kernel``, set for these graphs only).
     """
 
-    def __init__(self, rewrite: str = "auto", inner="inductor", reports: list | None = None, cpu: str | None = None):
+    def __init__(
+        self,
+        rewrite: str = "auto",
+        inner="inductor",
+        reports: list | None = None,
+        cpu: str | None = None,
+        cuda: str = "triton_op",
+        epilogue_fusion: bool = False,
+    ):
         if rewrite not in MODES:
             raise ValueError(f"rewrite must be one of {MODES}, got {rewrite!r}")
         if cpu not in CPU_CHAINS + (None,):
             raise ValueError(f"cpu must be one of {CPU_CHAINS} (or None: {default_cpu()!r} here), got {cpu!r}")
+        if cuda not in CUDA_CHAINS:
+            raise ValueError(f"cuda must be one of {CUDA_CHAINS}, got {cuda!r}")
         self.rewrite = rewrite
         self.cpu = cpu or default_cpu()
+        self.cuda = cuda
+        self.epilogue_fusion = epilogue_fusion
         self.inner = _inner_compiler(inner)
+        self.inner_name = inner if isinstance(inner, str) else getattr(inner, "__name__", "a callable")
         self.reports = reports
         self.count = 0
         self.warned_container = False
 
-    def __call__(self, gm: fx.GraphModule, example_inputs):
+    def __call__(self, gm: fx.GraphModule, example_inputs, mode: str | None = None, options: dict | None = None):
+        """Compile one Dynamo graph; ``mode`` and ``options`` are torch.compile's, for Inductor."""
+        inner = self._inner_for(mode, options)
         report = GraphReport(self.count, ddp_piece=_ddp_piece(gm), ddp_container=_ddp_container())
         self.count += 1
         if report.ddp_container and not self.warned_container:
@@ -246,7 +271,7 @@ class KsfxCompiler:
         except Exception as err:  # noqa: BLE001 - any tracing failure means: leave this graph alone
             report.note = f"not analysed: lowering to aten failed ({type(err).__name__}: {err})"
             log.warning("ksfx: graph %d %s", report.index, report.note)
-            return self.inner(gm, example_inputs)
+            return inner(gm, example_inputs)
         weights, known, learnable = _classify(gm, example_inputs)
         try:
             if self.rewrite != "never":
@@ -269,18 +294,53 @@ class KsfxCompiler:
         except Exception as err:  # noqa: BLE001 - a bug in the pass must never break the user's compile
             report.note = f"pass failed, graph left to the inner compiler ({type(err).__name__}: {err})"
             log.warning("ksfx: graph %d %s", report.index, report.note, exc_info=True)
-            return self.inner(gm, example_inputs)
+            return inner(gm, example_inputs)
         rewritten = [c for c in report.chains if c.rewritten]
         if not rewritten:
-            return self.inner(gm, example_inputs)
+            return inner(gm, example_inputs)
+        launched = device_type == "cuda" and self.cuda == "triton_op" and retarget(aten_gm, LAUNCHED_BY_INDUCTOR)
         report.code = aten_gm.code
         if inline:  # the chains become aten ops Inductor fuses with their neighbours
             aten_gm = lower(aten_gm, example_inputs, INLINE_ON_CPU)
-        compiled = self.inner(aten_gm, example_inputs)
+        compiled = self._compile(inner, aten_gm, example_inputs, report) if launched else inner(aten_gm, example_inputs)
         guards = sorted({placeholders.index(g) for c in rewritten for g in c.plan.guards})
         if not guards:
             return compiled
         return _guarded(compiled, gm, [(k, known.get(k, example_inputs[k])) for k in guards])
+
+    def _inner_for(self, mode: str | None, options: dict | None) -> Callable:
+        """The inner compiler with torch.compile's ``mode`` / ``options`` applied (Inductor's
+        configuration: ``mode="reduce-overhead"`` turns on its CUDA graphs)."""
+        if mode in (None, "default") and not options:
+            return self.inner
+        if self.inner_name != "inductor":
+            raise ValueError(
+                f"torch.compile's mode ({mode!r}) and options ({options!r}) configure Inductor, "
+                f"but this ksfx backend's inner compiler is {self.inner_name!r}"
+            )
+        from torch._inductor import list_mode_options
+
+        patches = {**list_mode_options(mode or "default"), **(options or {})}
+        return functools.partial(self.inner, config_patches=patches)
+
+    def _compile(self, inner, aten_gm: fx.GraphModule, example_inputs, report: GraphReport):
+        """The inner compiler on a graph whose chains are ``triton_op`` calls; should it
+        fail on them, on the same graph with ``ks_chain`` calls (the same kernels,
+        launched from Python), and the report says why."""
+        from torch._inductor import config as inductor
+
+        try:
+            with inductor.patch(epilogue_fusion_user_defined_triton_kernel=self.epilogue_fusion):
+                return inner(aten_gm, example_inputs)
+        except Exception as err:  # noqa: BLE001 - the custom_op form of the same chains is the fallback
+            report.note = (
+                f"the inner compiler failed on the chains as Triton launches ({type(err).__name__}: {err}); "
+                "they run as ksfx::ks_chain calls"
+            )
+            log.warning("ksfx: graph %d: %s", report.index, report.note, exc_info=True)
+            retarget(aten_gm, AS_CUSTOM_OP)
+            report.code = aten_gm.code
+            return inner(aten_gm, example_inputs)
 
 
 def _guarded(compiled, original: fx.GraphModule, guarded: list[tuple[int, torch.Tensor]]):

@@ -43,7 +43,7 @@ from torch.fx.node import map_arg
 
 from ksfx.backend.compile import GraphReport, _device_type, _support_signature
 from ksfx.backend.explain import Report
-from ksfx.passes import run_pass
+from ksfx.passes import LAUNCHED_BY_INDUCTOR, retarget, run_pass
 from ksfx.passes.cost import MODES
 from ksfx.passes.weights import DATA_MOVEMENT
 
@@ -64,7 +64,9 @@ def export(
     report: Report | None = None,
 ) -> ExportedProgram:
     """``torch.export.export(model, args, kwargs, dynamic_shapes=..., strict=False)`` in core
-    ATen, with every KS chain the pass accepts replaced by ``torch.ops.ksfx.ks_chain``.
+    ATen, with every KS chain the pass accepts replaced by ``torch.ops.ksfx.ks_chain``
+    (on CUDA its ``triton_op`` twin ``ksfx.ks_chain_triton``, which AOTInductor compiles into
+    the kernels it packages).
 
     ``rewrite``: ``"auto"`` (cost model, per device), ``"always"`` or ``"never"`` (the plain
     core-ATen export). ``report``: a :class:`ksfx.backend.Report` that receives one graph
@@ -112,6 +114,8 @@ def _rewrite(ep: ExportedProgram, mode: str, graph_report: GraphReport) -> Expor
     rewritten = [c for c in graph_report.chains if c.rewritten]
     if not rewritten:
         return ep
+    if device_type == "cuda":  # AOTInductor decomposes it into kernels it packages: no Python op left
+        retarget(gm, LAUNCHED_BY_INDUCTOR)
     names = {node: spec.target for node, spec in zip(placeholders, ep.graph_signature.input_specs, strict=True)}
     for node in sorted({g for c in rewritten for g in c.plan.guards}, key=placeholders.index):
         if node not in known:

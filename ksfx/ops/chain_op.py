@@ -223,20 +223,26 @@ def _(grad, x, factors, spec, batch_last, need_x):
     return dx, [f.new_empty(f.shape) for f in factors]
 
 
-def _setup_context(ctx, inputs, output):
+def setup_context(ctx, inputs, output):
     x, factors, spec, batch_last, bias, _ = inputs
     ctx.save_for_backward(x, *factors)
     ctx.spec, ctx.batch_last, ctx.has_bias = spec, batch_last, bias is not None
 
 
-def _backward(ctx, grad):
-    x, *factors = ctx.saved_tensors
-    need_x = ctx.needs_input_grad[0]
-    dx, dfactors = torch.ops.ksfx.ks_chain_backward(grad, x, factors, ctx.spec, ctx.batch_last, need_x)
-    dbias = None
-    if ctx.has_bias and ctx.needs_input_grad[4]:
-        dbias = grad.sum(dim=1 if ctx.batch_last else 0)
-    return (dx if need_x else None), list(dfactors), None, None, dbias, None
+def backward_through(backward_op):
+    """The autograd formula of a chain op whose backward is ``backward_op`` (same schema
+    as ``ksfx::ks_chain_backward``)."""
+
+    def backward(ctx, grad):
+        x, *factors = ctx.saved_tensors
+        need_x = ctx.needs_input_grad[0]
+        dx, dfactors = backward_op(grad, x, factors, ctx.spec, ctx.batch_last, need_x)
+        dbias = None
+        if ctx.has_bias and ctx.needs_input_grad[4]:
+            dbias = grad.sum(dim=1 if ctx.batch_last else 0)
+        return (dx if need_x else None), list(dfactors), None, None, dbias, None
+
+    return backward
 
 
-ks_chain.register_autograd(_backward, setup_context=_setup_context)
+ks_chain.register_autograd(backward_through(torch.ops.ksfx.ks_chain_backward), setup_context=setup_context)

@@ -4,7 +4,9 @@ Same interface as :mod:`ksfx.ops.torch_path` (the reference semantics). CUDA ten
 run compiled kernels; CPU tensors run them through Triton's interpreter when
 ``ksfx.config.interpret`` is set (``TRITON_INTERPRET=1``). The kernels address ``x`` and
 ``y`` through runtime strides, so non-contiguous inputs and both layouts need no copy;
-``values`` may be a strided view too (the backward passes a transposed one).
+``values`` may be a strided view too (the backward passes a transposed one). Inside
+:func:`traceable_launches` (the body of :mod:`ksfx.ops.triton_op`) every launch goes
+through ``torch.library.wrap_triton``, so that AOT tracing records it as a graph node.
 """
 
 from __future__ import annotations
@@ -55,7 +57,7 @@ def _layout(t: torch.Tensor, batch_last: bool) -> tuple[int, int, int]:
 def _needs_int64(*tensors: torch.Tensor) -> bool:
     # Masked lanes may step up to one tile past the end: keep a margin below 2**31.
     span = max(sum((s - 1) * st for s, st in zip(t.shape, t.stride(), strict=True)) + 1 for t in tensors)
-    return span + (1 << 20) > INT32_LIMIT
+    return bool(span + (1 << 20) > INT32_LIMIT)  # a guard on a symbolic batch
 
 
 _INTERPRETER_LOCK = threading.Lock()
@@ -67,16 +69,74 @@ def _launch_guard(device: torch.device):
     return _INTERPRETER_LOCK if device.type != "cuda" else contextlib.nullcontext()
 
 
+# ----------------------------------------------------------------------------- traced launches
+_TRACEABLE = threading.local()
+
+
+@contextlib.contextmanager
+def traceable_launches():
+    """Launch through ``torch.library.wrap_triton`` (inside a ``triton_op``'s body).
+
+    AOT tracing then records each launch as a graph node that Inductor compiles and
+    launches itself; outside a trace ``wrap_triton`` hands back the kernel unchanged.
+    """
+    previous = getattr(_TRACEABLE, "on", False)
+    _TRACEABLE.on = True
+    try:
+        yield
+    finally:
+        _TRACEABLE.on = previous
+
+
+def _launcher(kernel):
+    return torch.library.wrap_triton(kernel) if _traceable() else kernel
+
+
+def _traceable() -> bool:
+    return getattr(_TRACEABLE, "on", False)
+
+
+def _unused(like: torch.Tensor) -> torch.Tensor:
+    """What an unused pointer argument gets: ``like`` itself, or an empty tensor of its
+    dtype in a trace, where aliasing the output would make it look read or written."""
+    return like.new_empty(0) if _traceable() else like
+
+
+def _under_fake_mode() -> bool:
+    return torch._guards.detect_fake_mode() is not None
+
+
+#: Batch size assumed for a batch with no hint (unbacked): tiles for a large batch.
+UNBACKED_HINT = 8192
+
+
+def size_hint(n) -> int:
+    """The batch size tiles are chosen for: ``n``, or the hint of a symbolic ``n`` (a traced
+    launch, whose grid stays symbolic)."""
+    if isinstance(n, int):
+        return n
+    hint = n.node.hint
+    return UNBACKED_HINT if hint is None else int(hint)
+
+
 @functools.lru_cache(maxsize=256)
-def _table(perm: IndexPerm, device: torch.device) -> torch.Tensor:
-    """Device copy of an index table (int32), made once per permutation and device."""
+def _cached_table(perm: IndexPerm, device: torch.device) -> torch.Tensor:
     return perm.indices().to(device=device, dtype=torch.int32)
+
+
+def _table(perm: IndexPerm, device: torch.device) -> torch.Tensor:
+    """Device copy of an index table (int32), made once per permutation and device; made
+    afresh under a trace, whose fake tensor must not outlive it (the trace keeps it as a
+    constant)."""
+    if _under_fake_mode():
+        return perm.indices().to(device=device, dtype=torch.int32)
+    return _cached_table(perm, device)
 
 
 def _tables(step: FactorStep, device: torch.device, dummy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     store = None if step.out_perm is None else step.out_perm.inverse()
-    in_table = _table(step.in_perm, device) if isinstance(step.in_perm, IndexPerm) else dummy
-    out_table = _table(store, device) if isinstance(store, IndexPerm) else dummy
+    in_table = _table(step.in_perm, device) if isinstance(step.in_perm, IndexPerm) else _unused(dummy)
+    out_table = _table(store, device) if isinstance(store, IndexPerm) else _unused(dummy)
     return in_table, out_table
 
 
@@ -175,15 +235,16 @@ def factor_forward(
     args, flags = forward_arguments(x, values, y, step, batch_last, bias)
     if tile is None and config.autotune:
         key = _key("forward", step, x, batch_last)
-        kernel = _autotuned(key, n, x.element_size(), x.device, config.cache_dir)
+        kernel = _autotuned(key, size_hint(n), x.element_size(), x.device, config.cache_dir)
         with _launch_guard(x.device):
-            kernel[lambda meta: (forward_programs(pattern, n, _meta_tile(meta), key.mode),)](*args, **flags)
+            _launcher(kernel)[lambda meta: (forward_programs(pattern, n, _meta_tile(meta), key.mode),)](*args, **flags)
         return y
-    kernel, grid, meta = _forward_launch(
+    launch = _forward_launch if isinstance(n, int) else _forward_launch.__wrapped__  # a symbolic n is unhashable
+    kernel, grid, meta = launch(
         step, batch_last, x.dtype, x.device, n, tile, torch.get_float32_matmul_precision(), config.interpret
     )
     with _launch_guard(x.device):
-        kernel[grid](*args, **flags, **meta)
+        _launcher(kernel)[grid](*args, **flags, **meta)
     return y
 
 
@@ -206,7 +267,7 @@ def forward_arguments(x, values, y, step: FactorStep, batch_last: bool, bias=Non
     _, stride_ym, stride_yf = _layout(y, batch_last)
     in_table, out_table = _tables(step, x.device, y)
     args = (
-        x, values, y, y if bias is None else bias, in_table, out_table,
+        x, values, y, _unused(y) if bias is None else bias, in_table, out_table,
         n, stride_xm, stride_xf, stride_ym, stride_yf, *values.stride(),
     )  # fmt: skip
     return args, {"HAS_BIAS": bias is not None, "INT64": _needs_int64(x, y)}
@@ -216,7 +277,7 @@ def forward_plan(step, batch_last, dtype, n, target: Target, tile=None) -> tuple
     """Kernel key, tile config and grid size of a forward launch."""
     key = kernel_key("forward", step, dtype, batch_last, target)
     if tile is None:
-        tile = forward_heuristic(step.pattern, n, dtype.itemsize, batch_last, target.sms)
+        tile = forward_heuristic(step.pattern, size_hint(n), dtype.itemsize, batch_last, target.sms)
     return key, tile, forward_programs(step.pattern, n, tile, key.mode)
 
 
@@ -281,13 +342,14 @@ def factor_grad_values(
         raise TypeError(f"{step}: dy ({dy.dtype}, {dy.device}) must match x ({x.dtype}, {x.device})")
     if n == 0:
         return torch.zeros(pattern.as_tuple(), dtype=x.dtype, device=x.device)
-    kernel, chunk, splits, grid, meta = _grad_launch(
+    launch = _grad_launch if isinstance(n, int) else _grad_launch.__wrapped__
+    kernel, chunk, splits, grid, meta = launch(
         step, batch_last, x.dtype, x.device, n, tile, torch.get_float32_matmul_precision(), config.interpret
     )
     partials = torch.empty((splits, *pattern.as_tuple()), dtype=torch.float32, device=x.device)
     args, flags = grad_arguments(dy, x, partials, chunk, step, batch_last)
     with _launch_guard(x.device):
-        kernel[grid](*args, **flags, **meta)
+        _launcher(kernel)[grid](*args, **flags, **meta)
     return partials.sum(0).to(x.dtype)
 
 
@@ -304,7 +366,7 @@ def grad_plan(step, batch_last, dtype, n, target: Target, tile=None) -> tuple[Ke
     """Kernel key, tile config, batch chunk and grid size of a weight-gradient launch."""
     key = kernel_key("grad", step, dtype, batch_last, target)
     if tile is None:
-        tile = grad_heuristic(step.pattern, n, dtype.itemsize, batch_last, target.sms)
+        tile = grad_heuristic(step.pattern, size_hint(n), dtype.itemsize, batch_last, target.sms)
     chunk = cdiv(cdiv(n, tile.splits), tile.block_m) * tile.block_m
     return key, tile, chunk, cdiv(n, chunk) * grad_programs_per_split(step.pattern, tile, key.mode)
 
@@ -321,7 +383,7 @@ def chain_plan(steps: tuple[FactorStep, ...], batch_last, dtype, n, target: Targ
     """Kernel key, tile and grid size of a fused segment's launch."""
     name = str(dtype).removeprefix("torch.")
     key = ChainKernelKey(steps, batch_last, name, target.interpret, _precision(dtype), target.capability, taps)
-    tile = fused_tile(steps, n, batch_last)
+    tile = fused_tile(steps, size_hint(n), batch_last)
     return key, tile, cdiv(n, tile.block_m)
 
 
@@ -337,7 +399,7 @@ def chain_arguments(x, values, y, steps: tuple[FactorStep, ...], batch_last: boo
     # the kernel indexes them with the strides of fusion.values_order
     values = [_laid_out(v, fused_values_order(s, batch_last)) for v, s in zip(values, steps, strict=True)]
     tap_strides = [stride for tap in taps for stride in _layout(tap, batch_last)[1:]]
-    args = (x, y, y if bias is None else bias.contiguous(), *values, *tables, out_table, *taps,
+    args = (x, y, _unused(y) if bias is None else bias.contiguous(), *values, *tables, out_table, *taps,
             n, stride_xm, stride_xf, stride_ym, stride_yf, *tap_strides)  # fmt: skip
     return args, {"HAS_BIAS": bias is not None, "INT64": _needs_int64(x, y, *taps)}
 
@@ -374,5 +436,7 @@ def chain_forward(
         kernel = get_kernel(key, config.cache_dir)
         args, flags = chain_arguments(x, values, outs[-1], steps, batch_last, bias, outs[:-1])
         with _launch_guard(x.device):
-            kernel[(programs,)](*args, **flags, **tile.meta(), num_warps=tile.num_warps, num_stages=tile.num_stages)
+            _launcher(kernel)[(programs,)](
+                *args, **flags, **tile.meta(), num_warps=tile.num_warps, num_stages=tile.num_stages
+            )
     return outs if taps else outs[0]
