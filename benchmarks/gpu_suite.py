@@ -18,7 +18,11 @@ under ``benchmarks/results/``:
    each moves by the traffic model;
 4. ``models``: KS-ViT-S/16 (batch 128) and GPT-2-medium-KS (batch 8 x 1024) inference in
    fp32 and bf16 against eager and Inductor, then a ViT training step;
-5. the summary, printed last and saved as ``gpu_suite_<device>_<date>.json``: per dtype
+5. ``launch``: how the chains are launched (``benchmarks.models`` contenders): by Inductor
+   (the ``triton_op``, the default), from Python (the ``custom_op``), with the GELU fused
+   into the chain's store, and under CUDA graphs against Inductor's own, in a two-block
+   ViT-S/16 at about 25k tokens, bf16, every output checked against eager;
+6. the summary, printed last and saved as ``gpu_suite_<device>_<date>.json``: per dtype
    and layout the median speedup over the best baseline and the median fraction of the
    roofline ``max(|X|+|W|+|Y| / copy bandwidth, FLOPs / rate of the unit)`` reached (the
    bandwidth measured in the run, the rates from :mod:`ksfx.codegen.devices`), and each
@@ -73,6 +77,7 @@ def steps(args, tag: str, date: str) -> list[dict]:
     patterns_out = args.out_dir / f"gpu_suite_patterns_{tag}_{date}.json"
     chains_out = args.out_dir / f"gpu_suite_chains_{tag}_{date}.json"
     models_out = args.out_dir / f"gpu_suite_models_{tag}_{date}.json"
+    launch_out = args.out_dir / f"gpu_suite_launch_{tag}_{date}.json"
     py = [sys.executable]
     if args.dry_run:
         return [
@@ -88,12 +93,16 @@ def steps(args, tag: str, date: str) -> list[dict]:
             {"name": "models", "share": 0.2, "out": models_out, "argv": [
                 *py, "-m", "benchmarks.models", "--device", "cpu", "--quick", "--model", "gpt2", "--batch", "1",
                 "--contenders", "eager,ksfx", "--rounds", "1", "--cpu-min-time", "0.01", "--out", str(models_out)]},
+            {"name": "launch", "share": 0.1, "out": launch_out, "argv": [
+                *py, "-m", "benchmarks.models", "--device", "cpu", "--quick", "--model", "gpt2", "--batch", "1",
+                "--contenders", "eager,ksfx_cudagraphs", "--rounds", "1", "--cpu-min-time", "0.01",
+                "--out", str(launch_out)]},
         ]  # fmt: skip
     return [
-        {"name": "tests", "share": 0.15, "argv": [*py, "-m", "pytest", "-q", "tests/test_kernels.py",
-         "tests/test_static_check.py", "tests/test_ks_matmul.py", "-k", "cuda or static"]},
+        {"name": "tests", "share": 0.1, "argv": [*py, "-m", "pytest", "-q", "tests/test_kernels.py",
+         "tests/test_static_check.py", "tests/test_ks_matmul.py", "tests/test_triton_op.py", "-k", "cuda or static"]},
         # The generated kernels on every case (KSFX_DISPATCH=triton): the data a dispatch policy is derived from.
-        {"name": "patterns", "share": 0.45, "out": patterns_out, "env": {"KSFX_DISPATCH": "triton"}, "argv": [
+        {"name": "patterns", "share": 0.4, "out": patterns_out, "env": {"KSFX_DISPATCH": "triton"}, "argv": [
             *py, "-m", "benchmarks.patterns", "--limit", str(args.patterns), "--dtype", "fp32,bf16",
             "--batch", "25088", "--layout", "batch-first,batch-last", "--out", str(patterns_out)]},
         # Whole chains: fused segments against per-factor launches, bmm and dense (issue: one kernel per chain).
@@ -103,6 +112,12 @@ def steps(args, tag: str, date: str) -> list[dict]:
             *py, "-m", "benchmarks.models", "--dtype", "fp32,bf16", "--out", str(models_out)]},
         {"name": "models-train", "share": 0.1, "out": models_out, "argv": [
             *py, "-m", "benchmarks.models", "--train", "--model", "vit", "--dtype", "bf16", "--out", str(models_out)]},
+        # How chains are launched: by Inductor (triton_op), from Python (custom_op), with the
+        # GELU fused into the chain's store, under CUDA graphs; the two-block ViT-S/16, ~25k tokens.
+        {"name": "launch", "share": 0.1, "out": launch_out, "argv": [
+            *py, "-m", "benchmarks.models", "--quick", "--model", "vit", "--batch", "1472", "--dtype", "bf16",
+            "--contenders", "inductor,ksfx,ksfx_op,ksfx_epilogue,inductor_cudagraphs,ksfx_cudagraphs",
+            "--out", str(launch_out)]},
     ]  # fmt: skip
 
 
@@ -186,9 +201,11 @@ def summarise_models(path: Path) -> list[dict]:
     rows = []
     for case in json.loads(path.read_text())["cases"]:
         times = case["times"]
-        row = {"key": case["key"], **{k: 1e3 * v for k, v in times.items()}}
+        row = {"key": case["key"], "ms": {k: 1e3 * v for k, v in times.items()}, "ratios": case.get("ratios", {})}
         if "inductor" in times and "ksfx" in times:
             row["ksfx_vs_inductor_latency"] = times["ksfx"] / times["inductor"] - 1
+        row["wrong"] = [k for k, ok in case.get("correct", {}).items() if not ok]
+        row["unavailable"] = sorted(case.get("unavailable", {}))
         rows.append(row)
     return rows
 
@@ -220,10 +237,16 @@ def table(summary: dict) -> str:
         line = f"chain {row['key']}: fused vs {speed or '-'}"
         line += "" if roof is None else f", {100 * roof:.0f}% of roofline"
         lines.append(line + (f"; failed {row['failed']}" if row["failed"] else ""))
-    for row in summary["models"]:
-        vs = row.get("ksfx_vs_inductor_latency")
-        times = ", ".join(f"{k} {v:.2f} ms" for k, v in row.items() if k not in ("key", "ksfx_vs_inductor_latency"))
-        lines.append(f"model {row['key']}: {times}" + ("" if vs is None else f"; ksfx {100 * vs:+.1f}% vs Inductor"))
+    for kind in ("models", "launch"):
+        for row in summary.get(kind, []):
+            vs = row.get("ksfx_vs_inductor_latency")
+            line = f"{kind} {row['key']}: " + ", ".join(f"{k} {v:.2f} ms" for k, v in row["ms"].items())
+            line += "" if vs is None else f"; ksfx {100 * vs:+.1f}% vs Inductor"
+            if kind == "launch":
+                line += "; " + ", ".join(f"{k} {v:.2f}" for k, v in row["ratios"].items())
+            for what in ("wrong", "unavailable"):
+                line += f"; {what} {row[what]}" if row[what] else ""
+            lines.append(line)
     return "\n".join(lines)
 
 
@@ -257,6 +280,7 @@ def main(argv=None) -> int:
     state["patterns"] = summarise_patterns(next(s["out"] for s in plan if s["name"] == "patterns"))
     state["chains"] = summarise_chains(next(s["out"] for s in plan if s["name"] == "chains"))
     state["models"] = summarise_models(next(s["out"] for s in plan if s["name"] == "models"))
+    state["launch"] = summarise_models(next(s["out"] for s in plan if s["name"] == "launch"))
     state_path.write_text(json.dumps(state, indent=1) + "\n")
     print(table(state))
     print(state_path)

@@ -25,7 +25,21 @@ from examples import ks_models
 
 #: ``ksfx`` is ``backend="ksfx"`` (``rewrite="auto"``: the cost model decides per chain);
 #: ``ksfx_always`` rewrites every structured chain, to measure what the cost model avoids.
-CONTENDERS = ("eager", "inductor", "ksfx", "ksfx_always")
+#: How a chain is launched on CUDA: ``ksfx`` by Inductor (the ``triton_op``), ``ksfx_op``
+#: from Python (the ``custom_op``), ``ksfx_epilogue`` by Inductor with the pointwise op after
+#: it fused into its store; ``*_cudagraphs`` is ``mode="reduce-overhead"`` (CUDA graphs).
+CONTENDERS = (
+    "eager",
+    "inductor",
+    "ksfx",
+    "ksfx_always",
+    "ksfx_op",
+    "ksfx_epilogue",
+    "inductor_cudagraphs",
+    "ksfx_cudagraphs",
+)
+#: The contenders that differ from ``ksfx`` on CUDA tensors only.
+CUDA_ONLY = ("ksfx_op", "ksfx_epilogue", "inductor_cudagraphs", "ksfx_cudagraphs")
 #: Relative error (max |y - ref| / max |ref|) allowed between a compiled model and eager.
 MODEL_TOLERANCE = {"fp32": 1e-3, "fp16": 2e-2, "bf16": 5e-2}
 
@@ -59,7 +73,16 @@ def compiler(contender: str, model: torch.nn.Module):
         return model
     if contender == "inductor":
         return torch.compile(model)
-    return torch.compile(model, backend=ksfx.backend(rewrite="always" if contender == "ksfx_always" else "auto"))
+    if contender == "inductor_cudagraphs":
+        return torch.compile(model, mode="reduce-overhead")
+    if contender == "ksfx_cudagraphs":
+        return torch.compile(model, backend="ksfx", mode="reduce-overhead")
+    options = {
+        "ksfx_always": {"rewrite": "always"},
+        "ksfx_op": {"cuda": "op"},
+        "ksfx_epilogue": {"epilogue_fusion": True},
+    }
+    return torch.compile(model, backend=ksfx.backend(**options.get(contender, {})))
 
 
 def explain_summary(model, inputs, rewrite: str) -> dict:
@@ -187,7 +210,16 @@ def run_case(name: str, dtype_name: str, mode: str, device: torch.device, args) 
                 report_failure(args.verbose)
     times = case["times"]
     ratios = {}
-    for num, den in (("ksfx", "inductor"), ("ksfx_always", "inductor"), ("ksfx", "eager"), ("inductor", "eager")):
+    pairs = (
+        ("ksfx", "inductor"),
+        ("ksfx_always", "inductor"),
+        ("ksfx", "eager"),
+        ("inductor", "eager"),
+        ("ksfx", "ksfx_op"),
+        ("ksfx_epilogue", "ksfx"),
+        ("ksfx_cudagraphs", "inductor_cudagraphs"),
+    )
+    for num, den in pairs:
         if num in times and den in times:
             ratios[f"{num}/{den}"] = times[num] / times[den]
     case["ratios"] = ratios
@@ -204,8 +236,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--contenders",
         default=None,
-        help="comma list of " + ",".join(CONTENDERS) + " (default: all on CPU; ksfx_always left out on GPU, "
-        "where rewrite='auto' already rewrites every structured chain)",
+        help="comma list of "
+        + ",".join(CONTENDERS)
+        + " (default on CPU: those not in "
+        + ",".join(CUDA_ONLY)
+        + "; on GPU eager,inductor,ksfx: rewrite='auto' already rewrites every structured chain there)",
     )
     p.add_argument("--force", action="store_true", help="measure again cases already in the output file")
     common.add_run_options(p, "models", rep_ms=2000.0, cpu_min_time=1.0)
@@ -215,7 +250,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> Path:
     args = parse_args(argv)
     device = common.apply_run_options(args)
-    default_contenders = CONTENDERS if device.type == "cpu" else ("eager", "inductor", "ksfx")
+    on_cpu = tuple(c for c in CONTENDERS if c not in CUDA_ONLY)
+    default_contenders = on_cpu if device.type == "cpu" else ("eager", "inductor", "ksfx")
     args.contenders = common.parse_list(args.contenders or ",".join(default_contenders), CONTENDERS, "--contenders")
     models = common.parse_list(args.model, MODELS, "--model")
     dtypes = common.parse_list(args.dtype, common.DTYPES, "--dtype")

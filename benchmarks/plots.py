@@ -59,7 +59,9 @@ def plot_patterns(data: dict, path: Path) -> Path:
 def plot_models(data: dict, path: Path) -> Path:
     """Grouped bars: latency of each contender per model/dtype/mode, in ms."""
     cases = [c for c in data["cases"] if c.get("times")]
-    contenders = [n for n in ("eager", "inductor", "ksfx", "ksfx_always") if any(n in c["times"] for c in cases)]
+    order = ("eager", "inductor", "inductor_cudagraphs", "ksfx", "ksfx_always", "ksfx_op", "ksfx_epilogue")
+    order += ("ksfx_cudagraphs",)
+    contenders = [n for n in order if any(n in c["times"] for c in cases)]
     fig, ax = plt.subplots(figsize=(max(5.0, 2.2 * len(cases)), 4))
     width = 0.8 / len(contenders)
     for k, name in enumerate(contenders):
