@@ -35,6 +35,7 @@ from ksfx.config import config
 from ksfx.ops import triton_path
 from ksfx.pattern import Chain, KSPattern
 from tests.test_fusion import ONE_LAUNCH, MonarchMLP, _assert_close, _dense_chain, butterfly
+from tests.test_kernels import random_index_perm
 
 WRAPPER = torch.ops.higher_order.triton_kernel_wrapper_functional
 TENSOR_CORE_CHAINS = {
@@ -157,6 +158,34 @@ def test_tensor_core_chains_with_tables_and_bias_trace_to_their_launches(
     assert len(tables) == (name == "table-between")
     _assert_matches(y, inputs, reference, torch.float16)
     assert len(_launches(graphs[1])) >= factors  # at least one weight gradient each
+
+
+def test_dense_factors_lone_permutations_and_empty_batches_trace_like_the_custom_op(cuda_launches_on_cpu, monkeypatch):
+    """The other forms of the op's forward, against the custom op on the plain-torch path: a
+    factor standing for a dense product (its NaNs reach the blocks a dense matmul's would,
+    through the functionalised in-place add), a chain that is one permutation (a gather,
+    no kernel) and a batch of zero rows."""
+    chain = Chain((KSPattern(4, 6, 5, 1), KSPattern(4, 5, 5, 1)))
+    factors = [torch.randn(p.as_tuple()) for p in chain.patterns]
+    x = torch.randn(3, 20)
+    x[0, 3], x[1, 12] = float("inf"), float("nan")
+    perm = Chain((random_index_perm(20, seed=4),))
+    cases = [(chain, x, factors, 0b10), (perm, x, [], 0), (chain, x[:0], factors, 0)]
+    for case_chain, inputs, values, dense in cases:
+        spec = case_chain.to_spec()
+
+        def f(x, *values, spec=spec, dense=dense):
+            return torch.ops.ksfx.ks_chain_triton(x, list(values), spec, False, None, dense)
+
+        got = aot_function(f, fw_compiler=lambda gm, _: make_boxed_func(gm))(inputs, *values)
+        with monkeypatch.context() as plain:
+            plain.setattr(config, "interpret", False)  # CPU tensors take the plain-torch path
+            want = torch.ops.ksfx.ks_chain(inputs, values, spec, False, None, dense)
+        assert got.shape == want.shape == (inputs.shape[0], case_chain.out_features)
+        assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got.isinf(), want.isinf())
+        torch.testing.assert_close(got[want.isfinite()], want[want.isfinite()], rtol=1e-5, atol=1e-5)
+        if dense:
+            assert want[0].isnan().sum() > 5  # the non-finite input reached other blocks
 
 
 def test_the_backend_hands_inductor_the_launches_of_a_ks_mlp_block(cuda_launches_on_cpu, monkeypatch):

@@ -30,7 +30,7 @@ import sympy
 
 from ksfx.codegen import index_maps as im
 from ksfx.codegen.fusion import DotTiles, dot_tiles, is_dot, reads_input_whole, value_strides
-from ksfx.codegen.source import FORWARD_EPILOGUE, HEADER, dot_code, gamma_loop
+from ksfx.codegen.source import FORWARD_EPILOGUE, GROUP, HEADER, dot_code, gamma_loop
 from ksfx.codegen.tiling import next_pow2
 from ksfx.pattern import ROW, FactorStep, J, to_code
 from ksfx.pattern.ks import mixed_radix_digits
@@ -238,7 +238,7 @@ def _inner_dot(k: int, step: FactorStep, position, on_chip: bool, opts: _Options
 def _last_dot(k: int, step: FactorStep, position, on_chip: bool, opts: _Options) -> str:
     p = step.pattern
     tiles = dot_tiles(p, opts.itemsize)
-    alpha, delta = im.group_digits(step, sympy.Symbol("group", integer=True, nonnegative=True))
+    alpha, delta = im.group_digits(step, GROUP)
     body = _dot_tile(k, step, tiles, f"(tile % {tiles.beta_tiles}) * {tiles.block_n}", position, on_chip, opts)
     epilogue = FORWARD_EPILOGUE.format(
         y_feature=im.code(im.y_feature(step), mask="mask_b"), mask="mask_b", full=str(p.b % tiles.block_n == 0)

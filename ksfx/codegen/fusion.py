@@ -241,21 +241,26 @@ class BackwardPlan:
       gradient at step ``k``'s loads;
     * ``grads[k]``: the step whose weight-gradient kernel reads that gradient: step ``k``
       with the next step's load permutation as its store.
+
+    ``transposed_steps``: the plan's index of each step of ``transposed`` (whose values it
+    reads, transposed).
     """
 
     recompute: tuple[FactorStep, ...]
     transposed: tuple[FactorStep, ...]
     grads: tuple[FactorStep, ...]
+    transposed_steps: tuple[int, ...]
 
 
 def backward_plan(plan: list[FactorStep] | tuple[FactorStep, ...], need_x: bool) -> BackwardPlan:
     moved = on_chip_steps(plan)
     last = len(moved) - 1
-    transposed = list(on_chip_steps([moved[k].transpose() for k in range(last, -1 if need_x else 0, -1)]))
+    order = tuple(range(last, -1 if need_x else 0, -1))
+    transposed = list(on_chip_steps([moved[k].transpose() for k in order]))
     if transposed and not need_x:  # the gradient at step 1's loads, not at step 0's output
         transposed[-1] = FactorStep(transposed[-1].pattern, transposed[-1].in_perm, None)
     grads = tuple(
         moved[k] if k == last else FactorStep(moved[k].pattern, moved[k].in_perm, moved[k + 1].in_perm)
         for k in range(len(moved))
     )
-    return BackwardPlan(moved[:-1], tuple(transposed), grads)
+    return BackwardPlan(moved[:-1], tuple(transposed), grads, order)

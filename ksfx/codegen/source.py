@@ -36,7 +36,8 @@ import triton
 import triton.language as tl
 '''
 
-_GROUP = sympy.Symbol("group", integer=True, nonnegative=True)
+#: The program's (α, δ) group index in the generated code.
+GROUP = sympy.Symbol("group", integer=True, nonnegative=True)
 
 FORWARD_ARGS = """    x_ptr, v_ptr, y_ptr, bias_ptr, in_table_ptr, out_table_ptr,
     n, stride_xm, stride_xf, stride_ym, stride_yf,
@@ -370,7 +371,7 @@ def forward_source(step: FactorStep, mode: str, dtype: str, interpret: bool, pre
     """Module source of the forward kernel (``forward_dot`` or ``forward_fma``)."""
     p = step.pattern
     if mode == "dot":
-        alpha, delta = im.group_digits(step, _GROUP)
+        alpha, delta = im.group_digits(step, GROUP)
         body = FORWARD_DOT.format(
             args=FORWARD_ARGS,
             step=step,
@@ -539,7 +540,7 @@ def grad_source(step: FactorStep, mode: str, dtype: str, interpret: bool, precis
     """Module source of the weight-gradient kernel (``grad_dot`` or ``grad_fma``)."""
     p = step.pattern
     if mode == "dot":
-        alpha, delta = im.group_digits(step, _GROUP)
+        alpha, delta = im.group_digits(step, GROUP)
         body = GRAD_DOT.format(
             args=GRAD_ARGS,
             step=step,

@@ -167,7 +167,7 @@ def run_backward(grad, x, factors, chain: Chain, batch_last: bool, need_x: bool)
     last = len(plan) - 1
     steps = backward_plan(plan, need_x)
     inputs = [x, *run_steps(x, values[:last], steps.recompute, batch_last)]
-    transposed_values = [values[k].permute(0, 2, 1, 3) for k in range(last, -1 if need_x else 0, -1)]
+    transposed_values = [values[k].permute(0, 2, 1, 3) for k in steps.transposed_steps]
     loads = run_steps(grad, transposed_values, steps.transposed, batch_last)  # gradients at steps L-1 .. 0
     grads = []
     for k, step in enumerate(steps.grads):

@@ -135,7 +135,7 @@ def chain_launches(
     launches = _run("forward", plan, values, n, dtype, batch_last, target, fuse, taps=False)
     if backward:
         steps = backward_plan(plan, need_x=True)
-        transposed = [values[k].permute(0, 2, 1, 3) for k in reversed(range(len(plan)))]
+        transposed = [values[k].permute(0, 2, 1, 3) for k in steps.transposed_steps]
         launches += _run("recompute", steps.recompute, values, n, dtype, batch_last, target, fuse, taps=True)
         launches += _run("dx", steps.transposed, transposed, n, dtype, batch_last, target, fuse, taps=True)
         launches += [_grad(step, n, dtype, batch_last, target) for step in steps.grads]
