@@ -17,14 +17,7 @@ import torch
 import triton
 from torch._dynamo.backends.common import aot_autograd
 from torch._functorch.aot_autograd import aot_function, make_boxed_func
-from torch._higher_order_ops.triton_kernel_wrap import (
-    identify_accessed_tensors,
-    identify_triton_stores,
-    kernel_side_table,
-)
-from torch._inductor.codegen.wrapper import user_defined_triton_kernel_transitive_closure_source_code
 from triton.backends.compiler import GPUTarget
-from triton.runtime.interpreter import InterpretedFunction
 from triton.runtime.jit import JITFunction
 
 import ksfx.ops.triton_op  # noqa: F401 - registers the op
@@ -52,6 +45,8 @@ class _Sm90Driver:
 
 
 def _interpreted_run(self, *args, grid, warmup, **kwargs):
+    from triton.runtime.interpreter import InterpretedFunction
+
     for option in ("num_warps", "num_stages", "num_ctas", "maxnreg"):
         kwargs.pop(option, None)
     return InterpretedFunction(self.fn).run(*args, grid=grid, warmup=warmup, **kwargs)
@@ -269,6 +264,8 @@ def test_a_symbolic_batch_gives_symbolic_grids_one_compile_for_every_batch(cuda_
 
 def _kernel_and_arguments(launch: torch.fx.Node):
     """The ``JITFunction`` of a traced launch and its arguments (fake tensors, constexprs)."""
+    from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
+
     kernel = kernel_side_table.get_kernel(launch.kwargs["kernel_idx"])
     arguments = dict(kernel_side_table.get_constant_args(launch.kwargs["constant_args_idx"]))
     for name, value in launch.kwargs["kwargs"].items():
@@ -295,6 +292,8 @@ def test_forward_kernels_can_take_an_epilogue(cuda_launches_on_cpu, monkeypatch,
     """Inductor fuses a pointwise epilogue into a launched kernel (with
     ``epilogue_fusion_user_defined_triton_kernel``) only if its source has one ``tl.store``
     and its sm_90 TTIR writes one tensor once: every forward kernel meets both."""
+    from torch._higher_order_ops.triton_kernel_wrap import identify_accessed_tensors, identify_triton_stores
+
     monkeypatch.setattr(config, "fuse", fuse)
     graphs, *_ = _traced(steps, batch_last, torch.float16, n=24)
     launches = _launches(graphs[0])
@@ -391,6 +390,8 @@ def test_inductors_copy_of_every_kernel_compiles_for_sm90(
     """Inductor re-emits a launched kernel from its source and the globals it reads
     (``user_defined_triton_kernel_transitive_closure_source_code``): that copy, alone in a
     module, compiles for sm_90 with the launch's arguments, forward and backward kernels."""
+    from torch._inductor.codegen.wrapper import user_defined_triton_kernel_transitive_closure_source_code
+
     monkeypatch.setattr(config, "fuse", fuse)
     graphs, y, *_ = _traced(steps, batch_last, torch.float16, n=32)
     y.sum().backward()

@@ -211,6 +211,16 @@ def default_cpu() -> str:
     return "op" if config.interpret else "aten"
 
 
+#: Inductor's (prototype) option to fuse a pointwise epilogue into a user-defined Triton kernel.
+EPILOGUE_FUSION = "epilogue_fusion_user_defined_triton_kernel"
+
+
+def _inductor_has(option: str) -> bool:
+    from torch._inductor import config as inductor
+
+    return hasattr(inductor, option)
+
+
 #: How a rewritten chain runs on CUDA: as Triton launches Inductor generates and may fuse
 #: epilogues into (``"triton_op"``, :mod:`ksfx.ops.triton_op`) or as the ``ksfx::ks_chain``
 #: call, which launches them from Python (``"op"``). The same kernels either way.
@@ -241,6 +251,10 @@ class KsfxCompiler:
             raise ValueError(f"cpu must be one of {CPU_CHAINS} (or None: {default_cpu()!r} here), got {cpu!r}")
         if cuda not in CUDA_CHAINS:
             raise ValueError(f"cuda must be one of {CUDA_CHAINS}, got {cuda!r}")
+        if epilogue_fusion and not _inductor_has(EPILOGUE_FUSION):
+            raise ValueError(
+                f"epilogue_fusion needs Inductor's {EPILOGUE_FUSION} option, which torch {torch.__version__} lacks"
+            )
         self.rewrite = rewrite
         self.cpu = cpu or default_cpu()
         self.cuda = cuda
@@ -329,8 +343,9 @@ class KsfxCompiler:
         launched from Python), and the report says why."""
         from torch._inductor import config as inductor
 
+        patches = {EPILOGUE_FUSION: True} if self.epilogue_fusion else {}
         try:
-            with inductor.patch(epilogue_fusion_user_defined_triton_kernel=self.epilogue_fusion):
+            with inductor.patch(patches):
                 return inner(aten_gm, example_inputs)
         except Exception as err:  # noqa: BLE001 - the custom_op form of the same chains is the fallback
             report.note = (
