@@ -175,8 +175,8 @@ def run_case(name: str, dtype_name: str, mode: str, device: torch.device, args) 
 
     ready = {}
     for contender in args.contenders:
-        fn = compiler(contender, model)
         try:
+            fn = compiler(contender, model)  # may refuse an option this torch lacks
             model.load_state_dict(initial)
             start = time.perf_counter()
             step(fn)  # compiles
