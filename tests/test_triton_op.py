@@ -29,7 +29,7 @@ from ksfx.codegen.census import compile_cubin
 from ksfx.config import config
 from ksfx.ops import triton_path
 from ksfx.pattern import Chain, KSPattern
-from tests.test_fusion import ONE_LAUNCH, MonarchMLP, _assert_close, _dense_chain, butterfly
+from tests.test_fusion import ONE_LAUNCH, MonarchMLP, _assert_close, _dense_chain, assert_matches_eager, butterfly
 from tests.test_kernels import random_index_perm
 
 WRAPPER = torch.ops.higher_order.triton_kernel_wrapper_functional
@@ -205,14 +205,7 @@ def test_the_backend_hands_inductor_the_launches_of_a_ks_mlp_block(cuda_launches
     assert "ksfx.ks_chain_triton.default" in reports[0].code and "ksfx.ks_chain.default" not in reports[0].code
     assert len(_launches(graphs[0])) == 2
     assert not [n for n in graphs[0].graph.nodes if "ksfx" in str(n.target)]
-    y_eager = model(x.clone().requires_grad_())
-    torch.testing.assert_close(y, y_eager, rtol=1e-4, atol=1e-4)
-    probe = torch.randn(y.shape)
-    params = list(model.parameters())
-    got = torch.autograd.grad((y * probe).sum(), params)
-    want = torch.autograd.grad((y_eager * probe).sum(), params)
-    for g_got, g_want in zip(got, want, strict=True):
-        torch.testing.assert_close(g_got, g_want, rtol=1e-4, atol=1e-4)
+    assert_matches_eager(y, model(x.clone().requires_grad_()), list(model.parameters()))
     assert _launches(graphs[1])  # the backward's kernels, traced the same way
 
 
@@ -339,12 +332,7 @@ def test_cuda_inductor_runs_the_ks_mlp_block_like_eager(options, dtype):
         y_eager = model(x.clone().requires_grad_())
         torch.testing.assert_close(y, y_eager, rtol=tol, atol=tol)
     assert not reports[0].note, reports[0].note  # no fallback to the custom op
-    probe = torch.randn_like(y)
-    params = list(model.parameters())
-    got = torch.autograd.grad((y * probe).sum(), params)
-    want = torch.autograd.grad((y_eager * probe).sum(), params)
-    for g_got, g_want in zip(got, want, strict=True):
-        torch.testing.assert_close(g_got, g_want, rtol=tol * 4, atol=tol * 4)
+    assert_matches_eager(y, y_eager, list(model.parameters()), tol, grad_tol=4 * tol)
 
 
 AOTI_LOADER = """
