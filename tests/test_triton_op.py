@@ -21,13 +21,14 @@ from torch._functorch.aot_autograd import aot_function, make_boxed_func
 from triton.backends.compiler import GPUTarget
 from triton.runtime.jit import JITFunction
 
+import ksfx
 import ksfx.ops.triton_op  # noqa: F401 - registers the op
 from ksfx.backend import KsfxCompiler
 from ksfx.backend import compile as compile_module
 from ksfx.backend.compile import EPILOGUE_FUSION
 from ksfx.codegen.census import compile_cubin
 from ksfx.config import config
-from ksfx.ops import triton_path
+from ksfx.ops import api, triton_path
 from ksfx.pattern import Chain, KSPattern
 from tests.test_fusion import ONE_LAUNCH, MonarchMLP, _assert_close, _dense_chain, assert_matches_eager, butterfly
 from tests.test_kernels import random_index_perm
@@ -209,6 +210,28 @@ def test_the_backend_hands_inductor_the_launches_of_a_ks_mlp_block(cuda_launches
     assert _launches(graphs[1])  # the backward's kernels, traced the same way
 
 
+def test_ks_linear_under_torch_compile_on_cuda_is_the_launches_too(cuda_launches_on_cpu, monkeypatch):
+    """ksfx's own layer calls the triton_op form when compiled with CUDA inputs, so plain
+    Inductor (no ksfx backend) launches its kernels as well; eager calls keep the custom op."""
+    monkeypatch.setattr(api, "launched_by_inductor", lambda x: torch.compiler.is_compiling())
+    torch.manual_seed(0)
+    layer = ksfx.KSLinear(butterfly(16))
+    x = torch.randn(5, 16)
+    graphs = []
+
+    def keep(gm, example_inputs):
+        graphs.append(gm)
+        return make_boxed_func(gm)
+
+    y = torch.compile(layer, backend=aot_autograd(fw_compiler=keep, bw_compiler=keep))(x)
+    assert len(_launches(graphs[0])) == 1  # the fused butterfly
+    assert not [n for n in graphs[0].graph.nodes if "ksfx" in str(n.target)]
+    with monkeypatch.context() as plain:
+        plain.setattr(config, "interpret", False)  # eager reference on the plain-torch path
+        y_eager = layer(x)
+    assert_matches_eager(y, y_eager, list(layer.parameters()))
+
+
 def test_a_failing_inner_compile_falls_back_to_the_custom_op(monkeypatch):
     """Should the inner compiler reject the launches, the same chains compile as ``ks_chain`` calls."""
     monkeypatch.setattr(compile_module, "_device_type", lambda example_inputs: "cuda")
@@ -333,6 +356,16 @@ def test_cuda_inductor_runs_the_ks_mlp_block_like_eager(options, dtype):
         torch.testing.assert_close(y, y_eager, rtol=tol, atol=tol)
     assert not reports[0].note, reports[0].note  # no fallback to the custom op
     assert_matches_eager(y, y_eager, list(model.parameters()), tol, grad_tol=4 * tol)
+
+
+@cuda
+def test_cuda_ks_linear_compiled_by_plain_inductor_equals_eager():
+    torch.manual_seed(0)
+    layer = ksfx.KSLinear(butterfly(256)).cuda()
+    x = torch.randn(300, 256, device="cuda")
+    torch._dynamo.reset()
+    y = torch.compile(layer)(x)
+    assert_matches_eager(y, layer(x), list(layer.parameters()))
 
 
 AOTI_LOADER = """
