@@ -223,13 +223,18 @@ def test_ks_linear_under_torch_compile_on_cuda_is_the_launches_too(cuda_launches
         graphs.append(gm)
         return make_boxed_func(gm)
 
-    y = torch.compile(layer, backend=aot_autograd(fw_compiler=keep, bw_compiler=keep))(x)
-    assert len(_launches(graphs[0])) == 1  # the fused butterfly
-    assert not [n for n in graphs[0].graph.nodes if "ksfx" in str(n.target)]
-    with monkeypatch.context() as plain:
-        plain.setattr(config, "interpret", False)  # eager reference on the plain-torch path
-        y_eager = layer(x)
-    assert_matches_eager(y, y_eager, list(layer.parameters()))
+    inner = aot_autograd(fw_compiler=keep, bw_compiler=keep)
+    for backend in (inner, KsfxCompiler(inner=inner)):  # plain AOT, then through the ksfx backend
+        graphs.clear()
+        torch._dynamo.reset()
+        y = torch.compile(layer, backend=backend)(x)
+        with monkeypatch.context() as plain:
+            plain.setattr(config, "interpret", False)  # eager reference on the plain-torch path
+            y_eager = layer(x)
+        assert len(_launches(graphs[0])) == 1  # the fused butterfly
+        assert not [n for n in graphs[0].graph.nodes if "ksfx" in str(n.target)]
+        assert_matches_eager(y, y_eager, list(layer.parameters()))
+        assert _launches(graphs[1])
 
 
 def test_a_failing_inner_compile_falls_back_to_the_custom_op(monkeypatch):
