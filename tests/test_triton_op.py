@@ -28,7 +28,7 @@ from ksfx.backend import compile as compile_module
 from ksfx.backend.compile import EPILOGUE_FUSION
 from ksfx.codegen.census import compile_cubin
 from ksfx.config import config
-from ksfx.ops import api, triton_path
+from ksfx.ops import triton_path
 from ksfx.pattern import Chain, KSPattern
 from tests.test_fusion import ONE_LAUNCH, MonarchMLP, _assert_close, _dense_chain, assert_matches_eager, butterfly
 from tests.test_kernels import random_index_perm
@@ -210,10 +210,10 @@ def test_the_backend_hands_inductor_the_launches_of_a_ks_mlp_block(cuda_launches
     assert _launches(graphs[1])  # the backward's kernels, traced the same way
 
 
-def test_ks_linear_under_torch_compile_on_cuda_is_the_launches_too(cuda_launches_on_cpu, monkeypatch):
-    """ksfx's own layer calls the triton_op form when compiled with CUDA inputs, so plain
-    Inductor (no ksfx backend) launches its kernels as well; eager calls keep the custom op."""
-    monkeypatch.setattr(api, "launched_by_inductor", lambda x: torch.compiler.is_compiling())
+def test_ks_linear_under_the_backend_on_cuda_is_the_launches_too(cuda_launches_on_cpu, monkeypatch):
+    """ksfx's own layer calls the chain op itself, so the pass has nothing to rewrite; on
+    CUDA the backend still hands Inductor its launches. Plain AOT keeps the opaque op."""
+    monkeypatch.setattr(compile_module, "_device_type", lambda example_inputs: "cuda")
     torch.manual_seed(0)
     layer = ksfx.KSLinear(butterfly(16))
     x = torch.randn(5, 16)
@@ -224,17 +224,16 @@ def test_ks_linear_under_torch_compile_on_cuda_is_the_launches_too(cuda_launches
         return make_boxed_func(gm)
 
     inner = aot_autograd(fw_compiler=keep, bw_compiler=keep)
-    for backend in (inner, KsfxCompiler(inner=inner)):  # plain AOT, then through the ksfx backend
+    for backend, launches in ((inner, 0), (KsfxCompiler(inner=inner), 1)):  # 1: the fused butterfly
         graphs.clear()
         torch._dynamo.reset()
         y = torch.compile(layer, backend=backend)(x)
+        assert len(_launches(graphs[0])) == launches
+        assert bool([n for n in graphs[0].graph.nodes if "ksfx" in str(n.target)]) == (launches == 0)
         with monkeypatch.context() as plain:
             plain.setattr(config, "interpret", False)  # eager reference on the plain-torch path
             y_eager = layer(x)
-        assert len(_launches(graphs[0])) == 1  # the fused butterfly
-        assert not [n for n in graphs[0].graph.nodes if "ksfx" in str(n.target)]
         assert_matches_eager(y, y_eager, list(layer.parameters()))
-        assert _launches(graphs[1])
 
 
 def test_a_failing_inner_compile_falls_back_to_the_custom_op(monkeypatch):
@@ -364,12 +363,14 @@ def test_cuda_inductor_runs_the_ks_mlp_block_like_eager(options, dtype):
 
 
 @cuda
-def test_cuda_ks_linear_compiled_by_plain_inductor_equals_eager():
+@pytest.mark.parametrize("backend", ["inductor", "ksfx"])
+def test_cuda_compiled_ks_linear_equals_eager(backend):
+    """Plain Inductor (the opaque op) and backend="ksfx" (the launches)."""
     torch.manual_seed(0)
     layer = ksfx.KSLinear(butterfly(256)).cuda()
     x = torch.randn(300, 256, device="cuda")
     torch._dynamo.reset()
-    y = torch.compile(layer)(x)
+    y = torch.compile(layer, backend=backend)(x)
     assert_matches_eager(y, layer(x), list(layer.parameters()))
 
 

@@ -310,9 +310,12 @@ class KsfxCompiler:
             log.warning("ksfx: graph %d %s", report.index, report.note, exc_info=True)
             return inner(gm, example_inputs)
         rewritten = [c for c in report.chains if c.rewritten]
-        if not rewritten:
+        launch = device_type == "cuda" and self.cuda == "triton_op"
+        if not rewritten:  # chains the model itself calls (ks_matmul, KSLinear) launch the same way
+            if launch and retarget(gm, LAUNCHED_BY_INDUCTOR):
+                return self._compile(inner, gm, example_inputs, report)
             return inner(gm, example_inputs)
-        launched = device_type == "cuda" and self.cuda == "triton_op" and retarget(aten_gm, LAUNCHED_BY_INDUCTOR)
+        launched = launch and retarget(aten_gm, LAUNCHED_BY_INDUCTOR)
         report.code = aten_gm.code
         if inline:  # the chains become aten ops Inductor fuses with their neighbours
             aten_gm = lower(aten_gm, example_inputs, INLINE_ON_CPU)

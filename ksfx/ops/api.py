@@ -6,8 +6,6 @@ from collections.abc import Sequence
 
 import torch
 
-import ksfx.ops.triton_op  # noqa: F401 - registers ksfx::ks_chain_triton
-from ksfx.config import config
 from ksfx.pattern import Chain, KSPattern
 
 
@@ -82,7 +80,8 @@ def ks_matmul(
     ``chain`` may describe permutations between the factors; by default it is the plain
     product of the factors. Differentiable in ``x``, every factor and ``bias``. Factor
     sizes and dtypes are checked by the op itself (also at compile time, by its fake).
-    Compiled with CUDA inputs it is the ``triton_op`` form, whose kernels Inductor launches.
+    Under ``backend="ksfx"`` with CUDA inputs the call becomes the ``triton_op`` form,
+    whose kernels Inductor launches (:mod:`ksfx.ops.triton_op`).
     """
     factors = list(factors)
     if chain is None:
@@ -105,13 +104,5 @@ def ks_matmul(
                 f"the chain {_chain_name(spec)} takes {in_features} (batch-first: last dimension)"
             )
         x2d = x.reshape(-1, in_features)
-    op = torch.ops.ksfx.ks_chain_triton if launched_by_inductor(x) else torch.ops.ksfx.ks_chain
-    y = op(x2d, factors, spec, batch_last, bias, 0)
+    y = torch.ops.ksfx.ks_chain(x2d, factors, spec, batch_last, bias, 0)
     return y if batch_last else y.reshape(*x.shape[:-1], out_features)
-
-
-def launched_by_inductor(x: torch.Tensor) -> bool:
-    """Whether a call on ``x`` should be the ``triton_op`` form (:mod:`ksfx.ops.triton_op`):
-    CUDA tensors under torch.compile, whose AOT tracing turns it into the kernel launches;
-    eager calls and the interpreter (whose kernels cannot be traced) take the custom op."""
-    return x.is_cuda and not config.interpret and torch.compiler.is_compiling()

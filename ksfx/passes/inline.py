@@ -16,8 +16,12 @@ from ksfx.ops.aten_chain import chain_as_aten
 
 INLINE_ON_CPU = {torch.ops.ksfx.ks_chain.default: chain_as_aten}
 
-#: The chain op's twins of the same schema, one way and back.
-LAUNCHED_BY_INDUCTOR = {torch.ops.ksfx.ks_chain.default: torch.ops.ksfx.ks_chain_triton.default}
+#: The chain op's twins of the same schema, one way and back (overloads in aten graphs,
+#: packets in Dynamo's: ``ks_matmul`` calls the packet).
+LAUNCHED_BY_INDUCTOR = {
+    torch.ops.ksfx.ks_chain.default: torch.ops.ksfx.ks_chain_triton.default,
+    torch.ops.ksfx.ks_chain: torch.ops.ksfx.ks_chain_triton,
+}
 AS_CUSTOM_OP = {twin: op for op, twin in LAUNCHED_BY_INDUCTOR.items()}
 
 
