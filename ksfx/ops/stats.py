@@ -2,31 +2,26 @@
 
 from __future__ import annotations
 
-import contextlib
 import threading
 from collections import Counter
 
+from ksfx.ops.thread_flag import ThreadFlag
+
 _lock = threading.Lock()
 _counts: Counter[str] = Counter()
-_paused = threading.local()
+_paused = ThreadFlag()
 
 
 def record(name: str, launches: int = 1) -> None:
-    if getattr(_paused, "on", False):
+    if _paused:
         return
     with _lock:
         _counts[name] += launches
 
 
-@contextlib.contextmanager
 def paused():
     """Count nothing (in this thread): a traced op body plans launches, it runs none."""
-    previous = getattr(_paused, "on", False)
-    _paused.on = True
-    try:
-        yield
-    finally:
-        _paused.on = previous
+    return _paused.on()
 
 
 def stats(reset: bool = False) -> dict[str, int]:

@@ -32,6 +32,7 @@ from ksfx.codegen.tiling import (
 from ksfx.codegen.tuning import forward_config_space
 from ksfx.config import config
 from ksfx.ops import torch_path
+from ksfx.ops.thread_flag import ThreadFlag
 from ksfx.pattern import FactorStep, IndexPerm, Perm
 
 #: Offsets beyond this need 64-bit index arithmetic in the kernels.
@@ -70,36 +71,26 @@ def _launch_guard(device: torch.device):
 
 
 # ----------------------------------------------------------------------------- traced launches
-_TRACEABLE = threading.local()
+_TRACEABLE = ThreadFlag()
 
 
-@contextlib.contextmanager
 def traceable_launches():
     """Launch through ``torch.library.wrap_triton`` (inside a ``triton_op``'s body).
 
     AOT tracing then records each launch as a graph node that Inductor compiles and
     launches itself; outside a trace ``wrap_triton`` hands back the kernel unchanged.
     """
-    previous = getattr(_TRACEABLE, "on", False)
-    _TRACEABLE.on = True
-    try:
-        yield
-    finally:
-        _TRACEABLE.on = previous
+    return _TRACEABLE.on()
 
 
 def _launcher(kernel):
-    return torch.library.wrap_triton(kernel) if _traceable() else kernel
-
-
-def _traceable() -> bool:
-    return getattr(_TRACEABLE, "on", False)
+    return torch.library.wrap_triton(kernel) if _TRACEABLE else kernel
 
 
 def _unused(like: torch.Tensor) -> torch.Tensor:
     """What an unused pointer argument gets: ``like`` itself, or an empty tensor of its
     dtype in a trace, where aliasing the output would make it look read or written."""
-    return like.new_empty(0) if _traceable() else like
+    return like.new_empty(0) if _TRACEABLE else like
 
 
 def _under_fake_mode() -> bool:
