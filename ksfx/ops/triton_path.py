@@ -119,9 +119,7 @@ def _table(perm: IndexPerm, device: torch.device) -> torch.Tensor:
     """Device copy of an index table (int32), made once per permutation and device; made
     afresh under a trace, whose fake tensor must not outlive it (the trace keeps it as a
     constant)."""
-    if _under_fake_mode():
-        return perm.indices().to(device=device, dtype=torch.int32)
-    return _cached_table(perm, device)
+    return (_cached_table.__wrapped__ if _under_fake_mode() else _cached_table)(perm, device)
 
 
 def _tables(step: FactorStep, device: torch.device, dummy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
