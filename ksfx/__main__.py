@@ -66,13 +66,14 @@ def _kernels(args) -> int:
         return 0
     print(f"{chain}, {args.dtype} {args.layout}, batch {args.batch}, {args.target}, roofline on {device.name}")
     print(
-        "kind          step                         mode  regs spill smem_kB  wgmma  mma  ffma  ld wide/all"
+        "kind          step                         mode  regs spill/loop smem_kB  wgmma  mma  ffma  ld wide/all"
         "  st wide/all  model/min  roofline_us  problems"
     )
     for r in reports:
         model = "-" if r["model_ratio"] is None else f"{r['model_ratio']:.2f}"
         print(
-            f"{r['kind']:<13} {r['step'][:28]:<28} {r['mode']:<5} {r['registers']:>4} {r['spills']:>5} "
+            f"{r['kind']:<13} {r['step'][:28]:<28} {r['mode']:<5} {r['registers']:>4} "
+            f"{r['spills']:>5}/{r['loop_spills']:<4} "
             f"{r['shared_bytes'] / 1024:>7.1f} {r['hgmma']:>6} {r['hmma']:>4} {r['ffma']:>5} "
             f"{r['wide_loads']:>5}/{r['global_loads']:<5} {r['wide_stores']:>5}/{r['global_stores']:<5} "
             f"{model:>9} {r['roofline_us']:>12.1f}  {'; '.join(r['problems']) or 'ok'}"

@@ -220,6 +220,18 @@ def test_grad_values_matches_dense(device, pattern, batch_last, dtype):
     assert_close(grad, dense_grad_values(step, dy, x, values, batch_last), dtype)
 
 
+def test_grad_values_on_a_wgmma_tile_taller_than_the_block(device):
+    """16-bit weight gradients of a block with 48 <= b < 64 rows take a masked 64-row β tile
+    (one wgmma) rather than a dividing 16-row one."""
+    pattern = (2, 48, 16, 4)
+    assert grad_heuristic(KSPattern(*pattern), 37, 2, False, 132).block_n == 64
+    step = with_perms(pattern, "both")
+    x, values = make(pattern, 37, False, torch.bfloat16, device)
+    dy = torch.randn(37, step.pattern.out_features).to(device, torch.bfloat16)
+    grad = triton_path.factor_grad_values(dy, x, step, False)
+    assert_close(grad, dense_grad_values(step, dy, x, values, False), torch.bfloat16)
+
+
 @pytest.mark.parametrize("pattern", [(2, 16, 24, 3), (4, 2, 2, 8)], ids=str)
 @pytest.mark.parametrize("splits", [1, 3])
 def test_grad_values_batch_splits(device, pattern, splits):

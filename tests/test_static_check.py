@@ -155,7 +155,26 @@ def test_census_counts_by_width():
     assert (counted.global_loads, counted.wide_loads, counted.spills) == (8, 7, 1)
     assert (counted.global_stores, counted.wide_stores) == (2, 2)
     line = "        /*0a30*/  @!P0 LDG.E.128 R4, desc[UR6][R2.64] ;"
-    assert sass._OPCODE.match(line).group(1) == "LDG.E.128"
+    assert sass._OPCODE.match(line).groups() == ("0a30", "LDG.E.128", None)
+
+
+def test_loop_spills_are_those_between_a_backward_branch_and_its_target():
+    """A register parked across the loop (store before, load after) is not a loop spill; a
+    spill in the body is, and a forward branch or the trailing self-loop makes no loop."""
+    sass_text = """
+        /*0400*/                   STL [R1], R8 ;
+        /*0880*/                   LDG.E.128 R4, desc[UR6][R2.64] ;
+        /*0890*/                   STL.64 [R1+0x8], R4 ;
+        /*08a0*/               @P0 BRA 0x8c0 ;
+        /*08b0*/                   LDL R6, [R1+0x8] ;
+        /*08c0*/               @P1 BRA 0x880 ;
+        /*08d0*/                   LDL.LU R46, [R1] ;
+        /*08e0*/                   EXIT ;
+        /*08f0*/                   BRA 0x8f0;
+    """
+    instructions = [m.groups() for line in sass_text.splitlines() if (m := sass._OPCODE.match(line))]
+    assert [op for _, op, _ in instructions][-1] == "BRA" and instructions[3][2] == "8c0"
+    assert sass.loop_spills(instructions) == 2
 
 
 def test_cli_json_and_dump_dir(tmp_path):

@@ -31,7 +31,7 @@ POINTER_TYPES = {
     torch.int32: "i32",
     torch.int64: "i64",
 }
-_OPCODE = re.compile(r"^\s*/\*[0-9a-f]+\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_.]*)")
+_OPCODE = re.compile(r"^\s*/\*([0-9a-f]+)\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_.]*)(?:\s+`?\(?0x([0-9a-f]+))?")
 _WIDE = re.compile(r"\.(64|128)(\.|$)")
 
 
@@ -43,6 +43,8 @@ class Census:
     local_bytes: int  # per-thread local memory (spill space) reported by ptxas
     shared_bytes: int
     ops: dict[str, int] = field(default_factory=dict)
+    #: Local-memory instructions inside a loop (between a backward branch and its target).
+    loop_spills: int = 0
 
     def count(self, *prefixes: str) -> int:
         return sum(n for op, n in self.ops.items() if op.startswith(prefixes))
@@ -78,6 +80,7 @@ class Census:
         return {
             "registers": self.registers,
             "spills": self.spills,
+            "loop_spills": self.loop_spills,
             "local_bytes": self.local_bytes,
             "shared_bytes": self.shared_bytes,
             "hgmma": self.count("HGMMA"),
@@ -153,12 +156,33 @@ def census(cubin: bytes, shared_bytes: int) -> Census:
         sass = _run("cuobjdump", "-sass", handle.name)
     registers = re.search(r"REG:(\d+)", usage)
     local = re.search(r"LOCAL:(\d+)", usage)
-    ops = Counter(m.group(1) for line in sass.splitlines() if (m := _OPCODE.match(line)))
+    instructions = [m.groups() for line in sass.splitlines() if (m := _OPCODE.match(line))]
     return Census(
         registers=int(registers.group(1)) if registers else 0,
         local_bytes=int(local.group(1)) if local else 0,
         shared_bytes=shared_bytes,
-        ops=dict(sorted(ops.items())),
+        ops=dict(sorted(Counter(op for _, op, _ in instructions).items())),
+        loop_spills=loop_spills(instructions),
+    )
+
+
+def loop_spills(instructions: list[tuple[str, str, str | None]]) -> int:
+    """Local-memory instructions that run once per loop iteration.
+
+    ``instructions`` are ``(address, opcode, branch target or None)`` in hex, in program
+    order. A loop is the span from a backward branch's target to the branch. A register
+    that ptxas parks in local memory across the main loop (one store before it, one load
+    after) costs a program two instructions; a spill inside the loop costs them per trip.
+    """
+    loops = [
+        (int(target, 16), int(address, 16))
+        for address, op, target in instructions
+        if op.startswith("BRA") and target is not None and int(target, 16) < int(address, 16)
+    ]
+    return sum(
+        any(start <= int(address, 16) <= end for start, end in loops)
+        for address, op, _ in instructions
+        if op.startswith(("LDL", "STL"))
     )
 
 

@@ -23,6 +23,8 @@ from ksfx.pattern import KSPattern
 
 #: ``tl.dot`` needs every tile dimension >= 16.
 MIN_DOT = 16
+#: Accumulator rows of one wgmma (a warp group); a shorter tile compiles to mma.sync.
+WGMMA_ROWS = 64
 
 
 @dataclass(frozen=True)
@@ -142,7 +144,10 @@ def forward_heuristic(pattern: KSPattern, n: int, itemsize: int, batch_last: boo
         ):
             block_m //= 2
         # fp32 dots on the FMA path hold their operand tiles in registers: 4 warps spill at 64 x 128.
-        num_warps = 8 if block_m * block_n >= (128 * 128 if itemsize <= 2 else 64 * 128) else 4
+        # So do x tiles loaded element by element (batch-first γ runs not 16-byte multiples).
+        narrow = not batch_last and pattern.c * itemsize % 16 != 0
+        wide_tile = 64 * 128 if itemsize > 2 or narrow else 128 * 128
+        num_warps = 8 if block_m * block_n >= wide_tile else 4
         return TileConfig(block_m, block_n, block_k, num_warps=num_warps, num_stages=3)
     rows = pattern.out_features
     if batch_last:
@@ -199,7 +204,11 @@ def grad_heuristic(pattern: KSPattern, n: int, itemsize: int, batch_last: bool, 
         budget = (DOT3_ACC if itemsize <= 2 else DOT3_ACC // 2) // width
         # Each δ's accumulator is [β, γ]: 64 β rows make one wgmma tile (fewer fall back to
         # mma.sync), so the γ tile gives way first; a deep δ tile takes a shorter batch step.
+        # 16-bit: a masked 64-row β tile rather than a dividing one of 16 or 32 rows (at most
+        # a quarter of its rows idle for b >= 48), as the mask leaves the (β, δ) runs wide.
         block_n = _dividing_pow2(pattern.b, 64)
+        if itemsize <= 2 and pattern.b >= WGMMA_ROWS * 3 // 4:
+            block_n = max(block_n, WGMMA_ROWS)
         block_k = max(MIN_DOT, min(_dividing_pow2(pattern.c, 64), budget // block_n))
         block_m = 32 if itemsize > 2 or pattern.d % width or width > 2 else 64
         warps = 8 if width * block_n * block_k >= 8192 else 4
