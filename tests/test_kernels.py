@@ -450,3 +450,19 @@ def test_64_bit_index_variant(triton_interpret, monkeypatch, pattern):
     dy = torch.randn(19, step.pattern.out_features)
     grad = triton_path.factor_grad_values(dy, x, step, False)
     assert_close(grad, dense_grad_values(step, dy, x, values, False), torch.float32)
+
+
+@pytest.mark.parametrize(
+    ("shape", "order", "strides"),
+    [
+        ((2, 17, 33, 1), (0, 1, 2, 3), (816, 48, 1, 1)),  # gamma rows of 33 padded to 48; delta = 1 has none
+        ((1, 906, 448, 4), (0, 3, 2, 1), (4 * 448 * 912, 1, 912, 448 * 912)),  # beta rows of 906 padded to 912
+        ((1, 448, 906, 4), (0, 3, 2, 1), (448 * 906 * 4, 1, 448, 448 * 906)),  # aligned: only re-laid out
+    ],
+)
+def test_values_rows_are_padded_for_runtime_strided_kernels(shape, order, strides):
+    """The dot kernel's values copy pads the innermost rows to 16 elements (Triton's
+    divisibility hint); the values read through the strides are unchanged."""
+    values = torch.randn(shape)
+    laid = triton_path._laid_out(values, order, align=True)
+    assert laid.stride() == strides and torch.equal(laid, values)

@@ -237,13 +237,31 @@ def factor_forward(
     return y
 
 
-def _laid_out(values: torch.Tensor, order: tuple[int, ...]) -> torch.Tensor:
-    """``values`` (same shape) stored in dimension ``order``; a copy only when they are not."""
+#: Row length (elements) that the values' rows are padded to for kernels reading them through
+#: runtime strides: Triton hints an int argument's divisibility by 16 only, which makes the
+#: rows 16-byte aligned whatever the dtype.
+ALIGN_ELEMENTS = 16
+
+
+def _laid_out(values: torch.Tensor, order: tuple[int, ...], align: bool = False) -> torch.Tensor:
+    """``values`` (same shape) stored in dimension ``order``; a copy only when they are not.
+
+    ``align`` (kernels that read the values through their runtime strides): rows of the
+    innermost dimension padded to a multiple of :data:`ALIGN_ELEMENTS`, so that the stride
+    carries Triton's divisibility hint and the runs load wide. The padding is never read.
+    """
     stored = values.permute(order)
-    if stored.is_contiguous():
+    sizes = list(stored.shape)
+    inner = max((k for k, size in enumerate(sizes) if size > 1), default=0)  # trailing sizes of 1 have no rows
+    row = cdiv(sizes[inner], ALIGN_ELEMENTS) * ALIGN_ELEMENTS
+    aligned = not align or inner == 0 or sizes[inner] == row
+    if stored.is_contiguous() and aligned:
         return values
     inverse = tuple(order.index(dim) for dim in range(len(order)))
-    return stored.contiguous().permute(inverse)
+    if aligned:
+        return stored.contiguous().permute(inverse)
+    padded = stored.new_empty(sizes[:inner] + [row] + sizes[inner + 1 :]).narrow(inner, 0, sizes[inner])
+    return padded.copy_(stored).permute(inverse)
 
 
 def forward_arguments(x, values, y, step: FactorStep, batch_last: bool, bias=None) -> tuple[tuple, dict]:
@@ -251,7 +269,7 @@ def forward_arguments(x, values, y, step: FactorStep, batch_last: bool, bias=Non
     pattern = step.pattern
     if bias is not None:
         bias = bias.contiguous()
-    values = _laid_out(values, values_order(pattern, batch_last))
+    values = _laid_out(values, values_order(pattern, batch_last), align=kernel_mode(pattern, batch_last) == "dot")
     n, stride_xm, stride_xf = _layout(x, batch_last)
     _, stride_ym, stride_yf = _layout(y, batch_last)
     in_table, out_table = _tables(step, x.device, y)
