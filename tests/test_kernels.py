@@ -461,8 +461,10 @@ def test_64_bit_index_variant(triton_interpret, monkeypatch, pattern):
     ],
 )
 def test_values_rows_are_padded_for_runtime_strided_kernels(shape, order, strides):
-    """The dot kernel's values copy pads the innermost rows to 16 elements (Triton's
-    divisibility hint); the values read through the strides are unchanged."""
+    """The dot kernel's values copy pads the innermost rows with zeros to 16 elements
+    (Triton's divisibility hint); the values read through the strides are unchanged."""
     values = torch.randn(shape)
     laid = triton_path._laid_out(values, order, align=True)
     assert laid.stride() == strides and torch.equal(laid, values)
+    storage = torch.as_strided(laid, (laid.untyped_storage().nbytes() // laid.element_size(),), (1,), 0)
+    assert storage.count_nonzero() == values.count_nonzero()  # the padding is zeros: the kernel reads it

@@ -24,8 +24,8 @@ from dataclasses import dataclass
 import sympy
 
 from ksfx.codegen import index_maps as im
-from ksfx.codegen.tiling import delta_tile, delta_tiles
-from ksfx.pattern import ROW, FactorStep
+from ksfx.codegen.tiling import delta_tile, delta_tiles, padded_row
+from ksfx.pattern import ROW, FactorStep, KSPattern
 
 # The kernels call no @jit helper of triton.language (tl.cdiv, tl.sum, tl.zeros, ...): when triton
 # was imported before TRITON_INTERPRET was set, those helpers are compiled-mode functions
@@ -98,15 +98,17 @@ def forward_dot(
         v_ptrs = v_ptr + {v_offset}
         # Static branches: a mask along a tile that divides its size would stop Triton
         # from vectorising the loads, so it is left out at compile time.
+        # The values' rows are padded with zeros to {row} (the launcher's copy): masked
+        # there, they load in aligned runs whatever the length of the block.
         if {c} % BLOCK_K == 0:
             x_tile = tl.load(x_ptrs, mask=mask_m[:, None], other=0.0)
             if {b} % BLOCK_N == 0:
                 v_tile = tl.load(v_ptrs)
             else:
-                v_tile = tl.load(v_ptrs, mask=mask_b[None, :], other=0.0)
+                v_tile = tl.load(v_ptrs, mask={v_mask_b}[None, :], other=0.0)
         else:
             x_tile = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-            v_tile = tl.load(v_ptrs, mask=mask_k[:, None] & mask_b[None, :], other=0.0)
+            v_tile = tl.load(v_ptrs, mask={v_mask_k}[:, None] & {v_mask_b}[None, :], other=0.0)
         acc = {dot}
 {epilogue}'''
 
@@ -382,6 +384,7 @@ def forward_source(step: FactorStep, mode: str, dtype: str, interpret: bool, pre
             delta=im.code(delta),
             x_feature=im.code(im.x_feature(step), mask="mask_k"),
             v_offset=im.code(im.value_offset(step, tile=True)),
+            **_padded_value_masks(p),
             dot=dot_code("x_tile", "v_tile", "acc", dtype, interpret, precision),
             epilogue=FORWARD_EPILOGUE.format(
                 y_feature=im.code(im.y_feature(step), mask="mask_b"), mask="mask_b", full=f"{p.b} % BLOCK_N == 0"
@@ -410,6 +413,14 @@ def forward_source(step: FactorStep, mode: str, dtype: str, interpret: bool, pre
     else:
         raise ValueError(f"unknown kernel mode {mode!r} (expected 'dot', 'dot3' or 'fma')")
     return HEADER.format(step=step) + body
+
+
+def _padded_value_masks(p: KSPattern) -> dict:
+    """``forward_dot``'s masks of a values tile ``[γ, β]``: the innermost of the two (β when
+    ``d > 1``, γ otherwise; :func:`~ksfx.codegen.tiling.values_order`) at its padded row."""
+    if p.d > 1:
+        return {"row": padded_row(p.b), "v_mask_b": f"(beta < {padded_row(p.b)})", "v_mask_k": "mask_k"}
+    return {"row": padded_row(p.c), "v_mask_b": "mask_b", "v_mask_k": f"(gamma < {padded_row(p.c)})"}
 
 
 def _dot3_sizes(step: FactorStep) -> dict:

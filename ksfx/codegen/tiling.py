@@ -90,6 +90,24 @@ def values_order(pattern: KSPattern, batch_last: bool) -> tuple[int, int, int, i
     return (0, 1, 2, 3)
 
 
+#: Row length (elements) the ``dot`` kernel's values are padded to, with zeros, by the launcher:
+#: Triton hints an int argument's divisibility by 16 only, and the kernel masks a values row
+#: at its padded length, so that a row of any length loads in aligned 16-element runs.
+VALUE_ROW_ALIGN = 16
+
+
+def padded_row(size: int) -> int:
+    return cdiv(size, VALUE_ROW_ALIGN) * VALUE_ROW_ALIGN
+
+
+def values_padded(pattern: KSPattern, batch_last: bool) -> bool:
+    """Whether the ``dot`` kernel's values rows (β with ``d > 1``, else γ, innermost in
+    :func:`values_order`) are padded, which copies the values."""
+    if kernel_mode(pattern, batch_last) != "dot":
+        return False
+    return (pattern.b if pattern.d > 1 else pattern.c) % VALUE_ROW_ALIGN != 0
+
+
 def delta_tile(pattern: KSPattern) -> int:
     """δ per ``dot3`` program: the largest power of two dividing ``d`` (so tiles never straddle
     a γ run), at most :data:`MAX_DELTA_TILE`; an odd ``d`` is covered by a masked tile."""

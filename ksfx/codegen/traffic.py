@@ -25,7 +25,7 @@ import torch
 
 from ksfx.codegen import index_maps as im
 from ksfx.codegen.fusion import dot_tiles
-from ksfx.codegen.tiling import TileConfig, cdiv, delta_tile, kernel_mode, next_pow2, values_order
+from ksfx.codegen.tiling import TileConfig, cdiv, delta_tile, kernel_mode, next_pow2, values_order, values_padded
 from ksfx.pattern import ALPHA, BETA, DELTA, GAMMA, ROW, FactorStep, IndexPerm, evaluate
 
 TABLE_ITEMSIZE = 4  # int32 index tables
@@ -150,7 +150,9 @@ def bytes_moved(
         y=int(y_units.sum()) * batch,
         tables=tables,
         lower_bound=p.min_bytes(n, itemsize),
-        relayout=0 if values_order(p, batch_last) == (0, 1, 2, 3) else 2 * p.nnz * itemsize,
+        relayout=0
+        if values_order(p, batch_last) == (0, 1, 2, 3) and not values_padded(p, batch_last)
+        else 2 * p.nnz * itemsize,
     )
 
 

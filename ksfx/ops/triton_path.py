@@ -27,6 +27,7 @@ from ksfx.codegen.tiling import (
     forward_programs,
     grad_heuristic,
     grad_programs_per_split,
+    padded_row,
     values_order,
 )
 from ksfx.codegen.tuning import forward_config_space
@@ -237,30 +238,23 @@ def factor_forward(
     return y
 
 
-#: Row length (elements) that the values' rows are padded to for kernels reading them through
-#: runtime strides: Triton hints an int argument's divisibility by 16 only, which makes the
-#: rows 16-byte aligned whatever the dtype.
-ALIGN_ELEMENTS = 16
-
-
 def _laid_out(values: torch.Tensor, order: tuple[int, ...], align: bool = False) -> torch.Tensor:
     """``values`` (same shape) stored in dimension ``order``; a copy only when they are not.
 
-    ``align`` (kernels that read the values through their runtime strides): rows of the
-    innermost dimension padded to a multiple of :data:`ALIGN_ELEMENTS`, so that the stride
-    carries Triton's divisibility hint and the runs load wide. The padding is never read.
+    ``align`` (the ``dot`` kernel): rows of the innermost dimension padded with zeros to
+    :func:`~ksfx.codegen.tiling.padded_row`, which the kernel reads up to (its mask).
     """
     stored = values.permute(order)
     sizes = list(stored.shape)
     inner = max((k for k, size in enumerate(sizes) if size > 1), default=0)  # trailing sizes of 1 have no rows
-    row = cdiv(sizes[inner], ALIGN_ELEMENTS) * ALIGN_ELEMENTS
+    row = padded_row(sizes[inner])
     aligned = not align or inner == 0 or sizes[inner] == row
     if stored.is_contiguous() and aligned:
         return values
     inverse = tuple(order.index(dim) for dim in range(len(order)))
     if aligned:
         return stored.contiguous().permute(inverse)
-    padded = stored.new_empty(sizes[:inner] + [row] + sizes[inner + 1 :]).narrow(inner, 0, sizes[inner])
+    padded = stored.new_zeros(sizes[:inner] + [row] + sizes[inner + 1 :]).narrow(inner, 0, sizes[inner])
     return padded.copy_(stored).permute(inverse)
 
 
