@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import ksfx
-from ksfx.codegen import KernelKey, TileConfig, cached_kernels, get_kernel, kernel_mode, traffic
+from ksfx.codegen import KernelKey, TileConfig, cached_kernels, get_kernel, kernel_mode, tiling, traffic
 from ksfx.codegen.tiling import forward_heuristic, grad_heuristic
 from ksfx.codegen.tuning import forward_config_space
 from ksfx.config import config
@@ -455,16 +455,17 @@ def test_64_bit_index_variant(triton_interpret, monkeypatch, pattern):
 @pytest.mark.parametrize(
     ("shape", "order", "strides"),
     [
-        ((2, 17, 33, 1), (0, 1, 2, 3), (816, 48, 1, 1)),  # gamma rows of 33 padded to 48; delta = 1 has none
+        ((2, 17, 33, 1), (0, 1, 2, 3), (816, 48, 1, 1)),  # gamma rows of 33 padded to 48 (d = 1)
         ((1, 906, 448, 4), (0, 3, 2, 1), (4 * 448 * 912, 1, 912, 448 * 912)),  # beta rows of 906 padded to 912
         ((1, 448, 906, 4), (0, 3, 2, 1), (448 * 906 * 4, 1, 448, 448 * 906)),  # aligned: only re-laid out
     ],
 )
-def test_values_rows_are_padded_for_runtime_strided_kernels(shape, order, strides):
+def test_values_rows_are_padded_for_the_dot_kernel(shape, order, strides):
     """The dot kernel's values copy pads the innermost rows with zeros to 16 elements
     (Triton's divisibility hint); the values read through the strides are unchanged."""
     values = torch.randn(shape)
-    laid = triton_path._laid_out(values, order, align=True)
+    assert tiling.values_order(KSPattern(*shape), True) == order
+    laid = triton_path._laid_out(values, order, tiling.values_rows(KSPattern(*shape), True))
     assert laid.stride() == strides and torch.equal(laid, values)
     storage = torch.as_strided(laid, (laid.untyped_storage().nbytes() // laid.element_size(),), (1,), 0)
     assert storage.count_nonzero() == values.count_nonzero()  # the padding is zeros: the kernel reads it

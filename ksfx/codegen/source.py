@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import sympy
 
 from ksfx.codegen import index_maps as im
-from ksfx.codegen.tiling import delta_tile, delta_tiles, padded_row
+from ksfx.codegen.tiling import delta_tile, delta_tiles, dot_values_rows, padded_row
 from ksfx.pattern import ROW, FactorStep, KSPattern
 
 # The kernels call no @jit helper of triton.language (tl.cdiv, tl.sum, tl.zeros, ...): when triton
@@ -418,7 +418,7 @@ def forward_source(step: FactorStep, mode: str, dtype: str, interpret: bool, pre
 def _padded_value_masks(p: KSPattern) -> dict:
     """``forward_dot``'s masks of a values tile ``[γ, β]``: the innermost of the two (β when
     ``d > 1``, γ otherwise; :func:`~ksfx.codegen.tiling.values_order`) at its padded row."""
-    if p.d > 1:
+    if dot_values_rows(p) == 1:
         return {"row": padded_row(p.b), "v_mask_b": f"(beta < {padded_row(p.b)})", "v_mask_k": "mask_k"}
     return {"row": padded_row(p.c), "v_mask_b": "mask_b", "v_mask_k": f"(gamma < {padded_row(p.c)})"}
 

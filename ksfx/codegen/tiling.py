@@ -100,12 +100,21 @@ def padded_row(size: int) -> int:
     return cdiv(size, VALUE_ROW_ALIGN) * VALUE_ROW_ALIGN
 
 
+def dot_values_rows(pattern: KSPattern) -> int:
+    """The dimension of ``(α, β, γ, δ)`` whose rows the ``dot`` kernel reads padded to
+    :func:`padded_row`: β with ``d > 1``, else γ (the innermost in :func:`values_order`)."""
+    return 1 if pattern.d > 1 else 2
+
+
+def values_rows(pattern: KSPattern, batch_last: bool) -> int | None:
+    """:func:`dot_values_rows` for a ``dot`` kernel; None for the others (rows as stored)."""
+    return dot_values_rows(pattern) if kernel_mode(pattern, batch_last) == "dot" else None
+
+
 def values_padded(pattern: KSPattern, batch_last: bool) -> bool:
-    """Whether the ``dot`` kernel's values rows (β with ``d > 1``, else γ, innermost in
-    :func:`values_order`) are padded, which copies the values."""
-    if kernel_mode(pattern, batch_last) != "dot":
-        return False
-    return (pattern.b if pattern.d > 1 else pattern.c) % VALUE_ROW_ALIGN != 0
+    """Whether the forward kernel's values rows are padded, which copies the values."""
+    dim = values_rows(pattern, batch_last)
+    return dim is not None and pattern.as_tuple()[dim] % VALUE_ROW_ALIGN != 0
 
 
 def delta_tile(pattern: KSPattern) -> int:

@@ -29,6 +29,7 @@ from ksfx.codegen.tiling import (
     grad_programs_per_split,
     padded_row,
     values_order,
+    values_rows,
 )
 from ksfx.codegen.tuning import forward_config_space
 from ksfx.config import config
@@ -238,24 +239,23 @@ def factor_forward(
     return y
 
 
-def _laid_out(values: torch.Tensor, order: tuple[int, ...], align: bool = False) -> torch.Tensor:
+def _laid_out(values: torch.Tensor, order: tuple[int, ...], rows: int | None = None) -> torch.Tensor:
     """``values`` (same shape) stored in dimension ``order``; a copy only when they are not.
 
-    ``align`` (the ``dot`` kernel): rows of the innermost dimension padded with zeros to
-    :func:`~ksfx.codegen.tiling.padded_row`, which the kernel reads up to (its mask).
+    ``rows`` (the ``dot`` kernel, :func:`~ksfx.codegen.tiling.values_rows`): that dimension,
+    the innermost of ``order``, padded with zeros to :func:`~ksfx.codegen.tiling.padded_row`,
+    which the kernel reads up to (its mask).
     """
     stored = values.permute(order)
-    sizes = list(stored.shape)
-    inner = max((k for k, size in enumerate(sizes) if size > 1), default=0)  # trailing sizes of 1 have no rows
-    row = padded_row(sizes[inner])
-    aligned = not align or inner == 0 or sizes[inner] == row
-    if stored.is_contiguous() and aligned:
-        return values
     inverse = tuple(order.index(dim) for dim in range(len(order)))
-    if aligned:
-        return stored.contiguous().permute(inverse)
-    padded = stored.new_zeros(sizes[:inner] + [row] + sizes[inner + 1 :]).narrow(inner, 0, sizes[inner])
-    return padded.copy_(stored).permute(inverse)
+    if rows is not None and values.shape[rows] != padded_row(values.shape[rows]):
+        inner = order.index(rows)
+        sizes = list(stored.shape)
+        padded = stored.new_zeros(sizes[:inner] + [padded_row(sizes[inner])] + sizes[inner + 1 :])
+        return padded.narrow(inner, 0, sizes[inner]).copy_(stored).permute(inverse)
+    if stored.is_contiguous():
+        return values
+    return stored.contiguous().permute(inverse)
 
 
 def forward_arguments(x, values, y, step: FactorStep, batch_last: bool, bias=None) -> tuple[tuple, dict]:
@@ -263,7 +263,7 @@ def forward_arguments(x, values, y, step: FactorStep, batch_last: bool, bias=Non
     pattern = step.pattern
     if bias is not None:
         bias = bias.contiguous()
-    values = _laid_out(values, values_order(pattern, batch_last), align=kernel_mode(pattern, batch_last) == "dot")
+    values = _laid_out(values, values_order(pattern, batch_last), values_rows(pattern, batch_last))
     n, stride_xm, stride_xf = _layout(x, batch_last)
     _, stride_ym, stride_yf = _layout(y, batch_last)
     in_table, out_table = _tables(step, x.device, y)
