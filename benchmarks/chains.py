@@ -12,7 +12,8 @@ chains), dtype and layout, the contenders run the same product:
 * ``dense``: ``x @ W.T`` / ``W @ x`` with ``W`` materialised (cuBLAS).
 
 Every output is checked against a float64 product. Each case records the bytes the traffic
-model gives for the fused segments and for the per-factor kernels (32-byte sectors), the
+model gives for the fused segments and for the per-factor kernels (32-byte sectors, from L2
+and from device memory), the
 least bytes ``|X| + |W| + |Y|`` and the roofline on the measured copy bandwidth, and the
 speed of ``fused`` over each other contender.
 """
@@ -85,22 +86,25 @@ def model_bytes(patterns, dtype: torch.dtype, batch_last: bool, n: int) -> dict:
     plan = split_chain(Chain(tuple(KSPattern(*p) for p in patterns)))
     itemsize = dtype.itemsize
 
-    def per_factor(step) -> int:
+    def per_factor(step) -> traffic.Traffic:
         tile = forward_heuristic(step.pattern, n, itemsize, batch_last, 132)
-        return traffic.bytes_moved(step, n, batch_last, tile, itemsize, sector=32).total
+        return traffic.bytes_moved(step, n, batch_last, tile, itemsize, sector=32)
 
-    fused = 0
+    fused = []
     for segment in segments(plan, batch_last):
         steps = on_chip_steps(plan[segment.start : segment.stop])
         if segment.fused:
             block_m = fused_tile(steps, n, batch_last).block_m
-            fused += traffic.segment_bytes(steps, n, batch_last, block_m, itemsize, sector=32).total
+            fused.append(traffic.segment_bytes(steps, n, batch_last, block_m, itemsize, sector=32))
         else:
-            fused += per_factor(steps[0])
+            fused.append(per_factor(steps[0]))
+    factors = [per_factor(s) for s in plan]
     least = traffic.segment_min_bytes(plan, n, itemsize)
-    return {
-        "fused_bytes": fused,
-        "per_factor_bytes": sum(per_factor(s) for s in plan),
+    return {  # from L2 (re-reads included) and from device memory
+        "fused_bytes": sum(t.total for t in fused),
+        "fused_dram_bytes": sum(t.dram for t in fused),
+        "per_factor_bytes": sum(t.total for t in factors),
+        "per_factor_dram_bytes": sum(t.dram for t in factors),
         "min_bytes": least,
         "segments": [[s.start, s.stop, s.fused] for s in segments(plan, batch_last)],
     }

@@ -214,7 +214,8 @@ def summarise_chains(path: Path) -> list[dict]:
     """Per chain case: fused over each contender, and the fraction of the roofline reached."""
     if not path.exists():
         return []
-    keep = ("key", "fused_speedup", "fused_roofline_fraction", "fused_bytes", "per_factor_bytes", "min_bytes", "failed")
+    keep = ("key", "fused_speedup", "fused_roofline_fraction", "fused_bytes", "fused_dram_bytes", "per_factor_bytes",
+            "per_factor_dram_bytes", "min_bytes", "failed")  # fmt: skip
     return [{k: case.get(k) for k in keep} for case in json.loads(path.read_text())["cases"]]
 
 

@@ -6,7 +6,8 @@ and the rewritten graphs.
 
 ``kernels``: compiles every kernel the op would launch for a chain for a GPU target (no
 GPU needed) and reports registers, spills, shared memory, the SASS census, the traffic
-model's bytes against ``|X| + |W| + |Y|`` and the roofline time on a named device::
+model's bytes (from L2, re-reads included, and from device memory) against
+``|X| + |W| + |Y|`` and the roofline time on a named device::
 
     python -m ksfx kernels --pattern 6,64,64,1 --pattern 1,768,192,2 --dtype bf16 --backward
 """
@@ -67,16 +68,17 @@ def _kernels(args) -> int:
     print(f"{chain}, {args.dtype} {args.layout}, batch {args.batch}, {args.target}, roofline on {device.name}")
     print(
         "kind          step                         mode  regs spill/loop smem_kB  wgmma  mma  ffma  ld wide/all"
-        "  st wide/all  model/min  roofline_us  problems"
+        "  st wide/all  L2/min dram/min  roofline_us  problems"
     )
     for r in reports:
         model = "-" if r["model_ratio"] is None else f"{r['model_ratio']:.2f}"
+        dram = "-" if r["dram_ratio"] is None else f"{r['dram_ratio']:.2f}"
         print(
             f"{r['kind']:<13} {r['step'][:28]:<28} {r['mode']:<5} {r['registers']:>4} "
             f"{r['spills']:>5}/{r['loop_spills']:<4} "
             f"{r['shared_bytes'] / 1024:>7.1f} {r['hgmma']:>6} {r['hmma']:>4} {r['ffma']:>5} "
             f"{r['wide_loads']:>5}/{r['global_loads']:<5} {r['wide_stores']:>5}/{r['global_stores']:<5} "
-            f"{model:>9} {r['roofline_us']:>12.1f}  {'; '.join(r['problems']) or 'ok'}"
+            f"{model:>7} {dram:>8} {r['roofline_us']:>12.1f}  {'; '.join(r['problems']) or 'ok'}"
         )
     return 0
 

@@ -429,6 +429,23 @@ def test_traffic_model_hand_computed():
     assert (t.x, t.values, t.y, t.tables) == (64 * 32 * 4, 128 * 4, 64 * 32 * 4, 64 * 2 * 4)
 
 
+def test_traffic_model_from_device_memory_counts_re_reads_once_while_values_fit_in_l2(monkeypatch):
+    # KS(2,32,16,1), batch-last fp32, n = 64, 32-row tiles of 16 β: from L2, x twice and the values twice.
+    step, cfg = FactorStep(KSPattern(2, 32, 16, 1)), TileConfig(32, 16, 16)
+    t = traffic.bytes_moved(step, 64, True, cfg, 4)
+    assert t.total == t.lower_bound + 2 * 16 * 64 * 4 + 2 * 32 * 16 * 4
+    assert t.dram == t.lower_bound and t.dram_ratio == 1.0
+    # Values over the L2 budget come from device memory once per batch tile, as from L2.
+    monkeypatch.setattr(traffic, "L2_RESIDENT_BYTES", 2 * 32 * 16 * 4 - 1)
+    t = traffic.bytes_moved(step, 64, True, cfg, 4)
+    assert t.dram == t.lower_bound + 2 * 32 * 16 * 4
+    # A fused segment: from device memory its input, its output and every value once.
+    steps = (FactorStep(KSPattern(1, 2, 2, 8)), FactorStep(KSPattern(8, 2, 2, 1)))
+    monkeypatch.undo()
+    t = traffic.segment_bytes(steps, 64, False, 16, 4)
+    assert t.values == 4 * (32 + 32) * 4 and t.dram == t.lower_bound == 4 * (64 * 32 + 64)
+
+
 @pytest.mark.parametrize("abcd", [(4, 1, 1, 1), (1, 1, 2, 4), (3, 4, 1, 1)])
 def test_traffic_model_handles_radix_one_digits(abcd):
     # b = 1 or d = 1 makes a row digit a constant; one tile covering everything is optimal.

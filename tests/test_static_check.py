@@ -75,6 +75,7 @@ def test_fused_tensor_core_segments_meet_the_bar(name, batch_last):
     assert report["hmma"] > 0 and not static_check.passes(report), static_check.passes(report)
     nnz = sum(KSPattern(*p).nnz for p in FUSED[name])
     assert report["model_bytes"] - report["min_bytes"] == (launch.programs - 1) * nnz * 2  # values once per tile
+    assert report["dram_bytes"] == report["min_bytes"]  # from device memory: each byte once
 
 
 def test_a_segment_mixing_block_sizes_compiles_for_sm90():
@@ -99,6 +100,8 @@ def test_batch_first_d_above_one_runs_the_delta_tiled_kernel():
     assert report["min_bytes"] == x + y + w
     tiles_m = -(-25088 // report["tile"]["BLOCK_M"])
     assert report["model_bytes"] == 6 * x + y + tiles_m * w
+    # From device memory each operand once (the δ-tiled kernel reads the values as stored).
+    assert report["dram_bytes"] == x + y + w
 
 
 def _identity(key) -> tuple:

@@ -1,12 +1,20 @@
 """Analytic global-memory traffic of a forward launch, next to the lower bound.
 
-The model counts, for every program of the grid, the distinct elements it loads or
-stores (a program that reads the same address twice is assumed to hit in L1), summed
-over programs (re-reads by *different* programs count again, even if L2 serves them).
-So it sees what the tiling costs: ``x`` re-read once per β tile, the values re-read
-once per batch tile, index tables read per program, ``y`` written once, and the copy of
-the values into the order the kernel loads (:func:`~ksfx.codegen.tiling.values_order`). The lower
-bound is ``|X| + |W| + |Y|`` (:meth:`KSPattern.min_bytes`).
+Two levels, because the re-reads of a tiling are served by L2, not device memory:
+
+* **from L2** (:attr:`Traffic.total`): for every program of the grid, the distinct
+  elements it loads or stores (a program that reads the same address twice is assumed
+  to hit in L1), summed over programs, so re-reads by *different* programs count again.
+  It sees what the tiling costs: ``x`` re-read once per β tile, the values re-read once
+  per batch tile, index tables read per program, ``y`` written once, and the copy of the
+  values into the order the kernel loads (:func:`~ksfx.codegen.tiling.values_order`).
+* **from device memory** (:attr:`Traffic.dram`): each operand's distinct bytes once.
+  That holds where the re-read data stays in L2 between its readers: the values, read
+  by every batch tile, while they fit :data:`L2_RESIDENT_BYTES` (else they count per
+  batch tile, as from L2); ``x``, whose re-readers (the β tiles and groups of one batch
+  tile) are consecutive programs of the grid.
+
+The lower bound is ``|X| + |W| + |Y|`` (:meth:`KSPattern.min_bytes`).
 
 With ``sector=32`` the count is in 32-byte sectors along the contiguous axis, which is
 where the layout matters: batch-first reads of ``x'[:, col(α, γ, δ)]`` with ``d > 1``
@@ -29,11 +37,15 @@ from ksfx.codegen.tiling import TileConfig, cdiv, delta_tile, kernel_mode, next_
 from ksfx.pattern import ALPHA, BETA, DELTA, GAMMA, ROW, FactorStep, IndexPerm, evaluate
 
 TABLE_ITEMSIZE = 4  # int32 index tables
+#: Values that stay in L2 between the batch tiles that re-read them: half the 50 MB L2 of an
+#: H100 SXM (NVIDIA, "NVIDIA Hopper Architecture In-Depth"), leaving the other half to the
+#: streamed ``x`` and ``y`` tiles. An assumption until a GPU run measures where reuse ends.
+L2_RESIDENT_BYTES = 25 * 2**20
 
 
 @dataclass(frozen=True)
 class Traffic:
-    """Bytes moved by one forward launch, per operand."""
+    """Bytes moved by one forward launch: per operand from L2, and in all from device memory."""
 
     x: int
     values: int
@@ -41,15 +53,22 @@ class Traffic:
     tables: int
     lower_bound: int
     relayout: int = 0  # values copied into the order the kernel loads (read + write of |W|)
+    dram: int = 0  # from device memory (see module doc)
 
     @property
     def total(self) -> int:
+        """Bytes the programs fetch from L2 and store, re-reads included."""
         return self.x + self.values + self.y + self.tables + self.relayout
 
     @property
     def ratio(self) -> float:
         """``total / lower_bound`` (1.0 is optimal)."""
         return self.total / self.lower_bound
+
+    @property
+    def dram_ratio(self) -> float:
+        """``dram / lower_bound``."""
+        return self.dram / self.lower_bound
 
 
 def _features(expr: im.FeatureExpr, step: FactorStep, env: dict) -> torch.Tensor:
@@ -72,6 +91,17 @@ def _units(features: torch.Tensor, valid: torch.Tensor, itemsize: int, sector: i
     if sector and not batch_last:
         return _distinct((features * itemsize) // sector, valid)
     return _distinct(features, valid)
+
+
+def _all_units(features: int, itemsize: int, sector: int, batch_last: bool) -> int:
+    """Units (features or sectors) of a whole feature vector, each feature once."""
+    every = torch.arange(features)[None, :]
+    return int(_units(every, torch.ones_like(every, dtype=torch.bool), itemsize, sector, batch_last).sum())
+
+
+def _resident_values(nnz: int, itemsize: int, re_read: int) -> int:
+    """Device-memory bytes of values re-read by every batch tile (``re_read`` bytes from L2)."""
+    return nnz * itemsize if nnz * itemsize <= L2_RESIDENT_BYTES else re_read
 
 
 def _batch_bytes(n: int, block_m: int, itemsize: int, sector: int, batch_last: bool) -> int:
@@ -139,20 +169,27 @@ def bytes_moved(
         x_lookups = p.c * int(valid.sum())
     y_units = _units(y_feat, y_valid, itemsize, sector, batch_last)
     batch = _batch_bytes(n, cfg.block_m, itemsize, sector, batch_last)
-    tables = 0
+    tables = table_once = 0
     if step.in_perm is not None and not isinstance(im.x_feature(step), sympy.Expr):
         tables += tiles_m * x_lookups * TABLE_ITEMSIZE
+        table_once += p.in_features * TABLE_ITEMSIZE
     if step.out_perm is not None and not isinstance(im.y_feature(step), sympy.Expr):
         tables += tiles_m * int(y_valid.sum()) * TABLE_ITEMSIZE
+        table_once += p.out_features * TABLE_ITEMSIZE
+    values = tiles_m * int(per_program_values.sum()) * itemsize
+    relayout = (
+        0 if values_order(p, batch_last) == (0, 1, 2, 3) and not values_padded(p, batch_last) else 2 * p.nnz * itemsize
+    )
+    x_once = _all_units(p.in_features, itemsize, sector, batch_last) * batch
+    y_once = _all_units(p.out_features, itemsize, sector, batch_last) * batch
     return Traffic(
         x=int(x_units.sum()) * batch,
-        values=tiles_m * int(per_program_values.sum()) * itemsize,
+        values=values,
         y=int(y_units.sum()) * batch,
         tables=tables,
         lower_bound=p.min_bytes(n, itemsize),
-        relayout=0
-        if values_order(p, batch_last) == (0, 1, 2, 3) and not values_padded(p, batch_last)
-        else 2 * p.nnz * itemsize,
+        relayout=relayout,
+        dram=x_once + _resident_values(p.nnz, itemsize, values) + y_once + table_once + relayout,
     )
 
 
@@ -167,22 +204,18 @@ def segment_bytes(steps: tuple[FactorStep, ...], n: int, batch_last: bool, block
     """Global bytes of a fused segment's launch (:mod:`~ksfx.codegen.chain_source`).
 
     One program per batch tile reads each input feature and writes each output feature
-    once, and reads every value of the segment once: the values count once per batch
-    tile (from L2 after the first), the intermediates not at all. Index tables are read
-    per gathered element.
+    once, and reads every value of the segment once: from L2 the values count once per
+    batch tile, from device memory once (while they fit in L2); the intermediates not at
+    all. Index tables are read per gathered element.
     """
     first, last = steps[0].pattern, steps[-1].pattern
     tiles_m = cdiv(n, block_m)
     batch = _batch_bytes(n, block_m, itemsize, sector, batch_last)
-
-    def units(features: int) -> int:
-        every = torch.arange(features)[None, :]
-        return int(_units(every, torch.ones_like(every, dtype=torch.bool), itemsize, sector, batch_last).sum())
-
-    lookups = 0
+    lookups = table_once = 0
     for step in steps:
         if isinstance(step.in_perm, IndexPerm):
             p = step.pattern
+            table_once += p.in_features * TABLE_ITEMSIZE
             if kernel_mode(p, batch_last) == "fma":
                 lookups += p.c * next_pow2(p.out_features)
             else:
@@ -190,11 +223,16 @@ def segment_bytes(steps: tuple[FactorStep, ...], n: int, batch_last: bool, block
                 lookups += tiles.tiles * cdiv(p.c, tiles.block_k) * tiles.block_k
     if isinstance(steps[-1].out_perm, IndexPerm):
         lookups += last.out_features
+        table_once += last.out_features * TABLE_ITEMSIZE
     nnz = sum(s.pattern.nnz for s in steps)
+    x = _all_units(first.in_features, itemsize, sector, batch_last) * batch
+    y = _all_units(last.out_features, itemsize, sector, batch_last) * batch
+    values = tiles_m * nnz * itemsize
     return Traffic(
-        x=units(first.in_features) * batch,
-        values=tiles_m * nnz * itemsize,
-        y=units(last.out_features) * batch,
+        x=x,
+        values=values,
+        y=y,
         tables=tiles_m * lookups * TABLE_ITEMSIZE,
         lower_bound=segment_min_bytes(steps, n, itemsize),
+        dram=x + _resident_values(nnz, itemsize, values) + y + table_once,
     )

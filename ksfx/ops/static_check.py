@@ -142,15 +142,14 @@ def chain_launches(
     return launches
 
 
-def _launch_bytes(launch: PlannedLaunch) -> tuple[int | None, int]:
-    """``(traffic model bytes in 32-byte sectors, |X| + |W| + |Y|)``; the model covers forward kernels."""
-    itemsize, lower = launch.dtype.itemsize, launch.min_bytes()
+def _launch_bytes(launch: PlannedLaunch) -> traffic.Traffic | None:
+    """The traffic model in 32-byte sectors; it covers forward kernels (not weight gradients)."""
+    itemsize = launch.dtype.itemsize
     if launch.kind == "grad":
-        return None, lower
+        return None
     if launch.fused:
-        model = traffic.segment_bytes(launch.steps, launch.n, launch.batch_last, launch.tile.block_m, itemsize, 32)
-        return model.total, lower
-    return traffic.bytes_moved(launch.step, launch.n, launch.batch_last, launch.tile, itemsize, sector=32).total, lower
+        return traffic.segment_bytes(launch.steps, launch.n, launch.batch_last, launch.tile.block_m, itemsize, 32)
+    return traffic.bytes_moved(launch.step, launch.n, launch.batch_last, launch.tile, itemsize, sector=32)
 
 
 def check(launch: PlannedLaunch, device: Device, dump_dir: Path | None = None) -> dict:
@@ -168,7 +167,7 @@ def check(launch: PlannedLaunch, device: Device, dump_dir: Path | None = None) -
         dump_dir.mkdir(parents=True, exist_ok=True)
         cubin_path = dump_dir / f"{launch.kind}_{mode}_{slug}_{key.dtype}.cubin"
         cubin_path.write_bytes(cubin)
-    model_bytes, lower = _launch_bytes(launch)
+    model, lower = _launch_bytes(launch), launch.min_bytes()
     flops = sum(step.pattern.flops(launch.n) for step in launch.steps)
     summary = counts.summary()
     unit = unit_of(summary["hgmma"], summary["hmma"], key.dtype)
@@ -190,9 +189,11 @@ def check(launch: PlannedLaunch, device: Device, dump_dir: Path | None = None) -
         **summary,
         "wide_load_fraction": counts.wide_load_fraction,
         "unit": unit,
-        "model_bytes": model_bytes,
+        "model_bytes": None if model is None else model.total,  # from L2, re-reads included
+        "dram_bytes": None if model is None else model.dram,  # from device memory
         "min_bytes": lower,
-        "model_ratio": None if model_bytes is None else model_bytes / lower,
+        "model_ratio": None if model is None else model.total / lower,
+        "dram_ratio": None if model is None else model.dram / lower,
         "flops": flops,
         "device": device.name,
         "roofline_us": 1e6 * roofline_seconds(device, lower, flops, unit),
