@@ -78,6 +78,17 @@ def test_fused_tensor_core_segments_meet_the_bar(name, batch_last):
     assert report["dram_bytes"] == report["min_bytes"]  # from device memory: each byte once
 
 
+def test_fused_butterfly_loads_its_values_wide():
+    """A butterfly's first factors (2x2 blocks, d = 1, 2) read their values as rows of the
+    γ-major copy: 8-byte loads (4 bf16 a thread at width 1024), once the offset is written as
+    the row itself (as digits, Triton saw runs of 2: 4-byte loads)."""
+    patterns = [(2 ** (k - 1), 2, 2, 1024 >> k) for k in range(1, 11)]
+    (launch,) = static_check.chain_launches(chain(patterns), torch.bfloat16, False, 25088, H100, fuse=True)
+    report = static_check.check(launch, H100)
+    assert report["mode"] == "fused" and report["global_loads"] > 0
+    assert report["wide_loads"] == report["global_loads"] and not static_check.passes(report)
+
+
 def test_a_segment_mixing_block_sizes_compiles_for_sm90():
     """Small-block factors between tensor-core ones, whose tiles have other shapes: the
     interpreter accepts what Triton's compiler rejects (a loop reassigning a variable of

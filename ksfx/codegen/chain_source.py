@@ -160,7 +160,7 @@ def _fma(k: int, step: FactorStep, position, opts: _Options) -> str:
         # Padded rows read feature 0: any in-range index, their weight is masked to zero.
         col=col if full else f"tl.where(mask_r, {col}, 0)",
         position=_position(position, "        "),
-        v_offset=im.code(im.value_offset(step, strides=value_strides(step, opts.batch_last))),
+        v_offset=im.code(im.value_offset_of_row(step, value_strides(step, opts.batch_last))),
         w_mask="" if full else ", mask=mask_r, other=0.0",
     )
 

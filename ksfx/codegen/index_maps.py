@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import sympy
 
-from ksfx.pattern import BETA, DELTA, GAMMA, DigitPerm, FactorStep, IndexPerm, J, Perm, to_code
+from ksfx.pattern import BETA, DELTA, GAMMA, ROW, DigitPerm, FactorStep, IndexPerm, J, Perm, to_code
 from ksfx.pattern.ks import mixed_radix_digits
 
 #: Runtime strides of the values tensor (it may be a strided view, e.g. a transpose).
@@ -87,6 +87,21 @@ def value_offset(step: FactorStep, strided: bool = True, tile: bool = False, str
         strides = VALUE_STRIDES if strided else None
     expr = step.pattern.value_offset_expr(strides)
     return expr.subs({BETA: BETA_TILE, GAMMA: GAMMA_TILE}) if tile else expr
+
+
+def value_offset_of_row(step: FactorStep, strides: tuple[int, int, int, int]) -> sympy.Expr:
+    """Offset of ``values[α, β, γ, δ]`` at the digits ``(α, β, δ)`` of output row ``ROW``.
+
+    Where the strides of ``(α, β, δ)`` are the row's radix weights ``(b·d, d, 1)`` (a
+    γ-major layout) the three digits recompose to ``ROW`` itself. Written so, the offset is
+    visibly contiguous along the rows; as ``2·(ROW // 2) + ROW % 2`` Triton's alignment
+    analysis sees runs of 2 only. Otherwise the offset is in the digits (the kernel binds them).
+    """
+    p = step.pattern
+    s_alpha, s_beta, s_gamma, s_delta = strides
+    if (s_alpha, s_beta, s_delta) == (p.b * p.d, p.d, 1):
+        return s_gamma * GAMMA + ROW
+    return p.value_offset_expr(strides)
 
 
 def _tile(expr: sympy.Expr, digit: sympy.Symbol, start: sympy.Symbol, flat: sympy.Symbol, d: int, width: int):
