@@ -89,6 +89,16 @@ def test_fused_butterfly_loads_its_values_wide():
     assert report["wide_loads"] == report["global_loads"] and not static_check.passes(report)
 
 
+def test_fused_monarch_fp32_reads_its_input_tiles_wide():
+    """A 16-row batch tile (a 1024-wide vector on chip) with γ tiles of 16 fp32 was one
+    4-byte load a thread; the first factor reading from memory takes γ tiles of 32."""
+    patterns = [(1, 32, 32, 32), (32, 32, 32, 1)]
+    (launch,) = static_check.chain_launches(chain(patterns), torch.float32, False, 25088, H100, fuse=True)
+    report = static_check.check(launch, H100)
+    assert report["mode"] == "fused" and report["tile"]["BLOCK_M"] == 16
+    assert report["wide_loads"] == report["global_loads"] > 0 and not static_check.passes(report)
+
+
 def test_a_segment_mixing_block_sizes_compiles_for_sm90():
     """Small-block factors between tensor-core ones, whose tiles have other shapes: the
     interpreter accepts what Triton's compiler rejects (a loop reassigning a variable of

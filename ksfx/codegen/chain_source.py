@@ -29,7 +29,14 @@ from dataclasses import dataclass
 import sympy
 
 from ksfx.codegen import index_maps as im
-from ksfx.codegen.fusion import DotTiles, dot_tiles, is_dot, reads_input_whole, value_strides
+from ksfx.codegen.fusion import (
+    DotTiles,
+    dot_tiles,
+    first_rows_from_memory,
+    is_dot,
+    reads_input_whole,
+    value_strides,
+)
 from ksfx.codegen.source import FORWARD_EPILOGUE, GROUP, HEADER, dot_code, gamma_loop
 from ksfx.codegen.tiling import next_pow2
 from ksfx.pattern import ROW, FactorStep, J, to_code
@@ -121,6 +128,7 @@ class _Options:
     interpret: bool
     precision: str
     taps: bool
+    rows_from_memory: int = 0  # see fusion.first_rows_from_memory
 
     @property
     def itemsize(self) -> int:
@@ -215,7 +223,7 @@ def _join(names: list[str], lines: list[str], block_n: int, prefix: str) -> str:
 def _inner_dot(k: int, step: FactorStep, position, on_chip: bool, opts: _Options) -> tuple[str, sympy.Expr]:
     """A tensor-core factor inside the segment: its tiles unrolled and joined into ``h``."""
     p = step.pattern
-    tiles = dot_tiles(p, opts.itemsize)
+    tiles = dot_tiles(p, opts.itemsize, 0 if on_chip else opts.rows_from_memory)
     lines = [f"    # step {k}: {step}, {tiles.tiles} tiles of {tiles.block_n} rows joined on chip\n"]
     names = []
     for t in range(tiles.tiles):
@@ -237,7 +245,7 @@ def _inner_dot(k: int, step: FactorStep, position, on_chip: bool, opts: _Options
 
 def _last_dot(k: int, step: FactorStep, position, on_chip: bool, opts: _Options) -> str:
     p = step.pattern
-    tiles = dot_tiles(p, opts.itemsize)
+    tiles = dot_tiles(p, opts.itemsize, 0 if on_chip else opts.rows_from_memory)
     alpha, delta = im.group_digits(step, GROUP)
     body = _dot_tile(k, step, tiles, f"(tile % {tiles.beta_tiles}) * {tiles.block_n}", position, on_chip, opts)
     epilogue = FORWARD_EPILOGUE.format(
@@ -281,7 +289,7 @@ def chain_forward_source(
     recomputed intermediates), in natural feature order, before any permutation.
     """
     _check(steps)
-    opts = _Options(batch_last, dtype, interpret, precision, taps)
+    opts = _Options(batch_last, dtype, interpret, precision, taps, first_rows_from_memory(steps, batch_last))
     first = steps[0].pattern
     load = ""
     if reads_input_whole(steps, batch_last):

@@ -36,6 +36,10 @@ MAX_WIDTH = 4096
 TILE_ELEMENTS = 16384
 #: Fewest batch rows of a segment with tensor-core factors (``tl.dot`` needs 16).
 MIN_ROWS = MIN_DOT
+#: Warps of a fused launch (:func:`fused_tile`).
+FUSED_WARPS = 8
+#: Bytes of a tile loaded from memory that give each thread of a fused launch 8 bytes.
+WIDE_TILE_BYTES = 8 * 32 * FUSED_WARPS
 
 
 @dataclass(frozen=True)
@@ -69,12 +73,22 @@ class DotTiles:
         return self.padded * self.block_n
 
 
-def dot_tiles(pattern: KSPattern, itemsize: int = 2) -> DotTiles:
-    """γ tiles of 16 in fp32: compiled for sm_90 (triton 3.9, batch 25,088), the ViT-S/16 MLP
-    segments spilled 2184-4671 instructions with 64 and none with 16 (FMA dots under IEEE)."""
+def dot_tiles(pattern: KSPattern, itemsize: int = 2, rows_from_memory: int = 0) -> DotTiles:
+    """γ tiles of 16 in fp32 on chip: compiled for sm_90 (triton 3.9, batch 25,088), the
+    ViT-S/16 MLP segments spilled 2184-4671 instructions with 64 and none with 16 (FMA dots
+    under IEEE); 32 gave the MLP-down segment 1385-1433 in its loop.
+
+    ``rows_from_memory``: the batch rows of a first factor that reads its γ tiles from
+    memory. Its tile is then wide enough for 8 bytes a thread (:data:`WIDE_TILE_BYTES`):
+    16 rows x 16 fp32 is one 4-byte load a thread on 8 warps; 32 made the Monarch n = 1024
+    segment load 70/70 wide (70/134 with 16), both layouts.
+    """
     block_n = clamp_pow2(pattern.b, MIN_DOT, 64)
     beta_tiles = cdiv(pattern.b, block_n)
-    block_k = clamp_pow2(pattern.c, MIN_DOT, 64 if itemsize <= 2 else MIN_DOT)
+    widest = 64 if itemsize <= 2 else MIN_DOT
+    if rows_from_memory:
+        widest = max(widest, min(64, next_pow2(cdiv(WIDE_TILE_BYTES, rows_from_memory * itemsize))))
+    block_k = clamp_pow2(pattern.c, MIN_DOT, widest)
     return DotTiles(block_n, block_k, beta_tiles, pattern.groups * beta_tiles)
 
 
@@ -219,10 +233,21 @@ def fused_tile(steps: tuple[FactorStep, ...], n: int, batch_last: bool) -> Fused
     layouts): no spill on 8 warps; width 256 on 4 warps spilled (114-243 spill instructions).
     """
     low = MIN_ROWS if any(is_dot(s, batch_last) for s in steps) else 1
-    width = max(on_chip_widths(steps, batch_last), default=1)
-    block_m = clamp_pow2(TILE_ELEMENTS // width, low, 64)
+    block_m = segment_rows(steps, batch_last)
     block_m = min(block_m, clamp_pow2(n, low, block_m))
-    return FusedTile(block_m, 8)
+    return FusedTile(block_m, FUSED_WARPS)
+
+
+def segment_rows(steps: tuple[FactorStep, ...], batch_last: bool) -> int:
+    """Batch rows of a segment's program at a large batch (fewer where the batch is smaller)."""
+    low = MIN_ROWS if any(is_dot(s, batch_last) for s in steps) else 1
+    width = max(on_chip_widths(steps, batch_last), default=1)
+    return clamp_pow2(TILE_ELEMENTS // width, low, 64)
+
+
+def first_rows_from_memory(steps: tuple[FactorStep, ...], batch_last: bool) -> int:
+    """:func:`segment_rows` if the first factor reads its γ tiles from memory, else 0."""
+    return 0 if reads_input_whole(steps, batch_last) else segment_rows(steps, batch_last)
 
 
 @dataclass(frozen=True)

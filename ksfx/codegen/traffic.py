@@ -32,7 +32,7 @@ import sympy
 import torch
 
 from ksfx.codegen import index_maps as im
-from ksfx.codegen.fusion import dot_tiles
+from ksfx.codegen.fusion import dot_tiles, first_rows_from_memory
 from ksfx.codegen.tiling import TileConfig, cdiv, delta_tile, kernel_mode, next_pow2, values_order, values_padded
 from ksfx.pattern import ALPHA, BETA, DELTA, GAMMA, ROW, FactorStep, IndexPerm, evaluate
 
@@ -212,14 +212,14 @@ def segment_bytes(steps: tuple[FactorStep, ...], n: int, batch_last: bool, block
     tiles_m = cdiv(n, block_m)
     batch = _batch_bytes(n, block_m, itemsize, sector, batch_last)
     lookups = table_once = 0
-    for step in steps:
+    for k, step in enumerate(steps):
         if isinstance(step.in_perm, IndexPerm):
             p = step.pattern
             table_once += p.in_features * TABLE_ITEMSIZE
             if kernel_mode(p, batch_last) == "fma":
                 lookups += p.c * next_pow2(p.out_features)
             else:
-                tiles = dot_tiles(p, itemsize)
+                tiles = dot_tiles(p, itemsize, first_rows_from_memory(steps, batch_last) if k == 0 else 0)
                 lookups += tiles.tiles * cdiv(p.c, tiles.block_k) * tiles.block_k
     if isinstance(steps[-1].out_perm, IndexPerm):
         lookups += last.out_features
