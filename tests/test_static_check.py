@@ -89,14 +89,18 @@ def test_fused_butterfly_loads_its_values_wide():
     assert report["wide_loads"] == report["global_loads"] and not static_check.passes(report)
 
 
-def test_fused_monarch_fp32_reads_its_input_tiles_wide():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_fused_monarch_reads_its_input_wide(dtype):
     """A 16-row batch tile (a 1024-wide vector on chip) with γ tiles of 16 fp32 was one
-    4-byte load a thread; the first factor reading from memory takes γ tiles of 32."""
+    4-byte load a thread: fp32 reads γ tiles of 32, bf16 (c = 32 caps its tile at 16 x 32)
+    loads the input whole. The bf16 gather spills under triton 3.9 (docs/kernels.md)."""
     patterns = [(1, 32, 32, 32), (32, 32, 32, 1)]
-    (launch,) = static_check.chain_launches(chain(patterns), torch.float32, False, 25088, H100, fuse=True)
+    (launch,) = static_check.chain_launches(chain(patterns), dtype, False, 25088, H100, fuse=True)
     report = static_check.check(launch, H100)
     assert report["mode"] == "fused" and report["tile"]["BLOCK_M"] == 16
-    assert report["wide_loads"] == report["global_loads"] > 0 and not static_check.passes(report)
+    assert report["wide_loads"] == report["global_loads"] > 0
+    if dtype == torch.float32:
+        assert not static_check.passes(report)
 
 
 def test_a_segment_mixing_block_sizes_compiles_for_sm90():

@@ -132,7 +132,11 @@ class _Options:
 
     @property
     def itemsize(self) -> int:
-        return 4 if self.dtype == "float32" else 2
+        return _itemsize(self.dtype)
+
+
+def _itemsize(dtype: str) -> int:
+    return 4 if dtype == "float32" else 2
 
 
 def _position(previous, feature: str) -> str:
@@ -289,10 +293,11 @@ def chain_forward_source(
     recomputed intermediates), in natural feature order, before any permutation.
     """
     _check(steps)
-    opts = _Options(batch_last, dtype, interpret, precision, taps, first_rows_from_memory(steps, batch_last))
+    itemsize = _itemsize(dtype)
+    opts = _Options(batch_last, dtype, interpret, precision, taps, first_rows_from_memory(steps, batch_last, itemsize))
     first = steps[0].pattern
     load = ""
-    if reads_input_whole(steps, batch_last):
+    if reads_input_whole(steps, batch_last, itemsize):
         width_in = next_pow2(first.in_features)
         x_mask = "mask_m[:, None]"
         if width_in != first.in_features:

@@ -119,10 +119,10 @@ def value_strides(step: FactorStep, batch_last: bool) -> tuple[int, int, int, in
     return tuple(strides)
 
 
-def reads_input_whole(steps: tuple[FactorStep, ...], batch_last: bool) -> bool:
-    """Whether the segment loads its input tile whole before the first factor.
+def needs_input_whole(steps: tuple[FactorStep, ...], batch_last: bool) -> bool:
+    """Whether the first factor can only read its input from a tile loaded whole.
 
-    Small blocks gather from it; a tensor-core first factor reads its γ tiles straight
+    Small blocks gather from it; a tensor-core first factor can read its γ tiles straight
     from memory, except batch-first with ``d > 1``, where those reads would be strided
     by ``d`` along the contiguous axis.
     """
@@ -130,9 +130,25 @@ def reads_input_whole(steps: tuple[FactorStep, ...], batch_last: bool) -> bool:
     return not is_dot(first, batch_last) or (first.pattern.d > 1 and not batch_last)
 
 
+def reads_input_whole(steps: tuple[FactorStep, ...], batch_last: bool, itemsize: int) -> bool:
+    """Whether the segment loads its input tile whole before the first factor.
+
+    Where it must (:func:`needs_input_whole`), and where the γ tiles read straight from
+    memory would be under 8 bytes a thread (:data:`WIDE_TILE_BYTES`) and the input is no
+    wider than a vector the segment holds anyway (so its batch rows stay). Compiled for
+    sm_90 (batch 25,088): the Monarch n = 1024 segment in bf16 read 16 x 32 tiles, 35/67
+    loads wide; loading its input whole, 43/43, with no more spill (triton 3.6 and 3.9).
+    """
+    if needs_input_whole(steps, batch_last):
+        return True
+    first, rows = steps[0].pattern, segment_rows(steps, batch_last)
+    narrow = rows * dot_tiles(first, itemsize, rows).block_k * itemsize < WIDE_TILE_BYTES
+    return narrow and next_pow2(first.in_features) <= max(on_chip_widths(steps, batch_last), default=0)
+
+
 def on_chip_widths(steps: tuple[FactorStep, ...], batch_last: bool) -> list[int]:
     """Columns of each vector the segment holds whole per batch row (padded to powers of two)."""
-    widths = [next_pow2(steps[0].pattern.in_features)] if reads_input_whole(steps, batch_last) else []
+    widths = [next_pow2(steps[0].pattern.in_features)] if needs_input_whole(steps, batch_last) else []
     for k, step in enumerate(steps):
         if not is_dot(step, batch_last):
             widths.append(next_pow2(step.pattern.out_features))
@@ -245,9 +261,9 @@ def segment_rows(steps: tuple[FactorStep, ...], batch_last: bool) -> int:
     return clamp_pow2(TILE_ELEMENTS // width, low, 64)
 
 
-def first_rows_from_memory(steps: tuple[FactorStep, ...], batch_last: bool) -> int:
+def first_rows_from_memory(steps: tuple[FactorStep, ...], batch_last: bool, itemsize: int) -> int:
     """:func:`segment_rows` if the first factor reads its γ tiles from memory, else 0."""
-    return 0 if reads_input_whole(steps, batch_last) else segment_rows(steps, batch_last)
+    return 0 if reads_input_whole(steps, batch_last, itemsize) else segment_rows(steps, batch_last)
 
 
 @dataclass(frozen=True)

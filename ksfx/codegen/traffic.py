@@ -219,7 +219,7 @@ def segment_bytes(steps: tuple[FactorStep, ...], n: int, batch_last: bool, block
             if kernel_mode(p, batch_last) == "fma":
                 lookups += p.c * next_pow2(p.out_features)
             else:
-                tiles = dot_tiles(p, itemsize, first_rows_from_memory(steps, batch_last) if k == 0 else 0)
+                tiles = dot_tiles(p, itemsize, first_rows_from_memory(steps, batch_last, itemsize) if k == 0 else 0)
                 lookups += tiles.tiles * cdiv(p.c, tiles.block_k) * tiles.block_k
     if isinstance(steps[-1].out_perm, IndexPerm):
         lookups += last.out_features
