@@ -94,8 +94,9 @@ def model_bytes(patterns, dtype: torch.dtype, batch_last: bool, n: int) -> dict:
     for segment in segments(plan, batch_last):
         steps = on_chip_steps(plan[segment.start : segment.stop])
         if segment.fused:
-            block_m = fused_tile(steps, n, batch_last).block_m
-            fused.append(traffic.segment_bytes(steps, n, batch_last, block_m, itemsize, sector=32))
+            fma_dots = dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest"
+            tile = fused_tile(steps, n, batch_last, fma_dots)
+            fused.append(traffic.segment_bytes(steps, n, batch_last, tile.block_m, itemsize, 32, tile.num_warps))
         else:
             fused.append(per_factor(steps[0]))
     factors = [per_factor(s) for s in plan]

@@ -33,6 +33,7 @@ from ksfx.codegen.fusion import (
     DotTiles,
     dot_tiles,
     first_rows_from_memory,
+    fused_warps,
     is_dot,
     reads_input_whole,
     value_strides,
@@ -129,6 +130,7 @@ class _Options:
     precision: str
     taps: bool
     rows_from_memory: int = 0  # see fusion.first_rows_from_memory
+    warps: int = 8  # of the launch (fusion.fused_warps)
 
     @property
     def itemsize(self) -> int:
@@ -227,7 +229,7 @@ def _join(names: list[str], lines: list[str], block_n: int, prefix: str) -> str:
 def _inner_dot(k: int, step: FactorStep, position, on_chip: bool, opts: _Options) -> tuple[str, sympy.Expr]:
     """A tensor-core factor inside the segment: its tiles unrolled and joined into ``h``."""
     p = step.pattern
-    tiles = dot_tiles(p, opts.itemsize, 0 if on_chip else opts.rows_from_memory)
+    tiles = dot_tiles(p, opts.itemsize, 0 if on_chip else opts.rows_from_memory, opts.warps)
     lines = [f"    # step {k}: {step}, {tiles.tiles} tiles of {tiles.block_n} rows joined on chip\n"]
     names = []
     for t in range(tiles.tiles):
@@ -249,7 +251,7 @@ def _inner_dot(k: int, step: FactorStep, position, on_chip: bool, opts: _Options
 
 def _last_dot(k: int, step: FactorStep, position, on_chip: bool, opts: _Options) -> str:
     p = step.pattern
-    tiles = dot_tiles(p, opts.itemsize, 0 if on_chip else opts.rows_from_memory)
+    tiles = dot_tiles(p, opts.itemsize, 0 if on_chip else opts.rows_from_memory, opts.warps)
     alpha, delta = im.group_digits(step, GROUP)
     body = _dot_tile(k, step, tiles, f"(tile % {tiles.beta_tiles}) * {tiles.block_n}", position, on_chip, opts)
     epilogue = FORWARD_EPILOGUE.format(
@@ -294,10 +296,12 @@ def chain_forward_source(
     """
     _check(steps)
     itemsize = _itemsize(dtype)
-    opts = _Options(batch_last, dtype, interpret, precision, taps, first_rows_from_memory(steps, batch_last, itemsize))
+    warps = fused_warps(steps, batch_last, fma_dots=dtype == "float32" and precision == "ieee")
+    rows_from_memory = first_rows_from_memory(steps, batch_last, itemsize, warps)
+    opts = _Options(batch_last, dtype, interpret, precision, taps, rows_from_memory, warps)
     first = steps[0].pattern
     load = ""
-    if reads_input_whole(steps, batch_last, itemsize):
+    if reads_input_whole(steps, batch_last, itemsize, warps):
         width_in = next_pow2(first.in_features)
         x_mask = "mask_m[:, None]"
         if width_in != first.in_features:

@@ -36,10 +36,12 @@ MAX_WIDTH = 4096
 TILE_ELEMENTS = 16384
 #: Fewest batch rows of a segment with tensor-core factors (``tl.dot`` needs 16).
 MIN_ROWS = MIN_DOT
-#: Warps of a fused launch (:func:`fused_tile`).
+#: Warps of a fused launch (:func:`fused_warps`).
 FUSED_WARPS = 8
-#: Bytes of a tile loaded from memory that give each thread of a fused launch 8 bytes.
-WIDE_TILE_BYTES = 8 * 32 * FUSED_WARPS
+#: ... and of one whose tensor-core factors run as fp32 FMA dots (IEEE).
+FMA_DOT_WARPS = 16
+#: Bytes a thread loads at once to load wide (8 or 16 bytes).
+WIDE_BYTES = 8
 
 
 @dataclass(frozen=True)
@@ -73,13 +75,13 @@ class DotTiles:
         return self.padded * self.block_n
 
 
-def dot_tiles(pattern: KSPattern, itemsize: int = 2, rows_from_memory: int = 0) -> DotTiles:
+def dot_tiles(pattern: KSPattern, itemsize: int = 2, rows_from_memory: int = 0, warps: int = FUSED_WARPS) -> DotTiles:
     """γ tiles of 16 in fp32 on chip: compiled for sm_90 (triton 3.9, batch 25,088), the
     ViT-S/16 MLP segments spilled 2184-4671 instructions with 64 and none with 16 (FMA dots
     under IEEE); 32 gave the MLP-down segment 1385-1433 in its loop.
 
     ``rows_from_memory``: the batch rows of a first factor that reads its γ tiles from
-    memory. Its tile is then wide enough for 8 bytes a thread (:data:`WIDE_TILE_BYTES`):
+    memory. Its tile is then wide enough for :data:`WIDE_BYTES` a thread of ``warps``:
     16 rows x 16 fp32 is one 4-byte load a thread on 8 warps; 32 made the Monarch n = 1024
     segment load 70/70 wide (70/134 with 16), both layouts.
     """
@@ -87,7 +89,8 @@ def dot_tiles(pattern: KSPattern, itemsize: int = 2, rows_from_memory: int = 0) 
     beta_tiles = cdiv(pattern.b, block_n)
     widest = 64 if itemsize <= 2 else MIN_DOT
     if rows_from_memory:
-        widest = max(widest, min(64, next_pow2(cdiv(WIDE_TILE_BYTES, rows_from_memory * itemsize))))
+        wide = next_pow2(cdiv(WIDE_BYTES * 32 * warps, rows_from_memory * itemsize))
+        widest = max(widest, min(64, wide))
     block_k = clamp_pow2(pattern.c, MIN_DOT, widest)
     return DotTiles(block_n, block_k, beta_tiles, pattern.groups * beta_tiles)
 
@@ -130,19 +133,20 @@ def needs_input_whole(steps: tuple[FactorStep, ...], batch_last: bool) -> bool:
     return not is_dot(first, batch_last) or (first.pattern.d > 1 and not batch_last)
 
 
-def reads_input_whole(steps: tuple[FactorStep, ...], batch_last: bool, itemsize: int) -> bool:
+def reads_input_whole(steps: tuple[FactorStep, ...], batch_last: bool, itemsize: int, warps: int = FUSED_WARPS) -> bool:
     """Whether the segment loads its input tile whole before the first factor.
 
     Where it must (:func:`needs_input_whole`), and where the γ tiles read straight from
-    memory would be under 8 bytes a thread (:data:`WIDE_TILE_BYTES`) and the input is no
-    wider than a vector the segment holds anyway (so its batch rows stay). Compiled for
-    sm_90 (batch 25,088): the Monarch n = 1024 segment in bf16 read 16 x 32 tiles, 35/67
-    loads wide; loading its input whole, 43/43, with no more spill (triton 3.6 and 3.9).
+    memory would be under :data:`WIDE_BYTES` a thread and the input is no wider than a
+    vector the segment holds anyway (so its batch rows stay). Compiled for sm_90 (batch
+    25,088): the Monarch n = 1024 segment in bf16 read 16 x 32 tiles, 35/67 loads wide;
+    loading its input whole, 43/43, with no more spill (triton 3.6 and 3.9).
     """
     if needs_input_whole(steps, batch_last):
         return True
     first, rows = steps[0].pattern, segment_rows(steps, batch_last)
-    narrow = rows * dot_tiles(first, itemsize, rows).block_k * itemsize < WIDE_TILE_BYTES
+    tile_bytes = rows * dot_tiles(first, itemsize, rows, warps).block_k * itemsize
+    narrow = tile_bytes < WIDE_BYTES * 32 * warps
     return narrow and next_pow2(first.in_features) <= max(on_chip_widths(steps, batch_last), default=0)
 
 
@@ -242,16 +246,30 @@ class FusedTile:
         return {"BLOCK_M": self.block_m}
 
 
-def fused_tile(steps: tuple[FactorStep, ...], n: int, batch_last: bool) -> FusedTile:
-    """Batch rows so that a program's widest vector tile stays near :data:`TILE_ELEMENTS`, on 8 warps.
-
-    Compiled for sm_90 (triton 3.9, butterflies of width 64-1024, fp32 and bf16, both
-    layouts): no spill on 8 warps; width 256 on 4 warps spilled (114-243 spill instructions).
-    """
+def fused_tile(steps: tuple[FactorStep, ...], n: int, batch_last: bool, fma_dots: bool = False) -> FusedTile:
+    """Batch rows so that a program's widest vector tile stays near :data:`TILE_ELEMENTS`,
+    on :func:`fused_warps`."""
     low = MIN_ROWS if any(is_dot(s, batch_last) for s in steps) else 1
     block_m = segment_rows(steps, batch_last)
     block_m = min(block_m, clamp_pow2(n, low, block_m))
-    return FusedTile(block_m, FUSED_WARPS)
+    return FusedTile(block_m, fused_warps(steps, batch_last, fma_dots))
+
+
+def fused_warps(steps: tuple[FactorStep, ...], batch_last: bool, fma_dots: bool) -> int:
+    """8 warps; 16 where tensor-core factors run as fp32 FMA dots (``fma_dots``: IEEE) on
+    batch tiles of 32 rows or more.
+
+    Compiled for sm_90 (batch 25,088): butterflies of width 64-1024, fp32 and bf16, both
+    layouts, no spill on 8 warps, and width 256 on 4 warps spilled 114-243 instructions
+    (triton 3.9). FMA dots hold their operands in registers: on 8 warps the ViT-S/16 MLP
+    segments in fp32 (32 rows) spilled 727-1064 instructions, on 16 warps 0-248 (triton
+    3.6). The 16-row Monarch n = 1024 segment spills nothing on 8 warps, and on 16 its
+    values tiles are one 4-byte load a thread (8/78 loads wide).
+    """
+    dots = any(is_dot(s, batch_last) for s in steps)
+    if fma_dots and dots and segment_rows(steps, batch_last) >= 2 * MIN_ROWS:
+        return FMA_DOT_WARPS
+    return FUSED_WARPS
 
 
 def segment_rows(steps: tuple[FactorStep, ...], batch_last: bool) -> int:
@@ -261,9 +279,9 @@ def segment_rows(steps: tuple[FactorStep, ...], batch_last: bool) -> int:
     return clamp_pow2(TILE_ELEMENTS // width, low, 64)
 
 
-def first_rows_from_memory(steps: tuple[FactorStep, ...], batch_last: bool, itemsize: int) -> int:
+def first_rows_from_memory(steps: tuple[FactorStep, ...], batch_last: bool, itemsize: int, warps: int) -> int:
     """:func:`segment_rows` if the first factor reads its γ tiles from memory, else 0."""
-    return 0 if reads_input_whole(steps, batch_last, itemsize) else segment_rows(steps, batch_last)
+    return 0 if reads_input_whole(steps, batch_last, itemsize, warps) else segment_rows(steps, batch_last)
 
 
 @dataclass(frozen=True)

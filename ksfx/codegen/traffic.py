@@ -32,7 +32,7 @@ import sympy
 import torch
 
 from ksfx.codegen import index_maps as im
-from ksfx.codegen.fusion import dot_tiles, first_rows_from_memory
+from ksfx.codegen.fusion import FUSED_WARPS, dot_tiles, first_rows_from_memory
 from ksfx.codegen.tiling import TileConfig, cdiv, delta_tile, kernel_mode, next_pow2, values_order, values_padded
 from ksfx.pattern import ALPHA, BETA, DELTA, GAMMA, ROW, FactorStep, IndexPerm, evaluate
 
@@ -200,7 +200,7 @@ def segment_min_bytes(steps, n: int, itemsize: int) -> int:
 
 
 def segment_bytes(steps: tuple[FactorStep, ...], n: int, batch_last: bool, block_m: int, itemsize: int,
-                  sector: int = 0) -> Traffic:  # fmt: skip
+                  sector: int = 0, warps: int = FUSED_WARPS) -> Traffic:  # fmt: skip
     """Global bytes of a fused segment's launch (:mod:`~ksfx.codegen.chain_source`).
 
     One program per batch tile reads each input feature and writes each output feature
@@ -219,7 +219,8 @@ def segment_bytes(steps: tuple[FactorStep, ...], n: int, batch_last: bool, block
             if kernel_mode(p, batch_last) == "fma":
                 lookups += p.c * next_pow2(p.out_features)
             else:
-                tiles = dot_tiles(p, itemsize, first_rows_from_memory(steps, batch_last, itemsize) if k == 0 else 0)
+                rows = first_rows_from_memory(steps, batch_last, itemsize, warps) if k == 0 else 0
+                tiles = dot_tiles(p, itemsize, rows, warps)
                 lookups += tiles.tiles * cdiv(p.c, tiles.block_k) * tiles.block_k
     if isinstance(steps[-1].out_perm, IndexPerm):
         lookups += last.out_features

@@ -148,7 +148,10 @@ def _launch_bytes(launch: PlannedLaunch) -> traffic.Traffic | None:
     if launch.kind == "grad":
         return None
     if launch.fused:
-        return traffic.segment_bytes(launch.steps, launch.n, launch.batch_last, launch.tile.block_m, itemsize, 32)
+        tile = launch.tile
+        return traffic.segment_bytes(
+            launch.steps, launch.n, launch.batch_last, tile.block_m, itemsize, 32, tile.num_warps
+        )
     return traffic.bytes_moved(launch.step, launch.n, launch.batch_last, launch.tile, itemsize, sector=32)
 
 

@@ -384,7 +384,7 @@ def chain_plan(steps: tuple[FactorStep, ...], batch_last, dtype, n, target: Targ
     """Kernel key, tile and grid size of a fused segment's launch."""
     name = str(dtype).removeprefix("torch.")
     key = ChainKernelKey(steps, batch_last, name, target.interpret, _precision(dtype), target.capability, taps)
-    tile = fused_tile(steps, size_hint(n), batch_last)
+    tile = fused_tile(steps, size_hint(n), batch_last, fma_dots=key.dtype == "float32" and key.precision == "ieee")
     return key, tile, cdiv(n, tile.block_m)
 
 
