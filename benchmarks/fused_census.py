@@ -7,7 +7,7 @@ gradients), with its census, the traffic model's bytes over ``|X| + |W| + |Y|`` 
 bar of :func:`ksfx.ops.static_check.passes`. One JSON::
 
     python -m benchmarks.fused_census --backward --out benchmarks/results/fused_census_triton39.json
-    PYTHONPATH=$PWD /tmp/venv36/bin/python -m benchmarks.fused_census --out /tmp/fused36.json
+    PYTHONPATH=$PWD /tmp/venv36/bin/python -m benchmarks.fused_census --backward --out /tmp/fused36.json
 """
 
 from __future__ import annotations
