@@ -81,6 +81,7 @@ def model_bytes(patterns, dtype: torch.dtype, batch_last: bool, n: int) -> dict:
     from ksfx.codegen import traffic
     from ksfx.codegen.fusion import fused_tile, on_chip_steps, segments
     from ksfx.codegen.tiling import forward_heuristic
+    from ksfx.ops.triton_path import dot_precision
     from ksfx.pattern import Chain, KSPattern, split_chain
 
     plan = split_chain(Chain(tuple(KSPattern(*p) for p in patterns)))
@@ -94,8 +95,7 @@ def model_bytes(patterns, dtype: torch.dtype, batch_last: bool, n: int) -> dict:
     for segment in segments(plan, batch_last):
         steps = on_chip_steps(plan[segment.start : segment.stop])
         if segment.fused:
-            fma_dots = dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest"
-            tile = fused_tile(steps, n, batch_last, fma_dots)
+            tile = fused_tile(steps, n, batch_last, str(dtype).removeprefix("torch."), dot_precision(dtype))
             fused.append(traffic.segment_bytes(steps, n, batch_last, tile.block_m, itemsize, 32, tile.num_warps))
         else:
             fused.append(per_factor(steps[0]))

@@ -296,7 +296,7 @@ def chain_forward_source(
     """
     _check(steps)
     itemsize = _itemsize(dtype)
-    warps = fused_warps(steps, batch_last, fma_dots=dtype == "float32" and precision == "ieee")
+    warps = fused_warps(steps, batch_last, dtype, precision)
     rows_from_memory = first_rows_from_memory(steps, batch_last, itemsize, warps)
     opts = _Options(batch_last, dtype, interpret, precision, taps, rows_from_memory, warps)
     first = steps[0].pattern

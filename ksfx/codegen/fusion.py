@@ -246,18 +246,17 @@ class FusedTile:
         return {"BLOCK_M": self.block_m}
 
 
-def fused_tile(steps: tuple[FactorStep, ...], n: int, batch_last: bool, fma_dots: bool = False) -> FusedTile:
+def fused_tile(steps: tuple[FactorStep, ...], n: int, batch_last: bool, dtype: str, precision: str) -> FusedTile:
     """Batch rows so that a program's widest vector tile stays near :data:`TILE_ELEMENTS`,
-    on :func:`fused_warps`."""
-    low = MIN_ROWS if any(is_dot(s, batch_last) for s in steps) else 1
+    on :func:`fused_warps`; ``dtype`` / ``precision`` as in the kernel key."""
     block_m = segment_rows(steps, batch_last)
-    block_m = min(block_m, clamp_pow2(n, low, block_m))
-    return FusedTile(block_m, fused_warps(steps, batch_last, fma_dots))
+    block_m = min(block_m, clamp_pow2(n, _fewest_rows(steps, batch_last), block_m))
+    return FusedTile(block_m, fused_warps(steps, batch_last, dtype, precision))
 
 
-def fused_warps(steps: tuple[FactorStep, ...], batch_last: bool, fma_dots: bool) -> int:
-    """8 warps; 16 where tensor-core factors run as fp32 FMA dots (``fma_dots``: IEEE) on
-    batch tiles of 32 rows or more.
+def fused_warps(steps: tuple[FactorStep, ...], batch_last: bool, dtype: str, precision: str) -> int:
+    """8 warps; 16 where tensor-core factors run as fp32 FMA dots (``float32`` under
+    ``ieee``) on batch tiles of 32 rows or more.
 
     Compiled for sm_90 (batch 25,088): butterflies of width 64-1024, fp32 and bf16, both
     layouts, no spill on 8 warps, and width 256 on 4 warps spilled 114-243 instructions
@@ -266,17 +265,21 @@ def fused_warps(steps: tuple[FactorStep, ...], batch_last: bool, fma_dots: bool)
     3.6). The 16-row Monarch n = 1024 segment spills nothing on 8 warps, and on 16 its
     values tiles are one 4-byte load a thread (8/78 loads wide).
     """
-    dots = any(is_dot(s, batch_last) for s in steps)
-    if fma_dots and dots and segment_rows(steps, batch_last) >= 2 * MIN_ROWS:
+    fma_dots = dtype == "float32" and precision == "ieee" and _fewest_rows(steps, batch_last) == MIN_ROWS
+    if fma_dots and segment_rows(steps, batch_last) >= 2 * MIN_ROWS:
         return FMA_DOT_WARPS
     return FUSED_WARPS
 
 
+def _fewest_rows(steps: tuple[FactorStep, ...], batch_last: bool) -> int:
+    """:data:`MIN_ROWS` for a segment with tensor-core factors (``tl.dot``), else 1."""
+    return MIN_ROWS if any(is_dot(s, batch_last) for s in steps) else 1
+
+
 def segment_rows(steps: tuple[FactorStep, ...], batch_last: bool) -> int:
     """Batch rows of a segment's program at a large batch (fewer where the batch is smaller)."""
-    low = MIN_ROWS if any(is_dot(s, batch_last) for s in steps) else 1
     width = max(on_chip_widths(steps, batch_last), default=1)
-    return clamp_pow2(TILE_ELEMENTS // width, low, 64)
+    return clamp_pow2(TILE_ELEMENTS // width, _fewest_rows(steps, batch_last), 64)
 
 
 def first_rows_from_memory(steps: tuple[FactorStep, ...], batch_last: bool, itemsize: int, warps: int) -> int:

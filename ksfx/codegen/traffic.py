@@ -52,8 +52,8 @@ class Traffic:
     y: int
     tables: int
     lower_bound: int
+    dram: int  # from device memory, in all (see module doc)
     relayout: int = 0  # values copied into the order the kernel loads (read + write of |W|)
-    dram: int = 0  # from device memory (see module doc)
 
     @property
     def total(self) -> int:

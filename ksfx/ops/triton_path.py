@@ -131,7 +131,9 @@ def _tables(step: FactorStep, device: torch.device, dummy: torch.Tensor) -> tupl
     return in_table, out_table
 
 
-def _precision(dtype: torch.dtype) -> str:
+def dot_precision(dtype: torch.dtype) -> str:
+    """The kernel key's precision: fp32 dots under ``ieee`` or ``tf32`` (as torch's matmul
+    precision says); ``-`` for 16-bit dtypes."""
     if dtype != torch.float32:
         return "-"
     return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
@@ -175,7 +177,7 @@ def kernel_key(kind: str, step: FactorStep, dtype: torch.dtype, batch_last: bool
         batch_last=batch_last,
         dtype=str(dtype).removeprefix("torch."),
         interpret=target.interpret,
-        precision=_precision(dtype),
+        precision=dot_precision(dtype),
         capability=target.capability,
     )
 
@@ -383,8 +385,8 @@ def _grad_launch(step, batch_last, dtype, device, n, tile, fp32_precision, inter
 def chain_plan(steps: tuple[FactorStep, ...], batch_last, dtype, n, target: Target, taps: bool = False):
     """Kernel key, tile and grid size of a fused segment's launch."""
     name = str(dtype).removeprefix("torch.")
-    key = ChainKernelKey(steps, batch_last, name, target.interpret, _precision(dtype), target.capability, taps)
-    tile = fused_tile(steps, size_hint(n), batch_last, fma_dots=key.dtype == "float32" and key.precision == "ieee")
+    key = ChainKernelKey(steps, batch_last, name, target.interpret, dot_precision(dtype), target.capability, taps)
+    tile = fused_tile(steps, size_hint(n), batch_last, key.dtype, key.precision)
     return key, tile, cdiv(n, tile.block_m)
 
 
