@@ -153,7 +153,7 @@ def _roofline_s(case: dict, bandwidth: float | None, device) -> float | None:
     p = KSPattern(*case["pattern"])
     mode = kernel_mode(p, case["layout"] == "batch-last")
     # The unit the static check shows for the kernel: wgmma for 16-bit dots, else fp32 FMA (IEEE).
-    unit = "ffma" if case["dtype"] == "fp32" or mode == "fma" else "wgmma16"
+    unit = "ffma" if case["dtype"] == "fp32" or mode in ("fma", "window") else "wgmma16"
     return max(case["min_bytes"] / bandwidth, case["flops"] / device.rates[unit].flops)
 
 

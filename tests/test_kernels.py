@@ -12,7 +12,7 @@ import torch
 
 import ksfx
 from ksfx.codegen import KernelKey, TileConfig, cached_kernels, get_kernel, kernel_mode, tiling, traffic
-from ksfx.codegen.tiling import forward_heuristic, grad_heuristic
+from ksfx.codegen.tiling import forward_heuristic, grad_heuristic, grad_mode, window_tile
 from ksfx.codegen.tuning import forward_config_space
 from ksfx.config import config
 from ksfx.ops import torch_path, triton_path
@@ -34,6 +34,8 @@ PATTERNS = [
     (2, 1, 4, 3),  # b = 1
     (2, 5, 1, 3),  # c = 1
     (1, 20, 6, 2),  # b >= 16 but c < 16: fma
+    (16, 2, 2, 1),  # window (batch-first): a butterfly factor with d = 1, several windows
+    (37, 7, 3, 1),  # window: runs not powers of two, 18 blocks a window, the last partial
 ]
 
 
@@ -232,15 +234,18 @@ def test_grad_values_on_a_wgmma_tile_taller_than_the_block(device):
     assert_close(grad, dense_grad_values(step, dy, x, values, False), torch.bfloat16)
 
 
-@pytest.mark.parametrize("pattern", [(2, 16, 24, 3), (4, 2, 2, 8)], ids=str)
+@pytest.mark.parametrize("pattern", [(2, 16, 24, 3), (4, 2, 2, 8), (16, 2, 2, 1)], ids=str)
 @pytest.mark.parametrize("splits", [1, 3])
 def test_grad_values_batch_splits(device, pattern, splits):
     """Batch chunks reduced separately, the last one ragged, sum to the full reduction."""
     step = FactorStep(KSPattern(*pattern))
     x, values = make(pattern, 70, False, torch.float32, device)
     dy = torch.randn(70, step.pattern.out_features).to(device)
-    mode = kernel_mode(step.pattern)
-    tile = TileConfig(16, 16, 16 if mode == "dot" else 1, splits=splits)
+    mode = grad_mode(step.pattern)
+    if mode == "window":  # 4 windows of 4 blocks
+        tile = TileConfig(8, *window_tile(step.pattern, 4), splits=splits)
+    else:
+        tile = TileConfig(16, 16, 16 if mode == "dot" else 1, splits=splits)
     grad = triton_path.factor_grad_values(dy, x, step, False, tile=tile)
     assert_close(grad, dense_grad_values(step, dy, x, values, False), torch.float32)
 
@@ -351,7 +356,7 @@ def test_source_has_no_index_table_without_index_perm():
 
 
 @pytest.mark.parametrize("kind", ["forward", "grad"])
-@pytest.mark.parametrize("mode", ["dot", "fma"])
+@pytest.mark.parametrize("mode", ["dot", "fma", "window"])
 def test_source_calls_no_jit_helpers_of_triton_language(kind, mode):
     """Interpreted kernels cannot call tl.cdiv/tl.sum/... once triton was imported uninterpreted."""
     import re

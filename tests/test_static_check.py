@@ -1,7 +1,8 @@
 """The static sm_90 check: the op's kernels compiled here (no GPU) load wide, spill nothing, use wgmma.
 
 A kernel change that breaks coalescing or spills fails here without a GPU. The fixed set
-is the paper's ViT-S/16 chains, a Monarch pair and butterfly factors, forward in both
+is the paper's ViT-S/16 chains, a Monarch pair, butterfly factors and small blocks with
+d = 1, forward in both
 layouts and dtypes, and the backward of the MLP-up chain. What the bar is, and the cases
 below it, are in :func:`ksfx.ops.static_check.passes` and ``docs/kernels.md``.
 """
@@ -28,6 +29,8 @@ CHAINS = {
     "vit-mlp-down-first": [(6, 64, 256, 1)],
     "monarch-4096": [(1, 64, 64, 16), (16, 64, 64, 1)],
     "butterfly": [(256, 2, 2, 32)],
+    "butterfly-d1": [(512, 2, 2, 1)],
+    "small-blocks-d1": [(1024, 28, 4, 1)],  # of the paper grid: b = 28 a run of no power of two
 }
 
 
@@ -151,6 +154,24 @@ def test_batch_first_d_above_one_runs_the_delta_tiled_kernel():
     assert report["model_bytes"] == 6 * x + y + tiles_m * w
     # From device memory each operand once (the δ-tiled kernel reads the values as stored).
     assert report["dram_bytes"] == x + y + w
+
+
+def test_batch_first_small_blocks_run_the_window_kernel():
+    """The flat-row FMA kernels read runs of d = 1 elements (0/66 loads wide forward, 0/48
+    for the weight gradient, in bf16): the window kernels load whole blocks' runs, forward,
+    dx and weight gradient, and the forward moves every feature once."""
+    found = reports([(512, 2, 2, 1)], torch.bfloat16, False, backward=True)
+    assert sorted(r["kind"] for r in found) == ["dx", "forward", "grad"]
+    for report in found:
+        assert report["mode"] == "window" and report["spills"] == 0
+        assert report["wide_loads"] == report["global_loads"] > 0
+    for report in (r for r in found if r["kind"] in ("forward", "dx")):
+        assert report["wide_stores"] == report["global_stores"]
+        p = KSPattern(512, 2, 2, 1)
+        x, y, w = 25088 * p.in_features * 2, 25088 * p.out_features * 2, p.nnz * 2
+        tiles_m = -(-25088 // report["tile"]["BLOCK_M"])
+        # x and y once, the values once per batch tile, plus their γ-major copy (read and written)
+        assert report["model_bytes"] == x + y + tiles_m * w + 2 * w
 
 
 def _identity(key) -> tuple:

@@ -96,7 +96,7 @@ def dot_tiles(pattern: KSPattern, itemsize: int = 2, rows_from_memory: int = 0, 
 
 
 def is_dot(step: FactorStep, batch_last: bool) -> bool:
-    return kernel_mode(step.pattern, batch_last) != "fma"
+    return kernel_mode(step.pattern, batch_last) in ("dot", "dot3")
 
 
 def values_order(step: FactorStep, batch_last: bool) -> tuple[int, int, int, int]:

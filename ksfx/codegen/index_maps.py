@@ -28,6 +28,8 @@ from ksfx.pattern.ks import mixed_radix_digits
 VALUE_STRIDES = sympy.symbols("stride_v0 stride_v1 stride_v2 stride_v3", integer=True, nonnegative=True)
 #: Flat index of one stored value in radix (a, b, c, d) (the FMA weight-gradient kernel).
 FLAT = sympy.Symbol("flat", integer=True, nonnegative=True)
+#: The input position a ``window`` kernel loads: its window's start plus a lane.
+X_INDEX = sympy.Symbol("x_index", integer=True, nonnegative=True)
 #: 2-D views of the β / γ vectors, broadcast to a ``[γ, β]`` tile of the values.
 BETA_TILE, GAMMA_TILE = sympy.symbols("beta_tile gamma_tile", integer=True, nonnegative=True)
 #: δ-tiled kernels: first γ, β and δ of the tile, and the offsets into a tile flattened

@@ -1,6 +1,6 @@
 """Triton source text for one factor step, generated from the symbolic index maps.
 
-Four kernels, two per direction, sharing the runtime-stride convention: ``x`` (and
+The kernels share the runtime-stride convention: ``x`` (and
 ``y``, ``dy``) are addressed as ``offs_m * stride_?m + feature * stride_?f``, so the
 same source serves batch-first ``(n, features)`` and batch-last ``(features, n)``
 tensors, contiguous or not (Triton specialises a unit stride, so loads coalesce along
@@ -11,8 +11,10 @@ whichever axis is contiguous).
   on tensor cores. Needs ``b, c >= 16``.
 * ``forward_fma`` — program = (batch tile, tile of flat output rows ``(α, β, δ)``);
   loops over all ``c`` values of γ with rank-1 FMA updates. For small blocks.
-* ``grad_dot`` / ``grad_fma`` — ``dvalues = Σ_m dy'[m, row] x'[m, col]`` with the batch
-  split into ``splits`` chunks, each writing fp32 partials ``[split, a, b, c, d]``.
+* ``forward_window`` — small blocks batch-first with ``d <= 3``: program = (batch tile,
+  whole blocks), their input run loaded at once and read on chip (``tl.gather``).
+* ``grad_dot`` / ``grad_fma`` / ``grad_window`` — ``dvalues = Σ_m dy'[m, row] x'[m, col]``
+  with the batch split into ``splits`` chunks, each writing fp32 partials ``[split, a, b, c, d]``.
 
 The only pattern-specific text is what :mod:`ksfx.codegen.index_maps` prints.
 """
@@ -24,8 +26,8 @@ from dataclasses import dataclass
 import sympy
 
 from ksfx.codegen import index_maps as im
-from ksfx.codegen.tiling import delta_tile, delta_tiles, dot_values_rows, padded_row
-from ksfx.pattern import ROW, FactorStep, KSPattern
+from ksfx.codegen.tiling import delta_tile, delta_tiles, dot_values_rows, padded_row, window_value_strides
+from ksfx.pattern import GAMMA, ROW, FactorStep, KSPattern
 
 # The kernels call no @jit helper of triton.language (tl.cdiv, tl.sum, tl.zeros, ...): when triton
 # was imported before TRITON_INTERPRET was set, those helpers are compiled-mode functions
@@ -143,6 +145,49 @@ def forward_fma(
         else:
             x_tile = tl.load(x_ptrs, mask=mask_m[:, None] & mask_r[None, :], other=0.0)
             w = tl.load(v_ptr + {v_offset}, mask=mask_r, other=0.0)
+        acc += x_tile.to(tl.float32) * w.to(tl.float32)[None, :]
+{epilogue}'''
+
+FORWARD_WINDOW = '''
+@triton.jit
+def forward_window(
+{args}
+):
+    """{step}: program = (batch tile, window of whole blocks), rank-1 updates over gamma.
+
+    The window's input run is loaded whole (contiguous, wide), each output row reads its
+    inputs from it on chip (tl.gather), and its output run is stored whole: with d < 4 the
+    flat-row kernel's x loads would be runs of d elements.
+    """
+    ALPHAS: tl.constexpr = min(BLOCK_N // {bd}, BLOCK_K // {cd})
+    pid = tl.program_id(0)
+    windows = ({a} + ALPHAS - 1) // ALPHAS
+    window = pid % windows
+    tile_m = pid // windows
+    offs_m = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < n
+    if INT64:
+        offs_m = offs_m.to(tl.int64)
+    alpha0 = window * ALPHAS
+    local_k = tl.arange(0, BLOCK_K)
+    x_index = alpha0 * {cd} + local_k
+    mask_k = (local_k < ALPHAS * {cd}) & (x_index < {in_features})
+    x_feature = {x_feature}
+    if INT64:
+        x_feature = x_feature.to(tl.int64)
+    h = tl.load(x_ptr + offs_m[:, None] * stride_xm + x_feature[None, :] * stride_xf,
+                mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+    local_r = tl.arange(0, BLOCK_N)
+    row = alpha0 * {bd} + local_r
+    mask_r = (local_r < ALPHAS * {bd}) & (row < {rows})
+    alpha = {alpha}
+    beta = {beta}
+    delta = {delta}
+    acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
+    for gamma in {gamma_range}:
+        col = tl.where(mask_r, {col} - alpha0 * {cd}, 0)
+        w = tl.load(v_ptr + {v_offset}, mask=mask_r, other=0.0)
+        x_tile = tl.gather(h, tl.broadcast_to(col[None, :], (BLOCK_M, BLOCK_N)), 1)
         acc += x_tile.to(tl.float32) * w.to(tl.float32)[None, :]
 {epilogue}'''
 
@@ -290,6 +335,54 @@ def grad_fma(
     tl.store(part_ptr + split * {nnz} + flat, tl.reduce(acc, 0, _add), mask=mask_v)
 '''
 
+GRAD_WINDOW = '''
+@triton.jit
+def _add(a, b):
+    return a + b
+
+
+@triton.jit
+def grad_window(
+{args}
+):
+    """{step}: program = (batch split, window of whole blocks), as ``forward_window``.
+
+    dy' and x' are read as the window's output and input runs; per gamma, each row's input
+    is gathered on chip and dvalues[alpha, beta, gamma, delta] accumulated in its own tile.
+    """
+    ALPHAS: tl.constexpr = min(BLOCK_N // {bd}, BLOCK_K // {cd})
+    pid = tl.program_id(0)
+    windows = ({a} + ALPHAS - 1) // ALPHAS
+    window = pid % windows
+    split = pid // windows
+    alpha0 = window * ALPHAS
+    local_k = tl.arange(0, BLOCK_K)
+    x_index = alpha0 * {cd} + local_k
+    mask_k = (local_k < ALPHAS * {cd}) & (x_index < {in_features})
+    x_feature = {x_feature}
+    local_r = tl.arange(0, BLOCK_N)
+    row = alpha0 * {bd} + local_r
+    mask_r = (local_r < ALPHAS * {bd}) & (row < {rows})
+    y_feature = {y_feature}
+    alpha = {alpha}
+    beta = {beta}
+    delta = {delta}
+    if INT64:
+        y_feature = y_feature.to(tl.int64)
+        x_feature = x_feature.to(tl.int64)
+    m_start = split * chunk
+    m_end = tl.minimum(m_start + chunk, n)
+{init}    for m0 in range(m_start, m_end, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        mask_m = offs_m < m_end
+        if INT64:
+            offs_m = offs_m.to(tl.int64)
+        dy_ptrs = dy_ptr + offs_m[:, None] * stride_dm + y_feature[None, :] * stride_df
+        dy_tile = tl.load(dy_ptrs, mask=mask_m[:, None] & mask_r[None, :], other=0.0).to(tl.float32)
+        h = tl.load(x_ptr + offs_m[:, None] * stride_xm + x_feature[None, :] * stride_xf,
+                    mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+{update}{store}'''
+
 GRAD_DOT3 = """
 @triton.jit
 def grad_dot3(
@@ -410,9 +503,36 @@ def forward_source(step: FactorStep, mode: str, dtype: str, interpret: bool, pre
                 full=f"{p.out_features} % BLOCK_N == 0",
             ),
         )
+    elif mode == "window":
+        body = _forward_window(step)
     else:
-        raise ValueError(f"unknown kernel mode {mode!r} (expected 'dot', 'dot3' or 'fma')")
+        raise ValueError(f"unknown kernel mode {mode!r} (expected 'dot', 'dot3', 'fma' or 'window')")
     return HEADER.format(step=step) + body
+
+
+def _forward_window(step: FactorStep) -> str:
+    p = step.pattern
+    alpha, beta, delta = im.row_digits(step)
+    return FORWARD_WINDOW.format(
+        args=FORWARD_ARGS,
+        step=step,
+        a=p.a,
+        bd=p.b * p.d,
+        cd=p.c * p.d,
+        in_features=p.in_features,
+        rows=p.out_features,
+        x_feature=im.code(im.through(step.in_perm, im.X_INDEX, "in_table_ptr"), mask="mask_k"),
+        alpha=im.code(alpha),
+        beta=im.code(beta),
+        delta=im.code(delta),
+        gamma_range=gamma_loop(p.c),
+        col=im.code(p.col_expr),
+        # γ-major values (tiling.values_order): a γ's values of the window's rows are one run
+        v_offset=im.code(im.value_offset_of_row(step, window_value_strides(p))),
+        epilogue=FORWARD_EPILOGUE.format(
+            y_feature=im.code(im.y_feature(step, ROW), mask="mask_r"), mask="mask_r", full="False"
+        ),
+    )
 
 
 def _padded_value_masks(p: KSPattern) -> dict:
@@ -568,6 +688,8 @@ def grad_source(step: FactorStep, mode: str, dtype: str, interpret: bool, precis
         )
     elif mode == "dot3":
         body = _grad_dot3(step, dtype, interpret, precision)
+    elif mode == "window":
+        body = _grad_window(step)
     elif mode == "fma":
         alpha, beta, gamma, delta = im.flat_value_digits(step)
         body = GRAD_FMA.format(
@@ -582,5 +704,39 @@ def grad_source(step: FactorStep, mode: str, dtype: str, interpret: bool, precis
             x_feature=im.code(im.x_feature(step), mask="mask_v"),
         )
     else:
-        raise ValueError(f"unknown kernel mode {mode!r} (expected 'dot', 'dot3' or 'fma')")
+        raise ValueError(f"unknown kernel mode {mode!r} (expected 'dot', 'dot3', 'fma' or 'window')")
     return HEADER.format(step=step) + body
+
+
+def _grad_window(step: FactorStep) -> str:
+    """``grad_window``: one fp32 tile per γ (unrolled, ``c <= UNROLL_LIMIT``), reduced over the batch at the end."""
+    p = step.pattern
+    alpha, beta, delta = im.row_digits(step)
+    init, update, store = [], [], []
+    for g in range(p.c):
+        col = im.code(p.col_expr.subs(GAMMA, g))
+        offset = im.code(p.value_offset_expr().subs(GAMMA, g))
+        init.append(f"    acc_{g} = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)\n")
+        update.append(
+            f"        col = tl.where(mask_r, {col} - alpha0 * {p.c * p.d}, 0)\n"
+            f"        x_tile = tl.gather(h, tl.broadcast_to(col[None, :], (BLOCK_M, BLOCK_N)), 1)\n"
+            f"        acc_{g} += dy_tile * x_tile.to(tl.float32)\n"
+        )
+        store.append(f"    tl.store(part_ptr + split * {p.nnz} + {offset}, tl.reduce(acc_{g}, 0, _add), mask=mask_r)\n")
+    return GRAD_WINDOW.format(
+        args=GRAD_ARGS,
+        step=step,
+        a=p.a,
+        bd=p.b * p.d,
+        cd=p.c * p.d,
+        in_features=p.in_features,
+        rows=p.out_features,
+        x_feature=im.code(im.through(step.in_perm, im.X_INDEX, "in_table_ptr"), mask="mask_k"),
+        y_feature=im.code(im.y_feature(step, ROW), mask="mask_r"),
+        alpha=im.code(alpha),
+        beta=im.code(beta),
+        delta=im.code(delta),
+        init="".join(init),
+        update="".join(update),
+        store="".join(store),
+    )

@@ -2,14 +2,16 @@
 
 Meaning of the block sizes per kernel (see :mod:`ksfx.codegen.source`):
 
-========== =========== ======================= ==================
-kernel     ``block_m`` ``block_n``             ``block_k``
-========== =========== ======================= ==================
-fwd dot    batch       β (output block rows)   γ (reduction)
-fwd fma    batch       flat output rows        unused (1)
-grad dot   batch step  β                       γ
-grad fma   batch step  flat values             unused (1)
-========== =========== ======================= ==================
+=========== =========== ======================= ====================
+kernel      ``block_m`` ``block_n``             ``block_k``
+=========== =========== ======================= ====================
+fwd dot     batch       β (output block rows)   γ (reduction)
+fwd fma     batch       flat output rows        unused (1)
+fwd window  batch       output run (rows)       input run (features)
+grad dot    batch step  β                       γ
+grad fma    batch step  flat values             unused (1)
+grad window batch step  output run (rows)       input run (features)
+=========== =========== ======================= ====================
 
 ``splits`` (weight gradient only) cuts the batch into chunks reduced separately, so a
 large batch over few values still fills the GPU.
@@ -73,8 +75,56 @@ def kernel_mode(pattern: KSPattern, batch_last: bool = False) -> str:
     tile and moves contiguous ``(γ, δ)`` runs instead; ``fma`` for smaller blocks.
     """
     if pattern.b < MIN_DOT or pattern.c < MIN_DOT:
-        return "fma"
+        return "window" if is_windowed(pattern, batch_last) else "fma"
     return "dot3" if pattern.d > 1 and not batch_last else "dot"
+
+
+#: Widest input or output run (elements) of one ``window`` program.
+WINDOW_WIDTH = 128
+#: ``δ`` below which batch-first ``fma`` x loads are runs too short for an 8-byte load in 16 bits.
+WINDOW_MAX_D = 3
+
+
+def is_windowed(pattern: KSPattern, batch_last: bool) -> bool:
+    """Small blocks batch-first with ``d <= 3``: the ``fma`` kernel reads, per γ, x features
+    ``α·c·d + γ·d + δ`` over its rows, runs of ``d`` elements (compiled for sm_90: 0/66
+    global loads wide for KS(512, 2, 2, 1) bf16). ``window`` loads whole blocks' input runs
+    instead, when one block's run fits :data:`WINDOW_WIDTH`."""
+    widest = next_pow2(max(pattern.b, pattern.c) * pattern.d)
+    return not batch_last and pattern.d <= WINDOW_MAX_D and widest <= WINDOW_WIDTH
+
+
+#: Most γ of a ``grad_window`` program: it keeps one accumulator tile per γ (unrolled).
+WINDOW_GRAD_MAX_C = 16
+
+
+def grad_mode(pattern: KSPattern, batch_last: bool = False) -> str:
+    """The weight-gradient kernel: as :func:`kernel_mode`, but ``window`` only for ``c <=``
+    :data:`WINDOW_GRAD_MAX_C` (else the flat-value ``fma`` kernel)."""
+    mode = kernel_mode(pattern, batch_last)
+    return "fma" if mode == "window" and pattern.c > WINDOW_GRAD_MAX_C else mode
+
+
+def window_alphas(pattern: KSPattern, cfg: TileConfig) -> int:
+    """Blocks per ``window`` program: as many as both runs hold (the kernel's ``ALPHAS``)."""
+    alphas = min(cfg.block_n // (pattern.b * pattern.d), cfg.block_k // (pattern.c * pattern.d))
+    if alphas < 1:
+        raise ValueError(
+            f"{pattern}: a window kernel's tile holds whole blocks, at least block_n = {pattern.b * pattern.d} "
+            f"and block_k = {pattern.c * pattern.d}; got {cfg.block_n} and {cfg.block_k}"
+        )
+    return alphas
+
+
+def window_tile(pattern: KSPattern, alphas: int) -> tuple[int, int]:
+    """``(block_n, block_k)``: the output and input runs of ``alphas`` blocks, padded to powers of two."""
+    return next_pow2(alphas * pattern.b * pattern.d), next_pow2(alphas * pattern.c * pattern.d)
+
+
+def window_value_strides(pattern: KSPattern) -> tuple[int, int, int, int]:
+    """Strides of ``values[α, β, γ, δ]`` in the ``window`` kernel's γ-major order (:func:`values_order`)."""
+    a, b, c, d = pattern.as_tuple()
+    return (b * d, d, a * b * d, 1)
 
 
 def values_order(pattern: KSPattern, batch_last: bool) -> tuple[int, int, int, int]:
@@ -83,10 +133,14 @@ def values_order(pattern: KSPattern, batch_last: bool) -> tuple[int, int, int, i
 
     ``dot3`` reads ``(γ, δ)`` runs: the stored ``(a, b, c, d)`` order. ``dot`` with ``d > 1``
     reads a ``[γ, β]`` tile at one δ, strided by ``d`` in the stored order: β innermost
-    instead. Other kernels take the values as they are stored.
+    instead. ``window`` reads, per γ, one value per output row ``(α, β, δ)``: γ outermost
+    makes that a run. Other kernels take the values as they are stored.
     """
-    if kernel_mode(pattern, batch_last) == "dot" and pattern.d > 1:
+    mode = kernel_mode(pattern, batch_last)
+    if mode == "dot" and pattern.d > 1:
         return (0, 3, 2, 1)
+    if mode == "window":
+        return (2, 0, 1, 3)
     return (0, 1, 2, 3)
 
 
@@ -109,6 +163,14 @@ def dot_values_rows(pattern: KSPattern) -> int:
 def values_rows(pattern: KSPattern, batch_last: bool) -> int | None:
     """:func:`dot_values_rows` for a ``dot`` kernel; None for the others (rows as stored)."""
     return dot_values_rows(pattern) if kernel_mode(pattern, batch_last) == "dot" else None
+
+
+def values_copied(pattern: KSPattern, batch_last: bool) -> bool:
+    """Whether the launcher copies stored ``(a, b, c, d)`` values: into another
+    :func:`values_order` (dimensions of size 1 move for free) or into padded rows."""
+    shape = pattern.as_tuple()
+    moved = [dim for dim in values_order(pattern, batch_last) if shape[dim] > 1]
+    return moved != sorted(moved) or values_padded(pattern, batch_last)
 
 
 def values_padded(pattern: KSPattern, batch_last: bool) -> bool:
@@ -138,6 +200,8 @@ def forward_programs(pattern: KSPattern, n: int, cfg: TileConfig, mode: str) -> 
         return cdiv(n, cfg.block_m) * pattern.groups * cdiv(pattern.b, cfg.block_n)
     if mode == "dot3":
         return cdiv(n, cfg.block_m) * pattern.a * delta_tiles(pattern) * cdiv(pattern.b, cfg.block_n)
+    if mode == "window":
+        return cdiv(n, cfg.block_m) * cdiv(pattern.a, window_alphas(pattern, cfg))
     return cdiv(n, cfg.block_m) * cdiv(pattern.out_features, cfg.block_n)
 
 
@@ -146,6 +210,8 @@ def grad_programs_per_split(pattern: KSPattern, cfg: TileConfig, mode: str) -> i
         return pattern.groups * cdiv(pattern.b, cfg.block_n) * cdiv(pattern.c, cfg.block_k)
     if mode == "dot3":
         return pattern.a * delta_tiles(pattern) * cdiv(pattern.b, cfg.block_n) * cdiv(pattern.c, cfg.block_k)
+    if mode == "window":
+        return cdiv(pattern.a, window_alphas(pattern, cfg))
     return cdiv(pattern.nnz, cfg.block_n)
 
 
@@ -176,6 +242,8 @@ def forward_heuristic(pattern: KSPattern, n: int, itemsize: int, batch_last: boo
         wide_tile = 64 * 128 if itemsize > 2 or narrow else 128 * 128
         num_warps = 8 if block_m * block_n >= wide_tile else 4
         return TileConfig(block_m, block_n, block_k, num_warps=num_warps, num_stages=3)
+    if mode == "window":
+        return _window_heuristic(pattern, n, itemsize)
     rows = pattern.out_features
     if batch_last:
         block_m, block_n = 64, clamp_pow2(rows, 1, 32)
@@ -184,6 +252,28 @@ def forward_heuristic(pattern: KSPattern, n: int, itemsize: int, batch_last: boo
     block_m = min(block_m, clamp_pow2(n, 1, block_m))
     return TileConfig(block_m, block_n, 1, num_warps=4, num_stages=1)
 
+
+#: Bytes of one γ's values each thread of a ``window`` program loads: the narrowest wide load.
+WINDOW_VALUE_BYTES = 8
+
+
+def _window_heuristic(pattern: KSPattern, n: int, itemsize: int) -> TileConfig:
+    """window: an output run of 8 bytes of values a thread per γ (512 rows in 16-bit, 256 in
+    fp32, at 4 warps; fewer warps for a shorter run), over 16 batch rows (a 64-register
+    fp32 accumulator in 16-bit).
+
+    Compiled for sm_90 (triton 3.6), KS(512, 2, 2, 1) bf16: with runs of 128 rows over 32
+    batch rows each γ's values were one 2-byte load a thread (4/6 global loads wide).
+    """
+    per_thread = WINDOW_VALUE_BYTES // itemsize
+    widest = next_pow2(max(pattern.b, pattern.c) * pattern.d)
+    block_n, block_k = window_tile(pattern, min(next_pow2(pattern.a), max(1, per_thread * 32 * 4 // widest)))
+    warps = max(1, min(4, max(block_n, block_k) // (per_thread * 32)))  # fewer for a pattern's shorter runs
+    return TileConfig(clamp_pow2(n, 1, 16), block_n, block_k, num_warps=warps, num_stages=1)
+
+
+#: Batch rows a ``grad_window`` program takes per step.
+WINDOW_GRAD_ROWS = 8
 
 #: Shared memory a config may use (bytes); conservative for sm_80 and later.
 SMEM_BUDGET = 160 * 1024
@@ -225,8 +315,15 @@ def _dot3_heuristic(pattern: KSPattern, n: int, itemsize: int, num_sms: int) -> 
 
 def grad_heuristic(pattern: KSPattern, n: int, itemsize: int, batch_last: bool, num_sms: int) -> TileConfig:
     """Weight-gradient config: whole blocks per program and enough batch splits to fill the GPU."""
-    mode = kernel_mode(pattern, batch_last)
-    if mode == "dot3":
+    mode = grad_mode(pattern, batch_last)
+    if mode == "window":
+        # c accumulator tiles of BLOCK_M x BLOCK_N fp32 within 8192 values (64 registers a thread at 4 warps)
+        rows = max(1, 8192 // (WINDOW_GRAD_ROWS * pattern.c))
+        widest = next_pow2(max(pattern.b, pattern.c) * pattern.d)
+        block_n, block_k = window_tile(pattern, min(next_pow2(pattern.a), max(1, rows // widest)))
+        warps = max(1, min(4, pattern.c * WINDOW_GRAD_ROWS * block_n // (64 * 32)))
+        cfg = TileConfig(WINDOW_GRAD_ROWS, block_n, block_k, num_warps=warps, num_stages=2)
+    elif mode == "dot3":
         width = delta_tile(pattern)
         budget = (DOT3_ACC if itemsize <= 2 else DOT3_ACC // 2) // width
         # Each δ's accumulator is [β, γ]: 64 β rows make one wgmma tile (fewer fall back to

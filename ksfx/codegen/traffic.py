@@ -33,7 +33,15 @@ import torch
 
 from ksfx.codegen import index_maps as im
 from ksfx.codegen.fusion import FUSED_WARPS, dot_tiles, first_rows_from_memory
-from ksfx.codegen.tiling import TileConfig, cdiv, delta_tile, kernel_mode, next_pow2, values_order, values_padded
+from ksfx.codegen.tiling import (
+    TileConfig,
+    cdiv,
+    delta_tile,
+    kernel_mode,
+    next_pow2,
+    values_copied,
+    window_alphas,
+)
 from ksfx.pattern import ALPHA, BETA, DELTA, GAMMA, ROW, FactorStep, IndexPerm, evaluate
 
 TABLE_ITEMSIZE = 4  # int32 index tables
@@ -77,6 +85,14 @@ def _features(expr: im.FeatureExpr, step: FactorStep, env: dict) -> torch.Tensor
         perm = step.in_perm if expr.pointer == "in_table_ptr" else im.store_perm(step)
         return perm.indices()[evaluate(expr.index, env)]
     return evaluate(expr, env)
+
+
+def _window_features(expr, position, step: FactorStep, a: int, alphas: int, run: int):
+    """Features (and validity) each ``window`` program moves: ``alphas`` blocks' runs of ``run``."""
+    windows = cdiv(a, alphas)
+    positions = torch.arange(windows)[:, None] * (alphas * run) + torch.arange(alphas * run)[None, :]
+    valid = positions < a * run
+    return _features(expr, step, {position: torch.where(valid, positions, 0)}), valid
 
 
 def _distinct(keys: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -150,6 +166,15 @@ def bytes_moved(
         y_feat, y_valid = per_program(y_feat), per_program(y_valid)
         per_program_values = p.c * y_valid.sum(dim=1)
         x_lookups = p.c * int(d_valid.sum()) * tiles_b
+    elif mode == "window":
+        # A program owns whole blocks: every input and output feature once per batch tile.
+        alphas = window_alphas(p, cfg)
+        x_expr = im.through(step.in_perm, im.X_INDEX, "in_table_ptr")
+        x_feat, x_valid = _window_features(x_expr, im.X_INDEX, step, p.a, alphas, p.c * p.d)
+        x_units = _units(x_feat, x_valid, itemsize, sector, batch_last)
+        y_feat, y_valid = _window_features(im.y_feature(step, ROW), ROW, step, p.a, alphas, p.b * p.d)
+        per_program_values = p.c * y_valid.sum(dim=1)
+        x_lookups = p.in_features
     else:
         tiles_r = cdiv(p.out_features, cfg.block_n)
         rows = torch.arange(tiles_r * cfg.block_n)
@@ -177,9 +202,7 @@ def bytes_moved(
         tables += tiles_m * int(y_valid.sum()) * TABLE_ITEMSIZE
         table_once += p.out_features * TABLE_ITEMSIZE
     values = tiles_m * int(per_program_values.sum()) * itemsize
-    relayout = (
-        0 if values_order(p, batch_last) == (0, 1, 2, 3) and not values_padded(p, batch_last) else 2 * p.nnz * itemsize
-    )
+    relayout = 2 * p.nnz * itemsize if values_copied(p, batch_last) else 0
     x_once = _all_units(p.in_features, itemsize, sector, batch_last) * batch
     y_once = _all_units(p.out_features, itemsize, sector, batch_last) * batch
     return Traffic(
@@ -216,7 +239,7 @@ def segment_bytes(steps: tuple[FactorStep, ...], n: int, batch_last: bool, block
         if isinstance(step.in_perm, IndexPerm):
             p = step.pattern
             table_once += p.in_features * TABLE_ITEMSIZE
-            if kernel_mode(p, batch_last) == "fma":
+            if kernel_mode(p, batch_last) in ("fma", "window"):
                 lookups += p.c * next_pow2(p.out_features)
             else:
                 rows = first_rows_from_memory(steps, batch_last, itemsize, warps) if k == 0 else 0

@@ -14,12 +14,15 @@ from ksfx.codegen.tiling import (
     DOT3_ACC,
     MIN_DOT,
     SMEM_BUDGET,
+    WINDOW_WIDTH,
     TileConfig,
     clamp_pow2,
     delta_tile,
     forward_heuristic,
     forward_programs,
     kernel_mode,
+    next_pow2,
+    window_tile,
 )
 from ksfx.codegen.traffic import bytes_moved
 from ksfx.pattern import FactorStep
@@ -40,6 +43,11 @@ def _tilings(step: FactorStep, n: int, itemsize: int, mode: str) -> list[tuple[i
             and width * bm * bn <= 2 * DOT3_ACC
             and 3 * width * (bm * bk + bk * bn) * itemsize <= SMEM_BUDGET
         ]
+    if mode == "window":  # whole blocks a program: 1, 2, 4, ... of them up to the widest run
+        max_m = clamp_pow2(n, 16, 128)
+        widest = next_pow2(max(p.b, p.c) * p.d)
+        runs = [window_tile(p, 1 << k) for k in range((WINDOW_WIDTH * 2 // widest).bit_length())]
+        return [(bm, bn, bk) for bm in (16, 32, 64, 128) for bn, bk in runs if bm <= max_m and bm * bn <= 64 * 256]
     max_n, max_m = clamp_pow2(p.out_features, 16, 256), clamp_pow2(n, 16, 128)
     return [
         (bm, bn, 1)
@@ -53,7 +61,7 @@ def _variants(mode: str, width: int, bm: int, bn: int, bk: int) -> list[TileConf
         warps = 8 if width * bm * bn >= 128 * 64 else 4
         return [TileConfig(bm, bn, bk, warps, 3), TileConfig(bm, bn, bk, warps, 4)]
     warps = max(1, min(8, bm * bn // 512))
-    return [TileConfig(bm, bn, 1, warps, 1), TileConfig(bm, bn, 1, max(1, warps // 2), 1)]
+    return [TileConfig(bm, bn, bk, warps, 1), TileConfig(bm, bn, bk, max(1, warps // 2), 1)]
 
 
 def forward_config_space(

@@ -60,7 +60,7 @@ def step_implementation(x: torch.Tensor, step: FactorStep, batch_last: bool) -> 
 @functools.lru_cache(maxsize=4096)
 def prefers_triton(step: FactorStep, batch_last: bool, dtype: torch.dtype) -> bool:
     """Whether the generated kernel beats cuBLAS bmm for this step (see module doc)."""
-    if kernel_mode(step.pattern) == "fma":
+    if kernel_mode(step.pattern, batch_last) in ("fma", "window"):
         return True
     if dtype == torch.float32:
         return False

@@ -180,7 +180,7 @@ def check(launch: PlannedLaunch, device: Device, dump_dir: Path | None = None) -
         "pattern": launch.patterns() if launch.fused else launch.patterns()[0],
         "step": "; ".join(str(step) for step in launch.steps),
         "mode": mode,
-        "tensor_core_steps": sum(kernel_mode(s.pattern, launch.batch_last) != "fma" for s in launch.steps),
+        "tensor_core_steps": sum(kernel_mode(s.pattern, launch.batch_last) in ("dot", "dot3") for s in launch.steps),
         "dtype": key.dtype,
         "layout": "batch-last" if launch.batch_last else "batch-first",
         "batch": launch.n,

@@ -26,6 +26,7 @@ from ksfx.codegen.tiling import (
     forward_heuristic,
     forward_programs,
     grad_heuristic,
+    grad_mode,
     grad_programs_per_split,
     padded_row,
     values_order,
@@ -173,7 +174,7 @@ def kernel_key(kind: str, step: FactorStep, dtype: torch.dtype, batch_last: bool
     return KernelKey(
         kind=kind,
         step=step,
-        mode=kernel_mode(step.pattern, batch_last),
+        mode=(grad_mode if kind == "grad" else kernel_mode)(step.pattern, batch_last),
         batch_last=batch_last,
         dtype=str(dtype).removeprefix("torch."),
         interpret=target.interpret,
