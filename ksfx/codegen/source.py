@@ -148,6 +148,28 @@ def forward_fma(
         acc += x_tile.to(tl.float32) * w.to(tl.float32)[None, :]
 {epilogue}'''
 
+#: The combine function of ``tl.reduce`` (``tl.sum`` is a jit helper, see the module's HEADER note).
+ADD_COMBINE = """
+@triton.jit
+def _add(a, b):
+    return a + b
+
+"""
+
+#: The runs of a ``window`` program (``window`` bound): its blocks, input lanes and output rows.
+WINDOW_RUNS = """    alpha0 = window * ALPHAS
+    local_k = tl.arange(0, BLOCK_K)
+    x_index = alpha0 * {cd} + local_k
+    mask_k = (local_k < ALPHAS * {cd}) & (x_index < {in_features})
+    x_feature = {x_feature}
+    local_r = tl.arange(0, BLOCK_N)
+    row = alpha0 * {bd} + local_r
+    mask_r = (local_r < ALPHAS * {bd}) & (row < {rows})
+    alpha = {alpha}
+    beta = {beta}
+    delta = {delta}
+"""
+
 FORWARD_WINDOW = '''
 @triton.jit
 def forward_window(
@@ -168,21 +190,10 @@ def forward_window(
     mask_m = offs_m < n
     if INT64:
         offs_m = offs_m.to(tl.int64)
-    alpha0 = window * ALPHAS
-    local_k = tl.arange(0, BLOCK_K)
-    x_index = alpha0 * {cd} + local_k
-    mask_k = (local_k < ALPHAS * {cd}) & (x_index < {in_features})
-    x_feature = {x_feature}
-    if INT64:
+{runs}    if INT64:
         x_feature = x_feature.to(tl.int64)
     h = tl.load(x_ptr + offs_m[:, None] * stride_xm + x_feature[None, :] * stride_xf,
                 mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-    local_r = tl.arange(0, BLOCK_N)
-    row = alpha0 * {bd} + local_r
-    mask_r = (local_r < ALPHAS * {bd}) & (row < {rows})
-    alpha = {alpha}
-    beta = {beta}
-    delta = {delta}
     acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
     for gamma in {gamma_range}:
         col = tl.where(mask_r, {col} - alpha0 * {cd}, 0)
@@ -295,12 +306,9 @@ def grad_dot(
     tl.store(part_ptr + split * {nnz} + {part_offset}, acc, mask=mask_b[:, None] & mask_k[None, :])
 '''
 
-GRAD_FMA = '''
-@triton.jit
-def _add(a, b):
-    return a + b
-
-
+GRAD_FMA = (
+    ADD_COMBINE
+    + '''
 @triton.jit
 def grad_fma(
 {args}
@@ -334,13 +342,11 @@ def grad_fma(
         acc += dy_tile.to(tl.float32) * x_tile.to(tl.float32)
     tl.store(part_ptr + split * {nnz} + flat, tl.reduce(acc, 0, _add), mask=mask_v)
 '''
+)
 
-GRAD_WINDOW = '''
-@triton.jit
-def _add(a, b):
-    return a + b
-
-
+GRAD_WINDOW = (
+    ADD_COMBINE
+    + '''
 @triton.jit
 def grad_window(
 {args}
@@ -355,18 +361,7 @@ def grad_window(
     windows = ({a} + ALPHAS - 1) // ALPHAS
     window = pid % windows
     split = pid // windows
-    alpha0 = window * ALPHAS
-    local_k = tl.arange(0, BLOCK_K)
-    x_index = alpha0 * {cd} + local_k
-    mask_k = (local_k < ALPHAS * {cd}) & (x_index < {in_features})
-    x_feature = {x_feature}
-    local_r = tl.arange(0, BLOCK_N)
-    row = alpha0 * {bd} + local_r
-    mask_r = (local_r < ALPHAS * {bd}) & (row < {rows})
-    y_feature = {y_feature}
-    alpha = {alpha}
-    beta = {beta}
-    delta = {delta}
+{runs}    y_feature = {y_feature}
     if INT64:
         y_feature = y_feature.to(tl.int64)
         x_feature = x_feature.to(tl.int64)
@@ -382,6 +377,7 @@ def grad_window(
         h = tl.load(x_ptr + offs_m[:, None] * stride_xm + x_feature[None, :] * stride_xf,
                     mask=mask_m[:, None] & mask_k[None, :], other=0.0)
 {update}{store}'''
+)
 
 GRAD_DOT3 = """
 @triton.jit
@@ -510,13 +506,10 @@ def forward_source(step: FactorStep, mode: str, dtype: str, interpret: bool, pre
     return HEADER.format(step=step) + body
 
 
-def _forward_window(step: FactorStep) -> str:
+def _window_runs(step: FactorStep) -> str:
     p = step.pattern
     alpha, beta, delta = im.row_digits(step)
-    return FORWARD_WINDOW.format(
-        args=FORWARD_ARGS,
-        step=step,
-        a=p.a,
+    return WINDOW_RUNS.format(
         bd=p.b * p.d,
         cd=p.c * p.d,
         in_features=p.in_features,
@@ -525,6 +518,18 @@ def _forward_window(step: FactorStep) -> str:
         alpha=im.code(alpha),
         beta=im.code(beta),
         delta=im.code(delta),
+    )
+
+
+def _forward_window(step: FactorStep) -> str:
+    p = step.pattern
+    return FORWARD_WINDOW.format(
+        args=FORWARD_ARGS,
+        step=step,
+        a=p.a,
+        bd=p.b * p.d,
+        cd=p.c * p.d,
+        runs=_window_runs(step),
         gamma_range=gamma_loop(p.c),
         col=im.code(p.col_expr),
         # γ-major values (tiling.values_order): a γ's values of the window's rows are one run
@@ -711,7 +716,6 @@ def grad_source(step: FactorStep, mode: str, dtype: str, interpret: bool, precis
 def _grad_window(step: FactorStep) -> str:
     """``grad_window``: one fp32 tile per γ (unrolled, ``c <= UNROLL_LIMIT``), reduced over the batch at the end."""
     p = step.pattern
-    alpha, beta, delta = im.row_digits(step)
     init, update, store = [], [], []
     for g in range(p.c):
         col = im.code(p.col_expr.subs(GAMMA, g))
@@ -729,13 +733,8 @@ def _grad_window(step: FactorStep) -> str:
         a=p.a,
         bd=p.b * p.d,
         cd=p.c * p.d,
-        in_features=p.in_features,
-        rows=p.out_features,
-        x_feature=im.code(im.through(step.in_perm, im.X_INDEX, "in_table_ptr"), mask="mask_k"),
+        runs=_window_runs(step),
         y_feature=im.code(im.y_feature(step, ROW), mask="mask_r"),
-        alpha=im.code(alpha),
-        beta=im.code(beta),
-        delta=im.code(delta),
         init="".join(init),
         update="".join(update),
         store="".join(store),
