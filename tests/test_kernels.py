@@ -35,7 +35,7 @@ PATTERNS = [
     (2, 5, 1, 3),  # c = 1
     (1, 20, 6, 2),  # b >= 16 but c < 16: fma
     (16, 2, 2, 1),  # window (batch-first): a butterfly factor with d = 1, several windows
-    (37, 7, 3, 1),  # window: runs not powers of two, 18 blocks a window, the last partial
+    (100, 7, 4, 1),  # window: an output run of no power of two, windows of 32 or 64 blocks, the last partial
 ]
 
 

@@ -11,7 +11,7 @@ whichever axis is contiguous).
   on tensor cores. Needs ``b, c >= 16``.
 * ``forward_fma`` — program = (batch tile, tile of flat output rows ``(α, β, δ)``);
   loops over all ``c`` values of γ with rank-1 FMA updates. For small blocks.
-* ``forward_window`` — small blocks batch-first with ``d <= 3``: program = (batch tile,
+* ``forward_window`` — small blocks batch-first with ``d <= 2``: program = (batch tile,
   whole blocks), their input run loaded at once and read on chip (``tl.gather``).
 * ``grad_dot`` / ``grad_fma`` / ``grad_window`` — ``dvalues = Σ_m dy'[m, row] x'[m, col]``
   with the batch split into ``splits`` chunks, each writing fp32 partials ``[split, a, b, c, d]``.
@@ -160,11 +160,15 @@ def _add(a, b):
 WINDOW_RUNS = """    alpha0 = window * ALPHAS
     local_k = tl.arange(0, BLOCK_K)
     x_index = alpha0 * {cd} + local_k
-    mask_k = (local_k < ALPHAS * {cd}) & (x_index < {in_features})
-    x_feature = {x_feature}
     local_r = tl.arange(0, BLOCK_N)
     row = alpha0 * {bd} + local_r
-    mask_r = (local_r < ALPHAS * {bd}) & (row < {rows})
+    if {a} % ALPHAS == 0:  # whole windows: masks free of the bounds keep the runs' alignment visible
+        mask_k = local_k < ALPHAS * {cd}
+        mask_r = local_r < ALPHAS * {bd}
+    else:
+        mask_k = (local_k < ALPHAS * {cd}) & (x_index < {in_features})
+        mask_r = (local_r < ALPHAS * {bd}) & (row < {rows})
+    x_feature = {x_feature}
     alpha = {alpha}
     beta = {beta}
     delta = {delta}
@@ -178,7 +182,7 @@ def forward_window(
     """{step}: program = (batch tile, window of whole blocks), rank-1 updates over gamma.
 
     The window's input run is loaded whole (contiguous, wide), each output row reads its
-    inputs from it on chip (tl.gather), and its output run is stored whole: with d < 4 the
+    inputs from it on chip (tl.gather), and its output run is stored whole: with d <= 2 the
     flat-row kernel's x loads would be runs of d elements.
     """
     ALPHAS: tl.constexpr = min(BLOCK_N // {bd}, BLOCK_K // {cd})
@@ -510,6 +514,7 @@ def _window_runs(step: FactorStep) -> str:
     p = step.pattern
     alpha, beta, delta = im.row_digits(step)
     return WINDOW_RUNS.format(
+        a=p.a,
         bd=p.b * p.d,
         cd=p.c * p.d,
         in_features=p.in_features,

@@ -81,17 +81,24 @@ def kernel_mode(pattern: KSPattern, batch_last: bool = False) -> str:
 
 #: Widest input or output run (elements) of one ``window`` program.
 WINDOW_WIDTH = 128
-#: ``δ`` below which batch-first ``fma`` x loads are runs too short for an 8-byte load in 16 bits.
-WINDOW_MAX_D = 3
+#: Largest ``δ`` whose batch-first ``fma`` x loads the ``window`` kernel replaces.
+WINDOW_MAX_D = 2
 
 
 def is_windowed(pattern: KSPattern, batch_last: bool) -> bool:
-    """Small blocks batch-first with ``d <= 3``: the ``fma`` kernel reads, per γ, x features
+    """Small blocks batch-first with ``d <= 2``: the ``fma`` kernel reads, per γ, x features
     ``α·c·d + γ·d + δ`` over its rows, runs of ``d`` elements (compiled for sm_90: 0/66
     global loads wide for KS(512, 2, 2, 1) bf16). ``window`` loads whole blocks' input runs
-    instead, when one block's run fits :data:`WINDOW_WIDTH`."""
-    widest = next_pow2(max(pattern.b, pattern.c) * pattern.d)
-    return not batch_last and pattern.d <= WINDOW_MAX_D and widest <= WINDOW_WIDTH
+    instead, when one block's run fits :data:`WINDOW_WIDTH`. Not for ``d = 3``: runs of
+    ``3·k`` elements, windows starting unaligned, and digits divided by 3 spilled 194-1922
+    instructions (KS(341, 2, 2, 3), KS(85, 2, 8, 3) bf16, triton 3.6). Nor where neither a
+    block's input nor its output run is a power of two: KS(512, 3, 7, 1) and KS(512, 7, 3, 1)
+    bf16 spilled 1581 and 522 (``fma``: 196 and fewer).
+    """
+    p = pattern
+    widest = next_pow2(max(p.b, p.c) * p.d)
+    some_run_pow2 = next_pow2(p.b * p.d) == p.b * p.d or next_pow2(p.c * p.d) == p.c * p.d
+    return not batch_last and p.d <= WINDOW_MAX_D and widest <= WINDOW_WIDTH and some_run_pow2
 
 
 #: Most γ of a ``grad_window`` program: it keeps one accumulator tile per γ (unrolled).
@@ -263,7 +270,9 @@ def _window_heuristic(pattern: KSPattern, n: int, itemsize: int) -> TileConfig:
     fp32 accumulator in 16-bit).
 
     Compiled for sm_90 (triton 3.6), KS(512, 2, 2, 1) bf16: with runs of 128 rows over 32
-    batch rows each γ's values were one 2-byte load a thread (4/6 global loads wide).
+    batch rows each γ's values were one 2-byte load a thread (4/6 global loads wide). With
+    ``c > b`` the input run is the longer and sets the blocks: sized by the output run
+    (input runs of 1024), KS(128, 2, 16, 1) and KS(682, 2, 3, 1) bf16 spilled 193 and 17,630.
     """
     per_thread = WINDOW_VALUE_BYTES // itemsize
     widest = next_pow2(max(pattern.b, pattern.c) * pattern.d)
@@ -274,6 +283,9 @@ def _window_heuristic(pattern: KSPattern, n: int, itemsize: int) -> TileConfig:
 
 #: Batch rows a ``grad_window`` program takes per step.
 WINDOW_GRAD_ROWS = 8
+#: fp32 accumulator values of a ``grad_window`` program (64 registers a thread at 4 warps).
+WINDOW_GRAD_ACC = 8192
+
 
 #: Shared memory a config may use (bytes); conservative for sm_80 and later.
 SMEM_BUDGET = 160 * 1024
@@ -317,11 +329,12 @@ def grad_heuristic(pattern: KSPattern, n: int, itemsize: int, batch_last: bool, 
     """Weight-gradient config: whole blocks per program and enough batch splits to fill the GPU."""
     mode = grad_mode(pattern, batch_last)
     if mode == "window":
-        # c accumulator tiles of BLOCK_M x BLOCK_N fp32 within 8192 values (64 registers a thread at 4 warps)
-        rows = max(1, 8192 // (WINDOW_GRAD_ROWS * pattern.c))
+        # c accumulator tiles of BLOCK_M x (blocks x b·d) fp32 within WINDOW_GRAD_ACC values: on
+        # 1 warp KS(128, 8, 8, 1) bf16 spilled 139 instructions, on 4 none (sm_90, triton 3.6)
+        rows = WINDOW_GRAD_ACC // (WINDOW_GRAD_ROWS * pattern.c)
         widest = next_pow2(max(pattern.b, pattern.c) * pattern.d)
         block_n, block_k = window_tile(pattern, min(next_pow2(pattern.a), max(1, rows // widest)))
-        warps = max(1, min(4, pattern.c * WINDOW_GRAD_ROWS * block_n // (64 * 32)))
+        warps = max(1, min(4, WINDOW_GRAD_ROWS * max(block_n, block_k) // 256))
         cfg = TileConfig(WINDOW_GRAD_ROWS, block_n, block_k, num_warps=warps, num_stages=2)
     elif mode == "dot3":
         width = delta_tile(pattern)
