@@ -145,15 +145,14 @@ def _median(values: list[float]) -> float | None:
 
 def _roofline_s(case: dict, bandwidth: float | None, device) -> float | None:
     """The least time of a pattern case: bytes over the measured bandwidth, FLOPs over the unit's rate."""
-    from ksfx.codegen.tiling import kernel_mode
+    from ksfx.codegen.tiling import uses_tensor_cores
     from ksfx.pattern import KSPattern
 
     if not bandwidth or device is None:
         return None
-    p = KSPattern(*case["pattern"])
-    mode = kernel_mode(p, case["layout"] == "batch-last")
+    tensor_cores = uses_tensor_cores(KSPattern(*case["pattern"]), case["layout"] == "batch-last")
     # The unit the static check shows for the kernel: wgmma for 16-bit dots, else fp32 FMA (IEEE).
-    unit = "ffma" if case["dtype"] == "fp32" or mode in ("fma", "window") else "wgmma16"
+    unit = "wgmma16" if tensor_cores and case["dtype"] != "fp32" else "ffma"
     return max(case["min_bytes"] / bandwidth, case["flops"] / device.rates[unit].flops)
 
 

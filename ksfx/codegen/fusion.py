@@ -26,7 +26,7 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 
-from ksfx.codegen.tiling import MIN_DOT, cdiv, clamp_pow2, kernel_mode, next_pow2
+from ksfx.codegen.tiling import MIN_DOT, cdiv, clamp_pow2, next_pow2, uses_tensor_cores
 from ksfx.pattern import FactorStep, KSPattern
 from ksfx.pattern.perm import compose
 
@@ -96,7 +96,7 @@ def dot_tiles(pattern: KSPattern, itemsize: int = 2, rows_from_memory: int = 0, 
 
 
 def is_dot(step: FactorStep, batch_last: bool) -> bool:
-    return kernel_mode(step.pattern, batch_last) in ("dot", "dot3")
+    return uses_tensor_cores(step.pattern, batch_last)
 
 
 def values_order(step: FactorStep, batch_last: bool) -> tuple[int, int, int, int]:

@@ -156,8 +156,13 @@ def _add(a, b):
 
 """
 
-#: The runs of a ``window`` program (``window`` bound): its blocks, input lanes and output rows.
-WINDOW_RUNS = """    alpha0 = window * ALPHAS
+#: A ``window`` program's window (``pid // windows`` is left to the kernel: batch tile or
+#: split), its blocks, input lanes and output rows.
+WINDOW_RUNS = """    ALPHAS: tl.constexpr = min(BLOCK_N // {bd}, BLOCK_K // {cd})
+    pid = tl.program_id(0)
+    windows = ({a} + ALPHAS - 1) // ALPHAS
+    window = pid % windows
+    alpha0 = window * ALPHAS
     local_k = tl.arange(0, BLOCK_K)
     x_index = alpha0 * {cd} + local_k
     local_r = tl.arange(0, BLOCK_N)
@@ -185,16 +190,11 @@ def forward_window(
     inputs from it on chip (tl.gather), and its output run is stored whole: with d <= 2 the
     flat-row kernel's x loads would be runs of d elements.
     """
-    ALPHAS: tl.constexpr = min(BLOCK_N // {bd}, BLOCK_K // {cd})
-    pid = tl.program_id(0)
-    windows = ({a} + ALPHAS - 1) // ALPHAS
-    window = pid % windows
-    tile_m = pid // windows
+{runs}    tile_m = pid // windows
     offs_m = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_m = offs_m < n
     if INT64:
         offs_m = offs_m.to(tl.int64)
-{runs}    if INT64:
         x_feature = x_feature.to(tl.int64)
     h = tl.load(x_ptr + offs_m[:, None] * stride_xm + x_feature[None, :] * stride_xf,
                 mask=mask_m[:, None] & mask_k[None, :], other=0.0)
@@ -360,12 +360,8 @@ def grad_window(
     dy' and x' are read as the window's output and input runs; per gamma, each row's input
     is gathered on chip and dvalues[alpha, beta, gamma, delta] accumulated in its own tile.
     """
-    ALPHAS: tl.constexpr = min(BLOCK_N // {bd}, BLOCK_K // {cd})
-    pid = tl.program_id(0)
-    windows = ({a} + ALPHAS - 1) // ALPHAS
-    window = pid % windows
-    split = pid // windows
-{runs}    y_feature = {y_feature}
+{runs}    split = pid // windows
+    y_feature = {y_feature}
     if INT64:
         y_feature = y_feature.to(tl.int64)
         x_feature = x_feature.to(tl.int64)
@@ -531,8 +527,6 @@ def _forward_window(step: FactorStep) -> str:
     return FORWARD_WINDOW.format(
         args=FORWARD_ARGS,
         step=step,
-        a=p.a,
-        bd=p.b * p.d,
         cd=p.c * p.d,
         runs=_window_runs(step),
         gamma_range=gamma_loop(p.c),
@@ -719,7 +713,8 @@ def grad_source(step: FactorStep, mode: str, dtype: str, interpret: bool, precis
 
 
 def _grad_window(step: FactorStep) -> str:
-    """``grad_window``: one fp32 tile per γ (unrolled, ``c <= UNROLL_LIMIT``), reduced over the batch at the end."""
+    """``grad_window``: one fp32 tile per γ (unrolled, ``c <=`` :data:`~ksfx.codegen.tiling.WINDOW_GRAD_MAX_C`),
+    reduced over the batch at the end."""
     p = step.pattern
     init, update, store = [], [], []
     for g in range(p.c):
@@ -735,9 +730,6 @@ def _grad_window(step: FactorStep) -> str:
     return GRAD_WINDOW.format(
         args=GRAD_ARGS,
         step=step,
-        a=p.a,
-        bd=p.b * p.d,
-        cd=p.c * p.d,
         runs=_window_runs(step),
         y_feature=im.code(im.y_feature(step, ROW), mask="mask_r"),
         init="".join(init),

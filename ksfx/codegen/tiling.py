@@ -79,6 +79,11 @@ def kernel_mode(pattern: KSPattern, batch_last: bool = False) -> str:
     return "dot3" if pattern.d > 1 and not batch_last else "dot"
 
 
+def uses_tensor_cores(pattern: KSPattern, batch_last: bool = False) -> bool:
+    """Whether the pattern's kernel multiplies with ``tl.dot`` (``dot``, ``dot3``), not FMA loops."""
+    return kernel_mode(pattern, batch_last) in ("dot", "dot3")
+
+
 #: Widest input or output run (elements) of one ``window`` program.
 WINDOW_WIDTH = 128
 #: Largest ``δ`` whose batch-first ``fma`` x loads the ``window`` kernel replaces.
@@ -96,9 +101,13 @@ def is_windowed(pattern: KSPattern, batch_last: bool) -> bool:
     bf16 spilled 1581 and 522 (``fma``: 196 and fewer).
     """
     p = pattern
-    widest = next_pow2(max(p.b, p.c) * p.d)
     some_run_pow2 = next_pow2(p.b * p.d) == p.b * p.d or next_pow2(p.c * p.d) == p.c * p.d
-    return not batch_last and p.d <= WINDOW_MAX_D and widest <= WINDOW_WIDTH and some_run_pow2
+    return not batch_last and p.d <= WINDOW_MAX_D and widest_run(p) <= WINDOW_WIDTH and some_run_pow2
+
+
+def widest_run(pattern: KSPattern) -> int:
+    """One block's longer run, input ``c·d`` or output ``b·d``, padded to a power of two."""
+    return next_pow2(max(pattern.b, pattern.c) * pattern.d)
 
 
 #: Most γ of a ``grad_window`` program: it keeps one accumulator tile per γ (unrolled).
@@ -126,6 +135,12 @@ def window_alphas(pattern: KSPattern, cfg: TileConfig) -> int:
 def window_tile(pattern: KSPattern, alphas: int) -> tuple[int, int]:
     """``(block_n, block_k)``: the output and input runs of ``alphas`` blocks, padded to powers of two."""
     return next_pow2(alphas * pattern.b * pattern.d), next_pow2(alphas * pattern.c * pattern.d)
+
+
+def _window_fitting(pattern: KSPattern, elements: int) -> tuple[int, int]:
+    """:func:`window_tile` of the most blocks (a power of two, at most the pattern's) whose
+    longer run fits ``elements``; one block at least."""
+    return window_tile(pattern, min(next_pow2(pattern.a), max(1, elements // widest_run(pattern))))
 
 
 def window_value_strides(pattern: KSPattern) -> tuple[int, int, int, int]:
@@ -275,8 +290,7 @@ def _window_heuristic(pattern: KSPattern, n: int, itemsize: int) -> TileConfig:
     (input runs of 1024), KS(128, 2, 16, 1) and KS(682, 2, 3, 1) bf16 spilled 193 and 17,630.
     """
     per_thread = WINDOW_VALUE_BYTES // itemsize
-    widest = next_pow2(max(pattern.b, pattern.c) * pattern.d)
-    block_n, block_k = window_tile(pattern, min(next_pow2(pattern.a), max(1, per_thread * 32 * 4 // widest)))
+    block_n, block_k = _window_fitting(pattern, per_thread * 32 * 4)
     warps = max(1, min(4, max(block_n, block_k) // (per_thread * 32)))  # fewer for a pattern's shorter runs
     return TileConfig(clamp_pow2(n, 1, 16), block_n, block_k, num_warps=warps, num_stages=1)
 
@@ -331,9 +345,7 @@ def grad_heuristic(pattern: KSPattern, n: int, itemsize: int, batch_last: bool, 
     if mode == "window":
         # c accumulator tiles of BLOCK_M x (blocks x b·d) fp32 within WINDOW_GRAD_ACC values: on
         # 1 warp KS(128, 8, 8, 1) bf16 spilled 139 instructions, on 4 none (sm_90, triton 3.6)
-        rows = WINDOW_GRAD_ACC // (WINDOW_GRAD_ROWS * pattern.c)
-        widest = next_pow2(max(pattern.b, pattern.c) * pattern.d)
-        block_n, block_k = window_tile(pattern, min(next_pow2(pattern.a), max(1, rows // widest)))
+        block_n, block_k = _window_fitting(pattern, WINDOW_GRAD_ACC // (WINDOW_GRAD_ROWS * pattern.c))
         warps = max(1, min(4, WINDOW_GRAD_ROWS * max(block_n, block_k) // 256))
         cfg = TileConfig(WINDOW_GRAD_ROWS, block_n, block_k, num_warps=warps, num_stages=2)
     elif mode == "dot3":

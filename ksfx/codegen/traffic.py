@@ -39,6 +39,7 @@ from ksfx.codegen.tiling import (
     delta_tile,
     kernel_mode,
     next_pow2,
+    uses_tensor_cores,
     values_copied,
     window_alphas,
 )
@@ -239,7 +240,7 @@ def segment_bytes(steps: tuple[FactorStep, ...], n: int, batch_last: bool, block
         if isinstance(step.in_perm, IndexPerm):
             p = step.pattern
             table_once += p.in_features * TABLE_ITEMSIZE
-            if kernel_mode(p, batch_last) in ("fma", "window"):
+            if not uses_tensor_cores(p, batch_last):
                 lookups += p.c * next_pow2(p.out_features)
             else:
                 rows = first_rows_from_memory(steps, batch_last, itemsize, warps) if k == 0 else 0

@@ -21,7 +21,7 @@ from ksfx.codegen.tiling import (
     forward_heuristic,
     forward_programs,
     kernel_mode,
-    next_pow2,
+    widest_run,
     window_tile,
 )
 from ksfx.codegen.traffic import bytes_moved
@@ -45,8 +45,7 @@ def _tilings(step: FactorStep, n: int, itemsize: int, mode: str) -> list[tuple[i
         ]
     if mode == "window":  # whole blocks a program: 1, 2, 4, ... of them up to the widest run
         max_m = clamp_pow2(n, 16, 128)
-        widest = next_pow2(max(p.b, p.c) * p.d)
-        runs = [window_tile(p, 1 << k) for k in range((WINDOW_WIDTH * 2 // widest).bit_length())]
+        runs = [window_tile(p, 1 << k) for k in range((WINDOW_WIDTH * 2 // widest_run(p)).bit_length())]
         return [(bm, bn, bk) for bm in (16, 32, 64, 128) for bn, bk in runs if bm <= max_m and bm * bn <= 64 * 256]
     max_n, max_m = clamp_pow2(p.out_features, 16, 256), clamp_pow2(n, 16, 128)
     return [

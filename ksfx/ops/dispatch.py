@@ -28,7 +28,7 @@ from types import ModuleType
 import torch
 
 from ksfx.codegen.fusion import Segment, segments
-from ksfx.codegen.tiling import kernel_mode
+from ksfx.codegen.tiling import uses_tensor_cores
 from ksfx.config import config
 from ksfx.ops import torch_path
 from ksfx.pattern import FactorStep
@@ -60,7 +60,7 @@ def step_implementation(x: torch.Tensor, step: FactorStep, batch_last: bool) -> 
 @functools.lru_cache(maxsize=4096)
 def prefers_triton(step: FactorStep, batch_last: bool, dtype: torch.dtype) -> bool:
     """Whether the generated kernel beats cuBLAS bmm for this step (see module doc)."""
-    if kernel_mode(step.pattern, batch_last) in ("fma", "window"):
+    if not uses_tensor_cores(step.pattern, batch_last):
         return True
     if dtype == torch.float32:
         return False

@@ -19,7 +19,7 @@ from ksfx.codegen import census as sass
 from ksfx.codegen import get_kernel, traffic
 from ksfx.codegen.devices import DEVICES, Device, roofline_seconds, unit_of
 from ksfx.codegen.fusion import Segment, backward_plan, on_chip_steps, segments
-from ksfx.codegen.tiling import kernel_mode
+from ksfx.codegen.tiling import uses_tensor_cores
 from ksfx.config import config
 from ksfx.ops import triton_path
 from ksfx.ops.chain_op import _plan
@@ -180,7 +180,7 @@ def check(launch: PlannedLaunch, device: Device, dump_dir: Path | None = None) -
         "pattern": launch.patterns() if launch.fused else launch.patterns()[0],
         "step": "; ".join(str(step) for step in launch.steps),
         "mode": mode,
-        "tensor_core_steps": sum(kernel_mode(s.pattern, launch.batch_last) in ("dot", "dot3") for s in launch.steps),
+        "tensor_core_steps": sum(uses_tensor_cores(s.pattern, launch.batch_last) for s in launch.steps),
         "dtype": key.dtype,
         "layout": "batch-last" if launch.batch_last else "batch-first",
         "batch": launch.n,
