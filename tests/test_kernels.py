@@ -24,7 +24,9 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GP
 TOL = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
 
 PATTERNS = [
-    (2, 16, 24, 3),  # dot (batch-last) / dot3 masked δ tile (batch-first): a, d > 1, b != c, c not a power of two
+    (2, 16, 24, 3),  # dot (batch-last) / dot3 gathered δ (batch-first): a, d > 1, b != c, masked γ tiles
+    (1, 32, 32, 3),  # dot3 gathered δ: tiles dividing b and c (the static masks over the runs' padding)
+    (2, 20, 16, 6),  # dot3 gathered δ of 6 padded to 8: masked β tiles
     (1, 24, 20, 4),  # dot3 flat (γ, δ) runs: masked β and γ tiles
     (2, 32, 16, 2),  # dot3 flat, tiles dividing b and c (the unmasked loads)
     (2, 32, 16, 16),  # dot3 3-D tiles: two δ tiles per α

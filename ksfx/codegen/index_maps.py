@@ -106,42 +106,45 @@ def value_offset_of_row(step: FactorStep, strides: tuple[int, int, int, int]) ->
     return p.value_offset_expr(strides)
 
 
-def _tile(expr: sympy.Expr, digit: sympy.Symbol, start: sympy.Symbol, flat: sympy.Symbol, d: int, width: int):
+def _tile(expr: sympy.Expr, digit: sympy.Symbol, start: sympy.Symbol, flat: sympy.Symbol, width: int):
     """``expr`` over a tile flattened as ``digit = start + flat // width``, ``δ = d0 + flat % width``.
 
-    When the tile covers every δ, ``digit`` and δ being the two least significant digits of
-    ``expr`` (coefficients ``d`` and 1) fold it to ``start * d + flat``: one contiguous run.
+    Where ``digit`` and δ are the two least significant digits of ``expr`` with radix
+    ``width`` (coefficients ``width`` and 1) the tile covers every δ and folds to
+    ``start * width + flat``: one contiguous run.
     """
-    if width != d:
-        return expr.subs({digit: start + sympy.floor(flat / width), DELTA: D0 + sympy.Mod(flat, width)})
-    if expr.coeff(DELTA) != 1 or expr.coeff(digit) != d:
-        raise ValueError(f"{expr}: {digit} and delta are not its two lowest digits (radix {d})")
-    return expr.subs({digit: start, DELTA: flat})
+    if expr.coeff(DELTA) == 1 and expr.coeff(digit) == width:
+        return expr.subs({digit: start, DELTA: flat})
+    return expr.subs({digit: start + sympy.floor(flat / width), DELTA: D0 + sympy.Mod(flat, width)})
 
 
 def x_feature_tile(step: FactorStep, width: int) -> FeatureExpr:
-    """Feature of ``x`` at flat offset ``flat_k`` of a δ-tiled kernel's ``(γ, δ)`` tile."""
+    """Feature of ``x`` at flat offset ``flat_k`` of a δ-tiled kernel's ``(γ, δ)`` tile
+    (``width = d``: of its flat ``(γ, δ)`` run, which a gathered kernel regroups on chip)."""
     p = step.pattern
-    return through(step.in_perm, _tile(p.col_expr, GAMMA, K0, FLAT_K, p.d, width), "in_table_ptr")
+    return through(step.in_perm, _tile(p.col_expr, GAMMA, K0, FLAT_K, width), "in_table_ptr")
 
 
 def y_feature_tile(step: FactorStep, width: int) -> FeatureExpr:
-    """Feature of ``y`` at flat offset ``flat_n`` of a δ-tiled kernel's ``(β, δ)`` tile."""
+    """Feature of ``y`` at flat offset ``flat_n`` of a δ-tiled kernel's ``(β, δ)`` tile
+    (``width = d``: of its flat ``(β, δ)`` run)."""
     p = step.pattern
-    return through(store_perm(step), _tile(p.row_expr, BETA, B0, FLAT_N, p.d, width), "out_table_ptr")
+    return through(store_perm(step), _tile(p.row_expr, BETA, B0, FLAT_N, width), "out_table_ptr")
 
 
-def value_offset_tile(step: FactorStep, width: int, strided: bool = True) -> sympy.Expr:
+def value_offset_tile(step: FactorStep, width: int, strided: bool = True, inner: int | None = None) -> sympy.Expr:
     """Offset of a δ-tiled kernel's ``[β, (γ, δ)]`` values tile (β as ``beta_tile``).
 
-    The last two dimensions are taken contiguous (strides ``d`` and 1; the launcher lays
-    the values out so, :func:`~ksfx.codegen.tiling.values_order`); the outer two are the
-    runtime strides, or contiguous when not ``strided`` (the weight gradient's partials).
+    The last two dimensions are taken contiguous, δ padded to ``inner`` (default ``d``):
+    strides ``inner`` and 1 (the launcher lays the values out so,
+    :func:`~ksfx.codegen.tiling.values_order`); the outer two are the runtime strides, or
+    contiguous when not ``strided`` (the weight gradient's partials).
     """
     p = step.pattern
-    outer = VALUE_STRIDES[:2] if strided else (p.b * p.c * p.d, p.c * p.d)
-    expr = p.value_offset_expr((*outer, p.d, 1)).subs(BETA, BETA_TILE)
-    return _tile(expr, GAMMA, K0, FLAT_K, p.d, width)
+    inner = p.d if inner is None else inner
+    outer = VALUE_STRIDES[:2] if strided else (p.b * p.c * inner, p.c * inner)
+    expr = p.value_offset_expr((*outer, inner, 1)).subs(BETA, BETA_TILE)
+    return _tile(expr, GAMMA, K0, FLAT_K, width)
 
 
 def group_digits(step: FactorStep, group: sympy.Symbol) -> tuple[sympy.Expr, sympy.Expr]:

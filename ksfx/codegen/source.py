@@ -11,6 +11,9 @@ whichever axis is contiguous).
   on tensor cores. Needs ``b, c >= 16``.
 * ``forward_fma`` — program = (batch tile, tile of flat output rows ``(α, β, δ)``);
   loops over all ``c`` values of γ with rank-1 FMA updates. For small blocks.
+* ``forward_dot3`` — blocks with ``b, c >= 16`` batch-first with ``d > 1``: program =
+  (batch tile, (α, δ tile), β tile), x, values and y moved in contiguous ``(γ, δ)`` /
+  ``(β, δ)`` runs and regrouped on chip, one dot per δ.
 * ``forward_window`` — small blocks batch-first with ``d <= 2``: program = (batch tile,
   whole blocks), their input run loaded at once and read on chip (``tl.gather``).
 * ``grad_dot`` / ``grad_fma`` / ``grad_window`` — ``dvalues = Σ_m dy'[m, row] x'[m, col]``
@@ -26,7 +29,14 @@ from dataclasses import dataclass
 import sympy
 
 from ksfx.codegen import index_maps as im
-from ksfx.codegen.tiling import delta_tile, delta_tiles, dot_values_rows, padded_row, window_value_strides
+from ksfx.codegen.tiling import (
+    delta_gathered,
+    delta_tile,
+    delta_tiles,
+    dot_values_rows,
+    padded_row,
+    window_value_strides,
+)
 from ksfx.pattern import GAMMA, ROW, FactorStep, KSPattern
 
 # The kernels call no @jit helper of triton.language (tl.cdiv, tl.sum, tl.zeros, ...): when triton
@@ -216,7 +226,8 @@ def forward_dot3(
     x, the values and y move in (gamma, delta) / (beta, delta) runs along the contiguous
     axis (not gathered with stride d): a tile is flat over (gamma, delta in the tile),
     reshaped on chip to [., gamma, delta], and the {D} block products of the tile are
-    one dot per delta.
+    one dot per delta. A d of no power of two is one tile: its flat runs of d elements
+    a gamma are regrouped on chip (tl.gather) to {D} deltas, the padding zero.
     \"\"\"
     pid = tl.program_id(0)
     tiles_b = ({b} + BLOCK_N - 1) // BLOCK_N
@@ -234,6 +245,7 @@ def forward_dot3(
     mask_b = beta < {b}
     beta_tile = beta[:, None]
     flat_k = tl.arange(0, BLOCK_K * {D})
+{regroup_k}
 {acc_init}
     for k0 in range(0, {c}, BLOCK_K):
         mask_k = {mask_k}
@@ -245,21 +257,23 @@ def forward_dot3(
         # Static branches: a mask along a tile that divides its size would stop Triton
         # from vectorising the loads, so it is left out at compile time.
         if {c} % BLOCK_K == 0 and {whole_d}:
-            x_tile = tl.load(x_ptrs, mask=mask_m[:, None], other=0.0)
+            x_tile = tl.load(x_ptrs, mask=mask_m[:, None]{run_k}, other=0.0)
             if {b} % BLOCK_N == 0:
                 v_tile = tl.load(v_ptrs)
             else:
                 v_tile = tl.load(v_ptrs, mask=mask_b[:, None], other=0.0)
         else:
             x_tile = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-            v_tile = tl.load(v_ptrs, mask=mask_b[:, None] & mask_k[None, :], other=0.0)
+            v_tile = tl.load(v_ptrs, mask=mask_b[:, None] & {v_mask_k}[None, :], other=0.0)
+{gather_x}
         x_tile = tl.reshape(x_tile, (BLOCK_M, BLOCK_K, {D}))
         v_tile = tl.reshape(v_tile, (BLOCK_N, BLOCK_K, {D}))
 {products}
 {acc_out}
     acc = tl.reshape(acc, (BLOCK_M, BLOCK_N * {D}))
     flat_n = tl.arange(0, BLOCK_N * {D})
-    mask_n = {mask_n}
+{gather_acc}
+{mask_n}
 {epilogue}"""
 
 GRAD_DOT = '''
@@ -404,7 +418,9 @@ def grad_dot3(
     beta_tile = beta[:, None]
     flat_n = tl.arange(0, BLOCK_N * {D})
     flat_k = tl.arange(0, BLOCK_K * {D})
-    mask_n = {mask_n}
+{regroup_n}
+{regroup_k}
+{mask_n}
     mask_k = {mask_k}
     y_feature = {y_feature}
     x_feature = {x_feature}
@@ -422,16 +438,19 @@ def grad_dot3(
         dy_ptrs = dy_ptr + offs_m[:, None] * stride_dm + y_feature[None, :] * stride_df
         x_ptrs = x_ptr + offs_m[:, None] * stride_xm + x_feature[None, :] * stride_xf
         if {b} % BLOCK_N == 0 and {c} % BLOCK_K == 0 and {whole_d}:  # a feature mask would stop wide loads
-            dy_tile = tl.load(dy_ptrs, mask=mask_m[:, None], other=0.0)
-            x_tile = tl.load(x_ptrs, mask=mask_m[:, None], other=0.0)
+            dy_tile = tl.load(dy_ptrs, mask=mask_m[:, None]{run_n}, other=0.0)
+            x_tile = tl.load(x_ptrs, mask=mask_m[:, None]{run_k}, other=0.0)
         else:
             dy_tile = tl.load(dy_ptrs, mask=mask_m[:, None] & mask_n[None, :], other=0.0)
             x_tile = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+{gather_dy}
+{gather_x}
         dy_tile = tl.reshape(dy_tile, (BLOCK_M, BLOCK_N, {D}))
         x_tile = tl.reshape(x_tile, (BLOCK_M, BLOCK_K, {D}))
 {products}
 {acc_out}
     acc = tl.reshape(acc, (BLOCK_N, BLOCK_K * {D}))
+{gather_part}
     tl.store(part_ptr + split * {nnz} + {part_offset}, acc, mask=(beta < {b})[:, None] & mask_k[None, :])
 """
 
@@ -548,32 +567,79 @@ def _padded_value_masks(p: KSPattern) -> dict:
 
 
 def _dot3_sizes(step: FactorStep) -> dict:
-    """Sizes, δ tile and the tile masks shared by the dot3 kernels' templates."""
+    """Sizes, δ tile, the tile masks and the on-chip regrouping shared by the dot3 templates.
+
+    A gathered kernel (:func:`~ksfx.codegen.tiling.delta_gathered`) loads x (and dy) as flat
+    ``(γ, δ)`` runs of ``BLOCK_K·d`` elements in a ``BLOCK_K·D`` tile and regroups them with
+    ``tl.gather`` into ``[γ, δ]`` padded to ``D``, reading the zero just past the run for
+    ``δ >= d``; the values come padded so (:func:`~ksfx.codegen.tiling.values_rows`). The
+    accumulator is regrouped back to a flat ``(β, δ)`` (``(γ, δ)`` in the gradient) run.
+    """
     p = step.pattern
     width = delta_tile(p)
+    sizes = {
+        "b": p.b, "c": p.c, "d": p.d, "D": width, "nnz": p.nnz, "tiles_d": delta_tiles(p),
+        "groups": p.a * delta_tiles(p), "values_inner": p.d,
+    }  # fmt: skip
+    if delta_gathered(p):
+        d = p.d
+
+        def regroup(flat: str, block: str) -> str:
+            return f"tl.where({flat} % {width} < {d}, {flat} // {width} * {d} + {flat} % {width}, {block} * {d})"
+
+        def back(flat: str, block: str) -> str:
+            return f"tl.minimum({flat} // {d} * {width} + {flat} % {d}, {block} * {width} - 1)"
+
+        def gather(name: str, index: str, rows: str, block: str) -> str:
+            shape = f"({rows}, {block} * {width})"
+            return f"tl.gather({name}, tl.broadcast_to({index}[None, :], {shape}), 1)"
+
+        return sizes | {
+            "whole_d": True, "values_inner": width, "run_width": d,
+            "mask_k": f"(k0 * {d} + flat_k < {p.c * d}) & (flat_k < BLOCK_K * {d})",
+            "v_mask_k": f"(k0 + flat_k // {width} < {p.c})",
+            "run_k": f" & (flat_k < BLOCK_K * {d})[None, :]",
+            "run_n": f" & (flat_n < BLOCK_N * {d})[None, :]",
+            "mask_n_expr": f"(b0 * {d} + flat_n < {p.b * d}) & (flat_n < BLOCK_N * {d})",
+            "regroup_k": f"    regroup_k = {regroup('flat_k', 'BLOCK_K')}  # [γ, δ] from the run; δ >= d: a zero",
+            "regroup_n": f"    regroup_n = {regroup('flat_n', 'BLOCK_N')}",
+            "gather_x": f"        x_tile = {gather('x_tile', 'regroup_k', 'BLOCK_M', 'BLOCK_K')}",
+            "gather_dy": f"        dy_tile = {gather('dy_tile', 'regroup_n', 'BLOCK_M', 'BLOCK_N')}",
+            "gather_acc": f"    acc = {gather('acc', back('flat_n', 'BLOCK_N'), 'BLOCK_M', 'BLOCK_N')}",
+            "gather_part": f"    acc = {gather('acc', back('flat_k', 'BLOCK_K'), 'BLOCK_N', 'BLOCK_K')}",
+        }  # fmt: skip
     whole = p.d % width == 0
     delta_mask = "" if whole else f" & (d0 + {{flat}} % {width} < {p.d})"
-    return {
-        "b": p.b, "c": p.c, "d": p.d, "D": width, "nnz": p.nnz, "tiles_d": delta_tiles(p),
-        "groups": p.a * delta_tiles(p), "whole_d": whole,
-        "mask_k": f"(k0 + flat_k // {width} < {p.c})" + delta_mask.format(flat="flat_k"),
-        "mask_n": f"(b0 + flat_n // {width} < {p.b})" + delta_mask.format(flat="flat_n"),
+    mask_k = f"(k0 + flat_k // {width} < {p.c})" + delta_mask.format(flat="flat_k")
+    return sizes | {
+        "whole_d": whole, "run_width": width, "mask_k": mask_k, "v_mask_k": "mask_k", "run_k": "", "run_n": "",
+        "mask_n_expr": f"(b0 + flat_n // {width} < {p.b})" + delta_mask.format(flat="flat_n"),
+        "regroup_k": "", "regroup_n": "", "gather_x": "", "gather_dy": "", "gather_acc": "", "gather_part": "",
     }  # fmt: skip
 
 
 def _forward_dot3(step: FactorStep, dtype: str, interpret: bool, precision: str) -> str:
     """``forward_dot3``: per-δ 2-D dots (wgmma), or one batched dot for IEEE fp32 (FMA anyway)."""
     sizes = _dot3_sizes(step)
-    width = sizes["D"]
+    width, run = sizes["D"], sizes["run_width"]
     x = DeltaOperand("x_tile", "BLOCK_M", "BLOCK_K")
     v = DeltaOperand("v_tile", "BLOCK_N", "BLOCK_K", transpose=True)
     acc_init, products, acc_out = delta_products(
-        x, v, ("BLOCK_M", "BLOCK_N"), width, dtype, interpret, precision, batched=precision == "ieee"
-    )
+        x, v, ("BLOCK_M", "BLOCK_N"), width, dtype, interpret, precision, batched=precision == "ieee",
+        deltas=step.pattern.d,
+    )  # fmt: skip
+    if delta_gathered(step.pattern):
+        # Static: a mask over the run's padding only keeps the stores wide when β tiles divide b.
+        mask_n = (
+            f"    if {step.pattern.b} % BLOCK_N == 0:\n        mask_n = flat_n < BLOCK_N * {run}\n"
+            f"    else:\n        mask_n = {sizes['mask_n_expr']}"
+        )
+        full = "False"
+    else:
+        mask_n = f"    mask_n = {sizes['mask_n_expr']}"
+        full = f"{step.pattern.b} % BLOCK_N == 0 and {sizes['whole_d']}"
     epilogue = FORWARD_EPILOGUE.format(
-        y_feature=im.code(im.y_feature_tile(step, width), mask="mask_n"),
-        mask="mask_n",
-        full=f"{step.pattern.b} % BLOCK_N == 0 and {sizes['whole_d']}",
+        y_feature=im.code(im.y_feature_tile(step, run), mask="mask_n"), mask="mask_n", full=full
     )
     return FORWARD_DOT3.format(
         args=FORWARD_ARGS,
@@ -581,10 +647,10 @@ def _forward_dot3(step: FactorStep, dtype: str, interpret: bool, precision: str)
         acc_init=acc_init,
         products=products,
         acc_out=acc_out,
-        x_feature=im.code(im.x_feature_tile(step, width), mask="mask_k"),
-        v_offset=im.code(im.value_offset_tile(step, width)),
+        x_feature=im.code(im.x_feature_tile(step, run), mask="mask_k"),
+        v_offset=im.code(im.value_offset_tile(step, width, inner=sizes["values_inner"])),
         epilogue=epilogue,
-        **sizes,
+        **(sizes | {"mask_n": mask_n}),
     )
 
 
@@ -601,14 +667,15 @@ class DeltaOperand:
 
 def delta_products(
     a: DeltaOperand, b: DeltaOperand, out: tuple[str, str], width: int, dtype: str, interpret: bool, precision: str,
-    batched: bool,
+    batched: bool, deltas: int | None = None,
 ) -> tuple[str, str, str]:  # fmt: skip
     """Accumulator setup, per-step update and final ``[*out, width]`` accumulator of a dot3 kernel.
 
     ``acc[δ] += a[δ] @ b[δ]`` for every δ of the tile. ``batched``: one 3-D dot over δ
     (mma.sync on sm_90, the FMA loop for IEEE fp32). Otherwise the δ axis is split in
     halves down to ``width`` 2-D dots (wgmma on sm_90) and the accumulators are joined
-    back at the end.
+    back at the end; a δ of a one-tile pattern's padding (``δ >= deltas``) keeps a zero
+    accumulator and no dot.
     """
     rows, cols = out
     if batched:
@@ -632,7 +699,9 @@ def delta_products(
                 )
             level = [path + bit for path in level for bit in "01"]
     leaves = [format(delta, f"0{bits}b")[::-1] for delta in range(width)]
-    for path in leaves:
+    for delta, path in enumerate(leaves):
+        if deltas is not None and delta >= deltas:
+            continue
         left, right = (f"tl.reshape({op.name}{path}, ({op.rows}, {op.cols}))" for op in (a, b))
         left, right = (f"tl.trans({t})" if op.transpose else t for t, op in ((left, a), (right, b)))
         lines.append(f"        acc{path} = {dot_code(left, right, f'acc{path}', dtype, interpret, precision)}")
@@ -652,22 +721,26 @@ def delta_products(
 def _grad_dot3(step: FactorStep, dtype: str, interpret: bool, precision: str) -> str:
     """``grad_dot3``: the weight gradient with the forward dot3's δ tiles, runs and dots."""
     sizes = _dot3_sizes(step)
-    width = sizes["D"]
+    width, run = sizes["D"], sizes["run_width"]
     dy = DeltaOperand("dy_tile", "BLOCK_M", "BLOCK_N", transpose=True)
     x = DeltaOperand("x_tile", "BLOCK_M", "BLOCK_K")
+    # fp32: one 3-D dot. Under TF32 the per-δ 2-D dots of the transposed dy tiles abort
+    # triton 3.6 and 3.9 for every d > 1 (TritonGPUOptimizeDotOperands: "Illegal shared
+    # layout", sm_90); the 3-D dot compiles to mma.sync.
     acc_init, products, acc_out = delta_products(
-        dy, x, ("BLOCK_N", "BLOCK_K"), width, dtype, interpret, precision, batched=precision == "ieee"
-    )
+        dy, x, ("BLOCK_N", "BLOCK_K"), width, dtype, interpret, precision, batched=dtype == "float32",
+        deltas=step.pattern.d,
+    )  # fmt: skip
     return GRAD_DOT3.format(
         args=GRAD_ARGS,
         step=step,
-        y_feature=im.code(im.y_feature_tile(step, width), mask="mask_n"),
-        x_feature=im.code(im.x_feature_tile(step, width), mask="mask_k"),
+        y_feature=im.code(im.y_feature_tile(step, run), mask="mask_n"),
+        x_feature=im.code(im.x_feature_tile(step, run), mask="mask_k"),
         acc_init=acc_init,
         products=products,
         acc_out=acc_out,
-        part_offset=im.code(im.value_offset_tile(step, width, strided=False)),
-        **sizes,
+        part_offset=im.code(im.value_offset_tile(step, run, strided=False)),
+        **(sizes | {"mask_n": f"    mask_n = {sizes['mask_n_expr']}"}),
     )
 
 

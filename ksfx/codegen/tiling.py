@@ -182,9 +182,17 @@ def dot_values_rows(pattern: KSPattern) -> int:
     return 1 if pattern.d > 1 else 2
 
 
-def values_rows(pattern: KSPattern, batch_last: bool) -> int | None:
-    """:func:`dot_values_rows` for a ``dot`` kernel; None for the others (rows as stored)."""
-    return dot_values_rows(pattern) if kernel_mode(pattern, batch_last) == "dot" else None
+def values_rows(pattern: KSPattern, batch_last: bool) -> tuple[int, int] | None:
+    """``(dimension, padded length)`` of the innermost values dimension the forward kernel
+    reads padded with zeros: :func:`dot_values_rows` to :func:`padded_row` (``dot``), δ to
+    :func:`delta_tile` (``dot3`` where :func:`delta_gathered`); None for the others."""
+    mode = kernel_mode(pattern, batch_last)
+    if mode == "dot":
+        dim = dot_values_rows(pattern)
+        return dim, padded_row(pattern.as_tuple()[dim])
+    if mode == "dot3" and delta_gathered(pattern):
+        return 3, delta_tile(pattern)
+    return None
 
 
 def values_copied(pattern: KSPattern, batch_last: bool) -> bool:
@@ -195,15 +203,39 @@ def values_copied(pattern: KSPattern, batch_last: bool) -> bool:
     return moved != sorted(moved) or values_padded(pattern, batch_last)
 
 
+def values_laid_out_size(pattern: KSPattern, batch_last: bool) -> int:
+    """Elements of the values as the forward kernel reads them: ``nnz``, or more where padded."""
+    rows = values_rows(pattern, batch_last)
+    if rows is None:
+        return pattern.nnz
+    return pattern.nnz // pattern.as_tuple()[rows[0]] * rows[1]
+
+
 def values_padded(pattern: KSPattern, batch_last: bool) -> bool:
     """Whether the forward kernel's values rows are padded, which copies the values."""
-    dim = values_rows(pattern, batch_last)
-    return dim is not None and pattern.as_tuple()[dim] % VALUE_ROW_ALIGN != 0
+    rows = values_rows(pattern, batch_last)
+    return rows is not None and pattern.as_tuple()[rows[0]] != rows[1]
+
+
+def delta_gathered(pattern: KSPattern) -> bool:
+    """Whether a ``dot3`` program owns every δ of a ``d`` that is not a power of two (at most
+    :data:`MAX_DELTA_TILE` padded): it loads the flat ``(γ, δ)`` run of its γ tile whole and
+    regroups it on chip into a ``[γ, δ]`` tile padded to :func:`delta_tile`.
+
+    Tiles of fewer δ would read runs of 1 or 2 elements in every ``d``: compiled for sm_90
+    (triton 3.6) the δ tiles of 4 masked to 3 (``d = 3``) and of 2 (``d = 6``) loaded no
+    global load wide in 66 forward kernels of the paper grid.
+    """
+    d = pattern.d
+    return d & (d - 1) != 0 and next_pow2(d) <= MAX_DELTA_TILE
 
 
 def delta_tile(pattern: KSPattern) -> int:
-    """δ per ``dot3`` program: the largest power of two dividing ``d`` (so tiles never straddle
-    a γ run), at most :data:`MAX_DELTA_TILE`; an odd ``d`` is covered by a masked tile."""
+    """δ per ``dot3`` program: all of them padded to a power of two where
+    :func:`delta_gathered`; else the largest power of two dividing ``d`` (so tiles never
+    straddle a γ run), at most :data:`MAX_DELTA_TILE`, or a masked tile for a larger odd ``d``."""
+    if delta_gathered(pattern):
+        return next_pow2(pattern.d)
     low = pattern.d & -pattern.d
     return min(low if low > 1 else next_pow2(pattern.d), MAX_DELTA_TILE)
 
@@ -324,7 +356,9 @@ def _dot3_heuristic(pattern: KSPattern, n: int, itemsize: int, num_sms: int) -> 
     deepest γ tile whose three pipeline stages fit in shared memory."""
     width = delta_tile(pattern)
     budget = DOT3_ACC if itemsize <= 2 else DOT3_ACC // 2  # fp32 dots hold their operands in registers too
-    masked = pattern.d % width != 0  # a masked δ tile loads element by element: its pointers fill registers
+    # A δ tile wider than d: 16 γ. Masked (a larger odd d), it loads element by element and its
+    # pointers fill registers; gathered, a γ tile of 32 took 193 registers for 141 (KS(1, 128, 128, 3) bf16).
+    masked = pattern.d % width != 0
     block_n = _dividing_pow2(pattern.b, max(MIN_DOT, budget // (64 * width)))
     block_m = min(128 if itemsize <= 2 else 64, max(MIN_DOT, budget // (width * block_n)), clamp_pow2(n, MIN_DOT, 128))
     while (
@@ -336,7 +370,10 @@ def _dot3_heuristic(pattern: KSPattern, n: int, itemsize: int, num_sms: int) -> 
     while block_k > MIN_DOT and 3 * width * (block_m + block_n) * block_k * itemsize > SMEM_BUDGET:
         block_k //= 2
     num_warps = 8 if width * block_m * block_n >= 64 * 128 else 4
-    return TileConfig(block_m, block_n, block_k, num_warps=num_warps, num_stages=3)
+    # fp32 gathered δ: with 3 stages ptxas kept 80 registers and spilled one in the loop (IEEE,
+    # all 22 KS(1, b, c, 3) of the paper grid, triton 3.6); with 2, 118 and none.
+    num_stages = 2 if itemsize > 2 and delta_gathered(pattern) else 3
+    return TileConfig(block_m, block_n, block_k, num_warps=num_warps, num_stages=num_stages)
 
 
 def grad_heuristic(pattern: KSPattern, n: int, itemsize: int, batch_last: bool, num_sms: int) -> TileConfig:

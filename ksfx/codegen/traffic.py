@@ -41,6 +41,7 @@ from ksfx.codegen.tiling import (
     next_pow2,
     uses_tensor_cores,
     values_copied,
+    values_laid_out_size,
     window_alphas,
 )
 from ksfx.pattern import ALPHA, BETA, DELTA, GAMMA, ROW, FactorStep, IndexPerm, evaluate
@@ -62,7 +63,7 @@ class Traffic:
     tables: int
     lower_bound: int
     dram: int  # from device memory, in all (see module doc)
-    relayout: int = 0  # values copied into the order the kernel loads (read + write of |W|)
+    relayout: int = 0  # values copied into the order the kernel loads (|W| read, the laid-out copy written)
 
     @property
     def total(self) -> int:
@@ -165,7 +166,8 @@ def bytes_moved(
             return t.reshape(groups, tiles_b, cfg.block_n, width).reshape(groups * tiles_b, -1)
 
         y_feat, y_valid = per_program(y_feat), per_program(y_valid)
-        per_program_values = p.c * y_valid.sum(dim=1)
+        # the values as laid out: padded δ (a gathered tile) read too
+        per_program_values = p.c * y_valid.sum(dim=1) * values_laid_out_size(p, batch_last) // p.nnz
         x_lookups = p.c * int(d_valid.sum()) * tiles_b
     elif mode == "window":
         # A program owns whole blocks: every input and output feature once per batch tile.
@@ -203,7 +205,8 @@ def bytes_moved(
         tables += tiles_m * int(y_valid.sum()) * TABLE_ITEMSIZE
         table_once += p.out_features * TABLE_ITEMSIZE
     values = tiles_m * int(per_program_values.sum()) * itemsize
-    relayout = 2 * p.nnz * itemsize if values_copied(p, batch_last) else 0
+    laid_out = values_laid_out_size(p, batch_last)
+    relayout = (p.nnz + laid_out) * itemsize if values_copied(p, batch_last) else 0
     x_once = _all_units(p.in_features, itemsize, sector, batch_last) * batch
     y_once = _all_units(p.out_features, itemsize, sector, batch_last) * batch
     return Traffic(
@@ -213,7 +216,7 @@ def bytes_moved(
         tables=tables,
         lower_bound=p.min_bytes(n, itemsize),
         relayout=relayout,
-        dram=x_once + _resident_values(p.nnz, itemsize, values) + y_once + table_once + relayout,
+        dram=x_once + _resident_values(laid_out, itemsize, values) + y_once + table_once + relayout,
     )
 
 

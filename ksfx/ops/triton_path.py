@@ -28,7 +28,6 @@ from ksfx.codegen.tiling import (
     grad_heuristic,
     grad_mode,
     grad_programs_per_split,
-    padded_row,
     values_order,
     values_rows,
 )
@@ -242,19 +241,19 @@ def factor_forward(
     return y
 
 
-def _laid_out(values: torch.Tensor, order: tuple[int, ...], rows: int | None = None) -> torch.Tensor:
+def _laid_out(values: torch.Tensor, order: tuple[int, ...], rows: tuple[int, int] | None = None) -> torch.Tensor:
     """``values`` (same shape) stored in dimension ``order``; a copy only when they are not.
 
-    ``rows`` (the ``dot`` kernel, :func:`~ksfx.codegen.tiling.values_rows`): that dimension,
-    the innermost of ``order``, padded with zeros to :func:`~ksfx.codegen.tiling.padded_row`,
-    which the kernel reads up to (its mask).
+    ``rows`` (:func:`~ksfx.codegen.tiling.values_rows`): ``(dimension, length)``, that
+    dimension, the innermost of ``order``, padded with zeros to ``length``, which the kernel
+    reads up to (its mask, or its δ tile).
     """
     stored = values.permute(order)
     inverse = tuple(order.index(dim) for dim in range(len(order)))
-    if rows is not None and values.shape[rows] != padded_row(values.shape[rows]):
-        inner = order.index(rows)
+    if rows is not None and values.shape[rows[0]] != rows[1]:
+        inner = order.index(rows[0])
         sizes = list(stored.shape)
-        padded = stored.new_zeros(sizes[:inner] + [padded_row(sizes[inner])] + sizes[inner + 1 :])
+        padded = stored.new_zeros(sizes[:inner] + [rows[1]] + sizes[inner + 1 :])
         return padded.narrow(inner, 0, sizes[inner]).copy_(stored).permute(inverse)
     if stored.is_contiguous():
         return values
