@@ -412,6 +412,22 @@ def test_heuristics_respect_the_kernel_constraints():
             assert 1 <= grad.splits <= max(1, n // grad.block_m)
 
 
+def test_weight_gradient_pipelines_fit_in_shared_memory():
+    """fp32 ``grad_dot3`` tiles of 8 δ took 240 KiB at 3 stages (sm_90 census), over the 227 KiB
+    a block may have: every weight-gradient pipeline of the paper grid stays within budget."""
+    from benchmarks.patterns import load_grid
+
+    for pattern in map(KSPattern, *zip(*load_grid(), strict=True)):
+        for itemsize, batch_last in [(4, False), (2, False), (4, True)]:
+            mode = grad_mode(pattern, batch_last)
+            if mode in ("dot", "dot3"):
+                cfg = grad_heuristic(pattern, 25088, itemsize, batch_last, 132)
+                width = tiling.delta_tile(pattern) if mode == "dot3" else 1
+                assert tiling.grad_pipeline_bytes(cfg, width, itemsize) <= tiling.SMEM_BUDGET, (pattern, cfg)
+    cfg = grad_heuristic(KSPattern(1, 1024, 1024, 8), 25088, 4, False, 132)
+    assert (cfg.block_m, cfg.num_stages) == (32, 2)  # a stage less, the batch step kept
+
+
 def test_traffic_model_hand_computed():
     # KS(2,16,16,1), batch-last fp32, n = 64, one batch tile, one β tile: exactly optimal.
     t = traffic.bytes_moved(FactorStep(KSPattern(2, 16, 16, 1)), 64, True, TileConfig(64, 16, 16), 4)

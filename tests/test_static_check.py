@@ -184,6 +184,14 @@ def test_tf32_weight_gradient_of_delta_tiles_compiles():
     assert not static_check.passes(grad), static_check.passes(grad)
 
 
+def test_the_bar_flags_shared_memory_over_the_targets_limit():
+    """A kernel over the 227 KiB a block may have on sm_90 compiles but fails to launch."""
+    (report,) = reports([(512, 2, 2, 1)], torch.bfloat16, False)
+    assert not static_check.passes(report)
+    over = dict(report, shared_bytes=240 * 1024)
+    assert static_check.passes(over) == ["240 KiB of shared memory, over sm_90's 227"]
+
+
 def test_batch_first_small_blocks_run_the_window_kernel():
     """The flat-row FMA kernels read runs of d = 1 elements (0/66 loads wide forward, 0/48
     for the weight gradient, in bf16): the window kernels load whole blocks' runs, forward,

@@ -46,6 +46,12 @@ DEVICES = {
 }
 
 
+#: Most shared memory one block may use (bytes, opted in), by compute capability: the CUDA C++
+#: Programming Guide's technical specifications per compute capability. A kernel over it
+#: fails to launch (Triton's ``OutOfResources``), though it compiles.
+SHARED_PER_BLOCK = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
+
+
 def unit_of(hgmma: int, hmma: int, dtype: str) -> str:
     """The unit a kernel's products run on, from its SASS: wgmma, mma.sync or fp32 FMA."""
     wide = "16" if dtype in ("float16", "bfloat16") else "_tf32"

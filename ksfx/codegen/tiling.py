@@ -19,6 +19,7 @@ large batch over few values still fills the GPU.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from ksfx.pattern import KSPattern
@@ -376,6 +377,26 @@ def _dot3_heuristic(pattern: KSPattern, n: int, itemsize: int, num_sms: int) -> 
     return TileConfig(block_m, block_n, block_k, num_warps=num_warps, num_stages=num_stages)
 
 
+def grad_pipeline_bytes(cfg: TileConfig, width: int, itemsize: int) -> int:
+    """Shared memory of a ``grad_dot`` / ``grad_dot3`` pipeline: a ``dy`` and an ``x`` tile of
+    ``width`` δ per stage (exact for fp32 ``grad_dot3``, an upper bound elsewhere, sm_90, triton 3.6)."""
+    return cfg.num_stages * width * cfg.block_m * (cfg.block_n + cfg.block_k) * itemsize
+
+
+def _within_shared_memory(cfg: TileConfig, width: int, itemsize: int) -> TileConfig:
+    """``cfg`` with fewer stages, then a shorter batch step, until its pipeline fits
+    :data:`SMEM_BUDGET`: fp32 ``grad_dot3`` tiles of 8 δ took 240 KiB at 3 stages, over the
+    227 KiB a block may have on sm_90 (66 kernels of the backward sample would not launch)."""
+    while grad_pipeline_bytes(cfg, width, itemsize) > SMEM_BUDGET:
+        if cfg.num_stages > 2:
+            cfg = dataclasses.replace(cfg, num_stages=cfg.num_stages - 1)
+        elif cfg.block_m > MIN_DOT:
+            cfg = dataclasses.replace(cfg, block_m=cfg.block_m // 2)
+        else:
+            break
+    return cfg
+
+
 def grad_heuristic(pattern: KSPattern, n: int, itemsize: int, batch_last: bool, num_sms: int) -> TileConfig:
     """Weight-gradient config: whole blocks per program and enough batch splits to fill the GPU."""
     mode = grad_mode(pattern, batch_last)
@@ -409,6 +430,8 @@ def grad_heuristic(pattern: KSPattern, n: int, itemsize: int, batch_last: bool, 
         )
     else:
         cfg = TileConfig(block_m=32 if not batch_last else 64, block_n=clamp_pow2(pattern.nnz, 1, 128), num_warps=4)
+    if mode in ("dot", "dot3"):
+        cfg = _within_shared_memory(cfg, delta_tile(pattern) if mode == "dot3" else 1, itemsize)
     per_split = grad_programs_per_split(pattern, cfg, mode)
     # Each split should still loop over several batch tiles, or partials dominate.
     splits = max(1, min(cdiv(4 * num_sms, per_split), cdiv(n, 4 * cfg.block_m)))

@@ -17,7 +17,7 @@ import torch
 
 from ksfx.codegen import census as sass
 from ksfx.codegen import get_kernel, traffic
-from ksfx.codegen.devices import DEVICES, Device, roofline_seconds, unit_of
+from ksfx.codegen.devices import DEVICES, SHARED_PER_BLOCK, Device, roofline_seconds, unit_of
 from ksfx.codegen.fusion import Segment, backward_plan, on_chip_steps, segments
 from ksfx.codegen.tiling import uses_tensor_cores
 from ksfx.config import config
@@ -213,11 +213,17 @@ def passes(report: dict, min_wide: float = 0.75) -> list[str]:
 
     The bar: no spill inside a loop, and at most :data:`PARKED_SPILLS` local-memory
     instructions outside loops (registers parked across the main loop, run once per
-    program); at least ``min_wide`` of its global loads 8/16 bytes wide (or TMA); tensor
+    program); shared memory within the target's per-block limit (else it fails to launch);
+    at least ``min_wide`` of its global loads 8/16 bytes wide (or TMA); tensor
     cores where 16-bit ones apply (a ``dot`` / ``dot3`` kernel in fp16/bf16): wgmma on
     sm_90, mma.sync before it.
     """
     problems = []
+    limit = SHARED_PER_BLOCK.get(int(report["target"].removeprefix("sm_")))
+    if limit is not None and report["shared_bytes"] > limit:
+        problems.append(
+            f"{report['shared_bytes'] // 1024} KiB of shared memory, over {report['target']}'s {limit // 1024}"
+        )
     if report["loop_spills"]:
         problems.append(f"{report['loop_spills']} local-memory instructions in loops (spills)")
     elif report["spills"] > PARKED_SPILLS:
