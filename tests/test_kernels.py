@@ -15,7 +15,7 @@ from ksfx.codegen import KernelKey, TileConfig, cached_kernels, get_kernel, kern
 from ksfx.codegen.tiling import forward_heuristic, grad_heuristic, grad_mode, window_tile
 from ksfx.codegen.tuning import forward_config_space
 from ksfx.config import config
-from ksfx.ops import torch_path, triton_path
+from ksfx.ops import chain_op, torch_path, triton_path
 from ksfx.pattern import Chain, DigitPerm, FactorStep, IndexPerm, KSPattern
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -284,6 +284,72 @@ def test_ks_matmul_gradients_run_triton(device, batch_last, dtype):
     assert_close(y.detach(), y_ref.detach(), dtype)
     for leaf, ref in zip(leaves, refs, strict=True):
         assert_close(leaf.grad, ref.grad, dtype)
+
+
+class _Unbuildable:
+    """A launcher whose kernels Triton cannot build: each launch raises ``error``; counts them."""
+
+    def __init__(self, error: Exception):
+        self.error, self.launches = error, 0
+
+    def __call__(self, kernel):
+        return self
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.launches += 1
+            raise self.error
+
+        return launch
+
+
+@pytest.mark.parametrize("batch_last", [False, True], ids=["bfirst", "blast"])
+def test_a_kernel_triton_cannot_build_falls_back_to_the_torch_path(triton_interpret, monkeypatch, caplog, batch_last):
+    """More shared memory than the device has, or a compiler error, at the first launch: the
+    step runs the plain-torch path, forward, fused segments and backward, with one warning a
+    kernel and a fallback count; later calls fail fast, without building again."""
+    import triton
+
+    unbuildable = _Unbuildable(triton.runtime.errors.OutOfResources(240 * 1024, 227 * 1024, "shared memory"))
+    monkeypatch.setattr(triton_path, "_launcher", unbuildable)
+    monkeypatch.setattr(triton_path, "_UNAVAILABLE", {})
+    monkeypatch.setattr(chain_op, "_WARNED", set())
+    patterns = [(1, 16, 24, 1), (6, 2, 2, 2), (12, 2, 2, 1)]  # a dot step, then a fused small-block pair
+    chain = Chain(tuple(KSPattern(*p) for p in patterns))
+    g = torch.Generator().manual_seed(3)
+    factors = [torch.randn(KSPattern(*p).as_tuple(), generator=g, requires_grad=True) for p in patterns]
+    n = 7
+    x = torch.randn((chain.in_features, n) if batch_last else (n, chain.in_features), generator=g, requires_grad=True)
+    ksfx.stats(reset=True)
+    with caplog.at_level("WARNING", logger="ksfx.ops"):
+        y = ksfx.ks_matmul(x, factors, batch_last=batch_last, chain=chain)
+        y.sum().backward()
+        first = unbuildable.launches
+        ksfx.ks_matmul(x, factors, batch_last=batch_last, chain=chain)
+    counts = ksfx.stats()
+    assert counts.get("cpu.fallback", 0) >= 3 and not any(name.startswith("triton") for name in counts), counts
+    assert unbuildable.launches == first  # the second call built nothing
+    warnings = [r.getMessage() for r in caplog.records if "could not build" in r.getMessage()]
+    assert warnings and len(warnings) == len(set(warnings)) and "OutOfResources" in warnings[0]
+
+    refs = [t.detach().double().requires_grad_(True) for t in (x, *factors)]
+    w = chain.to_dense(refs[1:])
+    y_ref = w @ refs[0] if batch_last else refs[0] @ w.T
+    y_ref.sum().backward()
+    assert_close(y.detach(), y_ref.detach(), torch.float32)
+    for leaf, ref in zip((x, *factors), refs, strict=True):
+        assert_close(leaf.grad, ref.grad, torch.float32)
+
+
+def test_errors_other_than_build_failures_propagate(triton_interpret, monkeypatch):
+    """A bug is not a build failure: interpreter errors and others are raised, not hidden."""
+    import triton
+
+    x, values = torch.randn(3, 24), torch.randn(1, 16, 24, 1)
+    for error in (triton.runtime.errors.InterpreterError("a kernel bug"), ValueError("bad argument")):
+        monkeypatch.setattr(triton_path, "_launcher", _Unbuildable(error))
+        with pytest.raises(type(error)):
+            ksfx.ks_matmul(x, [values])
 
 
 def test_compile_dynamic_batch_propagates_fake_shapes(triton_interpret):

@@ -13,6 +13,8 @@ tensors run the plain-torch path, or the Triton kernels through the interpreter 
 from __future__ import annotations
 
 import functools
+import logging
+from types import ModuleType
 
 import torch
 
@@ -20,6 +22,8 @@ from ksfx.codegen.fusion import backward_plan, on_chip_steps
 from ksfx.ops import stats, torch_path
 from ksfx.ops.dispatch import chain_implementation, chain_segments, step_implementation
 from ksfx.pattern import Chain, FactorStep, PermStep, split_chain
+
+log = logging.getLogger("ksfx.ops")
 
 
 # ----------------------------------------------------------------------------- validation
@@ -58,10 +62,57 @@ def _plan(chain: Chain) -> list[FactorStep] | PermStep:
     return split_chain(chain)
 
 
+def _fall_back(x: torch.Tensor, error: Exception) -> tuple[str, ModuleType]:
+    """The plain-torch path for a step whose kernel Triton could not build (warned once a
+    kernel, counted as ``<implementation>.fallback`` in ``ksfx.stats()``)."""
+    if str(error) not in _WARNED:
+        _WARNED.add(str(error))
+        log.warning("%s; running it with the plain-torch path instead", error)
+    name = "cpu" if x.device.type == "cpu" else f"torch-{x.device.type}"
+    stats.record(f"{name}.fallback")
+    return name, torch_path
+
+
+_WARNED: set[str] = set()
+
+
 def _forward_step(x, values, step: FactorStep, batch_last: bool, bias) -> torch.Tensor:
     name, impl = step_implementation(x, step, batch_last)
+    if impl is not torch_path:
+        try:
+            y = impl.factor_forward(x, values, step, batch_last, bias)
+            stats.record(f"{name}.forward")
+            return y
+        except impl.KernelUnavailable as error:
+            name, impl = _fall_back(x, error)
     stats.record(f"{name}.forward")
     return impl.factor_forward(x, values, step, batch_last, bias)
+
+
+def _grad_step(dy, x, step: FactorStep, batch_last: bool) -> torch.Tensor:
+    name, impl = step_implementation(dy, step, batch_last)
+    if impl is not torch_path:
+        try:
+            grad = impl.factor_grad_values(dy, x, step, batch_last)
+            stats.record(f"{name}.grad_values")
+            return grad
+        except impl.KernelUnavailable as error:
+            name, impl = _fall_back(x, error)
+    stats.record(f"{name}.grad_values")
+    return impl.factor_grad_values(dy, x, step, batch_last)
+
+
+def _fused(x, values, steps, batch_last: bool, bias=None, taps: bool = False):
+    """A fused segment in one launch, or None where Triton could not build it (the caller
+    then runs its steps one by one)."""
+    name, impl = chain_implementation(x)
+    try:
+        out = impl.chain_forward(x, values, steps, batch_last, bias, taps=taps)
+    except impl.KernelUnavailable as error:
+        _fall_back(x, error)
+        return None
+    stats.record(f"{name}.forward_chain")
+    return out
 
 
 def _nonfinite_as_dense(x: torch.Tensor, y: torch.Tensor, step: FactorStep, batch_last: bool) -> torch.Tensor:
@@ -121,17 +172,17 @@ def run_forward(x, factors, chain: Chain, batch_last: bool, bias=None, dense: in
         return y.clone()  # op outputs must never alias the input
     steps = factor_steps(factors, plan, dense)
     for segment in chain_segments(x, plan, batch_last, [as_dense for *_, as_dense in steps]):
-        segment_bias = bias if segment.stop == len(plan) else None
+        run = slice(segment.start, segment.stop)
         if segment.fused:
-            name, impl = chain_implementation(x)
-            stats.record(f"{name}.forward_chain")
-            run = slice(segment.start, segment.stop)
-            values = [v for v, *_ in steps[run]]
-            x = impl.chain_forward(x, values, on_chip_steps(plan[run]), batch_last, segment_bias)
-            continue
-        values, step, as_dense = steps[segment.start]
-        y = _forward_step(x, values, step, batch_last, segment_bias)
-        x = _nonfinite_as_dense(x, y, step, batch_last) if as_dense else y
+            segment_bias = bias if segment.stop == len(plan) else None
+            y = _fused(x, [v for v, *_ in steps[run]], on_chip_steps(plan[run]), batch_last, segment_bias)
+            if y is not None:
+                x = y
+                continue
+        for k in range(segment.start, segment.stop):
+            values, step, as_dense = steps[k]
+            y = _forward_step(x, values, step, batch_last, bias if k == len(plan) - 1 else None)
+            x = _nonfinite_as_dense(x, y, step, batch_last) if as_dense else y
     return x
 
 
@@ -141,12 +192,12 @@ def run_steps(x, values: list[torch.Tensor], steps: tuple[FactorStep, ...], batc
     outputs: list[torch.Tensor] = []
     for segment in chain_segments(x, list(steps), batch_last, [False] * len(steps)):
         run = slice(segment.start, segment.stop)
-        if segment.fused:
-            name, impl = chain_implementation(x)
-            stats.record(f"{name}.forward_chain")
-            outputs += impl.chain_forward(x, values[run], steps[run], batch_last, taps=True)
+        fused = _fused(x, values[run], steps[run], batch_last, taps=True) if segment.fused else None
+        if fused is not None:
+            outputs += fused
         else:
-            outputs.append(_forward_step(x, values[segment.start], steps[segment.start], batch_last, None))
+            for k in range(segment.start, segment.stop):
+                outputs.append(_forward_step(outputs[-1] if outputs else x, values[k], steps[k], batch_last, None))
         x = outputs[-1]
     return outputs
 
@@ -171,10 +222,8 @@ def run_backward(grad, x, factors, chain: Chain, batch_last: bool, need_x: bool)
     loads = run_steps(grad, transposed_values, steps.transposed, batch_last)  # gradients at steps L-1 .. 0
     grads = []
     for k, step in enumerate(steps.grads):
-        name, impl = step_implementation(grad, step, batch_last)
-        stats.record(f"{name}.grad_values")
         dy = grad if k == last else loads[last - 1 - k]
-        grads.append(impl.factor_grad_values(dy, inputs[k], step, batch_last))
+        grads.append(_grad_step(dy, inputs[k], step, batch_last))
     dx = loads[-1].contiguous() if need_x else grad.new_empty(0)
     # contiguous like the fake kernel's outputs: Inductor asserts the strides it was promised
     return dx, [g.contiguous() for g in reversed(grads)]

@@ -89,6 +89,51 @@ def _launcher(kernel):
     return torch.library.wrap_triton(kernel) if _TRACEABLE else kernel
 
 
+# ----------------------------------------------------------------------------- build failures
+class KernelUnavailable(RuntimeError):
+    """A generated kernel that Triton could not build or load for the device: a compiler
+    error, or more shared memory or registers than the device has. The op then runs the
+    step with the plain-torch path and says so (a warning, ``ksfx.stats()``)."""
+
+
+#: Launches that failed to build, with their message: later calls fail fast, no recompile.
+_UNAVAILABLE: dict[tuple, str] = {}
+
+
+def _is_build_failure(error: Exception) -> bool:
+    """Triton's errors for a kernel it cannot build or load (``CompilationError``,
+    ``OutOfResources``, ``PTXASError``, and an MLIR pass failure, a bare ``RuntimeError``),
+    never an error of the interpreter, which runs the kernels as Python and so tests them."""
+    import triton
+
+    if isinstance(error, triton.runtime.errors.InterpreterError):
+        return False
+    if isinstance(error, triton.runtime.errors.TritonError):
+        return True
+    return isinstance(error, RuntimeError) and str(error).startswith("PassManager::run failed")
+
+
+def _named(kind: str, steps, batch_last: bool, x: torch.Tensor) -> str:
+    layout = "batch-last" if batch_last else "batch-first"
+    return f"{kind} kernel of {steps} ({layout}, {str(x.dtype).removeprefix('torch.')})"
+
+
+def _launch(kernel, grid, args: tuple, options: dict, device: torch.device, what: str) -> None:
+    """Launch ``kernel`` (``what`` names it); a build failure becomes :class:`KernelUnavailable`."""
+    failure = (kernel, tuple(sorted((k, v) for k, v in options.items() if not isinstance(v, torch.Tensor))))
+    if failure in _UNAVAILABLE:
+        raise KernelUnavailable(_UNAVAILABLE[failure])
+    try:
+        with _launch_guard(device):
+            _launcher(kernel)[grid](*args, **options)
+    except Exception as error:  # re-raised unless Triton could not build the kernel
+        if not _is_build_failure(error):
+            raise
+        first = (str(error).strip().splitlines() or [""])[0][:300]
+        _UNAVAILABLE[failure] = f"Triton could not build the {what} for {device}: {type(error).__name__}: {first}"
+        raise KernelUnavailable(_UNAVAILABLE[failure]) from error
+
+
 def _unused(like: torch.Tensor) -> torch.Tensor:
     """What an unused pointer argument gets: ``like`` itself, or an empty tensor of its
     dtype in a trace, where aliasing the output would make it look read or written."""
@@ -229,15 +274,14 @@ def factor_forward(
     if tile is None and config.autotune:
         key = _key("forward", step, x, batch_last)
         kernel = _autotuned(key, size_hint(n), x.element_size(), x.device, config.cache_dir)
-        with _launch_guard(x.device):
-            _launcher(kernel)[lambda meta: (forward_programs(pattern, n, _meta_tile(meta), key.mode),)](*args, **flags)
+        grid = lambda meta: (forward_programs(pattern, n, _meta_tile(meta), key.mode),)  # noqa: E731
+        _launch(kernel, grid, args, flags, x.device, _named("autotuned forward", step, batch_last, x))
         return y
     launch = _forward_launch if isinstance(n, int) else _forward_launch.__wrapped__  # a symbolic n is unhashable
     kernel, grid, meta = launch(
         step, batch_last, x.dtype, x.device, n, tile, torch.get_float32_matmul_precision(), config.interpret
     )
-    with _launch_guard(x.device):
-        _launcher(kernel)[grid](*args, **flags, **meta)
+    _launch(kernel, grid, args, {**flags, **meta}, x.device, _named("forward", step, batch_last, x))
     return y
 
 
@@ -351,8 +395,7 @@ def factor_grad_values(
     )
     partials = torch.empty((splits, *pattern.as_tuple()), dtype=torch.float32, device=x.device)
     args, flags = grad_arguments(dy, x, partials, chunk, step, batch_last)
-    with _launch_guard(x.device):
-        _launcher(kernel)[grid](*args, **flags, **meta)
+    _launch(kernel, grid, args, {**flags, **meta}, x.device, _named("weight-gradient", step, batch_last, x))
     return partials.sum(0).to(x.dtype)
 
 
@@ -438,8 +481,8 @@ def chain_forward(
         key, tile, programs = chain_plan(steps, batch_last, x.dtype, n, device_target(x.device), taps)
         kernel = get_kernel(key, config.cache_dir)
         args, flags = chain_arguments(x, values, outs[-1], steps, batch_last, bias, outs[:-1])
-        with _launch_guard(x.device):
-            _launcher(kernel)[(programs,)](
-                *args, **flags, **tile.meta(), num_warps=tile.num_warps, num_stages=tile.num_stages
-            )
+        options = {**flags, **tile.meta(), "num_warps": tile.num_warps, "num_stages": tile.num_stages}
+        _launch(
+            kernel, (programs,), args, options, x.device, _named("fused", " -> ".join(map(str, steps)), batch_last, x)
+        )
     return outs if taps else outs[0]
