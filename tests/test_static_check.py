@@ -210,6 +210,16 @@ def test_batch_first_small_blocks_run_the_window_kernel():
         assert report["model_bytes"] == x + y + tiles_m * w + 2 * w
 
 
+@pytest.mark.parametrize("pattern", [(512, 2, 4, 1), (128, 4, 8, 1)], ids=str)
+def test_window_kernels_with_longer_input_runs_load_their_values_wide(pattern):
+    """With c > b the input run sets the blocks a program holds, so its output run (the
+    values' run a γ) is shorter: on 4 warps 8/12 and 8/16 loads were wide (bf16); fewer
+    warps over fewer batch rows keep 8 bytes of it a thread."""
+    (report,) = reports([pattern], torch.bfloat16, False)
+    assert report["mode"] == "window" and report["tile"]["num_warps"] < 4
+    assert report["wide_loads"] == report["global_loads"] > 0 and report["spills"] == 0
+
+
 def _identity(key) -> tuple:
     return (key.kind, getattr(key, "steps", None) or key.step, getattr(key, "mode", "fused"), key.batch_last, key.dtype)
 

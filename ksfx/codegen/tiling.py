@@ -325,7 +325,11 @@ def _window_heuristic(pattern: KSPattern, n: int, itemsize: int) -> TileConfig:
     per_thread = WINDOW_VALUE_BYTES // itemsize
     block_n, block_k = _window_fitting(pattern, per_thread * 32 * 4)
     warps = max(1, min(4, max(block_n, block_k) // (per_thread * 32)))  # fewer for a pattern's shorter runs
-    return TileConfig(clamp_pow2(n, 1, 16), block_n, block_k, num_warps=warps, num_stages=1)
+    # The values run is the output run: with c > b, fewer warps over fewer batch rows keep 8 bytes
+    # of it a thread and the elements a thread holds (KS(512, 2, 4, 1) bf16: 12/12 loads wide, was
+    # 8/12). Not where even one warp would hold less (KS(128, 2, 16, 1): 40/40 on 4 warps, 8/24 on 1).
+    by_values = min(warps, block_n // (per_thread * 32)) or warps
+    return TileConfig(clamp_pow2(n, 1, 16 * by_values // warps), block_n, block_k, num_warps=by_values, num_stages=1)
 
 
 #: Batch rows a ``grad_window`` program takes per step.
