@@ -597,7 +597,7 @@ def _dot3_sizes(step: FactorStep) -> dict:
         return sizes | {
             "whole_d": True, "values_inner": width, "run_width": d,
             "mask_k": f"(k0 * {d} + flat_k < {p.c * d}) & (flat_k < BLOCK_K * {d})",
-            "v_mask_k": f"(k0 + flat_k // {width} < {p.c})",
+            "v_mask_k": f"(k0 * {width} + flat_k < {p.c * width})",
             "run_k": f" & (flat_k < BLOCK_K * {d})[None, :]",
             "run_n": f" & (flat_n < BLOCK_N * {d})[None, :]",
             "mask_n_expr": f"(b0 * {d} + flat_n < {p.b * d}) & (flat_n < BLOCK_N * {d})",
@@ -610,10 +610,12 @@ def _dot3_sizes(step: FactorStep) -> dict:
         }  # fmt: skip
     whole = p.d % width == 0
     delta_mask = "" if whole else f" & (d0 + {{flat}} % {width} < {p.d})"
-    mask_k = f"(k0 + flat_k // {width} < {p.c})" + delta_mask.format(flat="flat_k")
+    # γ < c written linear in the flat index (k0 + flat // D < c reads as runs of D to Triton's
+    # constancy analysis: 4-byte loads of a masked β tile with D = 2 in 16-bit)
+    mask_k = f"(k0 * {width} + flat_k < {p.c * width})" + delta_mask.format(flat="flat_k")
     return sizes | {
         "whole_d": whole, "run_width": width, "mask_k": mask_k, "v_mask_k": "mask_k", "run_k": "", "run_n": "",
-        "mask_n_expr": f"(b0 + flat_n // {width} < {p.b})" + delta_mask.format(flat="flat_n"),
+        "mask_n_expr": f"(b0 * {width} + flat_n < {p.b * width})" + delta_mask.format(flat="flat_n"),
         "regroup_k": "", "regroup_n": "", "gather_x": "", "gather_dy": "", "gather_acc": "", "gather_part": "",
     }  # fmt: skip
 
