@@ -178,6 +178,15 @@ def test_batch_first_d_of_no_power_of_two_runs_one_gathered_delta_tile(pattern):
         assert report["wide_loads"] == report["global_loads"] > 0
         assert report["wide_stores"] == report["global_stores"]
         assert not static_check.passes(report), (report["kind"], static_check.passes(report))
+    (forward,) = [r for r in found if r["kind"] == "forward"]
+    p = KSPattern(*pattern)
+    x, y, w = 25088 * p.in_features * 2, 25088 * p.out_features * 2, p.nnz * 2
+    padded = w * (1 << (p.d - 1).bit_length()) // p.d  # δ padded to the tile, with zeros
+    tiles_m = -(-25088 // forward["tile"]["BLOCK_M"])
+    tiles_b = -(-p.b // forward["tile"]["BLOCK_N"])
+    # x once per β tile, y once, the padded values once per batch tile, and their copy (read, written)
+    assert forward["model_bytes"] == tiles_b * x + y + tiles_m * padded + w + padded
+    assert forward["dram_bytes"] == x + y + padded + w + padded
 
 
 def test_tf32_weight_gradient_of_delta_tiles_compiles():
