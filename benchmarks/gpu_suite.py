@@ -25,8 +25,10 @@ under ``benchmarks/results/``:
 6. the summary, printed last and saved as ``gpu_suite_<device>_<date>.json``: per dtype
    and layout the median speedup over the best baseline and the median fraction of the
    roofline ``max(|X|+|W|+|Y| / copy bandwidth, FLOPs / rate of the unit)`` reached (the
-   bandwidth measured in the run, the rates from :mod:`ksfx.codegen.devices`), and each
-   model's latency against Inductor.
+   bandwidth measured in the run, the rates from :mod:`ksfx.codegen.devices`); per kernel
+   family the generated kernel against the op's plain-torch path next to what the
+   dispatch policy runs there (the data to re-derive it from); and each model's latency
+   against Inductor.
 
 Every step resumes: the pattern and model files skip the cases they hold, and a step
 that finished is not run again (``--force`` reruns it). fp32 runs are IEEE
@@ -194,6 +196,44 @@ def summarise_patterns(path: Path) -> dict:
     }
 
 
+def _d_class(d: int) -> str:
+    return "1" if d == 1 else ("2-15" if d < 16 else ">=16")
+
+
+def summarise_dispatch(path: Path) -> list[dict]:
+    """Per kernel family (mode, dtype, layout, ``d`` of 1, 2-15 or 16 and more): the generated
+    kernel's median speedup over the op's plain-torch path (the ``einsum`` baseline: the same
+    einsum) and what :func:`ksfx.ops.dispatch.prefers_triton` runs there today. The data a
+    policy is re-derived from; ``agrees`` is False where the policy picks the slower one."""
+    import torch
+
+    from ksfx.codegen.tiling import kernel_mode
+    from ksfx.ops.dispatch import prefers_triton
+    from ksfx.pattern import FactorStep, KSPattern
+
+    if not path.exists():
+        return []
+    dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+    groups: dict[tuple, dict] = {}
+    for case in json.loads(path.read_text())["cases"]:
+        times = case["times"]
+        if not times.get("ksfx") or not times.get("einsum") or case.get("correct") is False:
+            continue
+        p, batch_last = KSPattern(*case["pattern"]), case["layout"] == "batch-last"
+        key = (kernel_mode(p, batch_last), case["dtype"], case["layout"], _d_class(p.d))
+        group = groups.setdefault(key, {"speedups": [], "policy": set()})
+        group["speedups"].append(times["einsum"] / times["ksfx"])
+        group["policy"].add("triton" if prefers_triton(FactorStep(p), batch_last, dtypes[case["dtype"]]) else "torch")
+    rows = []
+    for (mode, dtype, layout, d), g in sorted(groups.items()):
+        median = _median(g["speedups"])
+        policy = g["policy"].pop() if len(g["policy"]) == 1 else "mixed"
+        agrees = None if policy == "mixed" else (median >= 1) == (policy == "triton")
+        rows.append({"mode": mode, "dtype": dtype, "layout": layout, "d": d, "cases": len(g["speedups"]),
+                     "median_speedup_vs_torch_path": median, "policy": policy, "agrees": agrees})  # fmt: skip
+    return rows
+
+
 def summarise_models(path: Path) -> list[dict]:
     if not path.exists():
         return []
@@ -231,6 +271,13 @@ def table(summary: dict) -> str:
             speed = "-" if g["median_speedup_vs_best"] is None else f"{g['median_speedup_vs_best']:.2f}x"
             roof = "-" if g["median_roofline_fraction"] is None else f"{100 * g['median_roofline_fraction']:.0f}%"
             lines.append(f"{key:<17} {g['cases']:>5}  {speed:>22}  {roof:>24}  {g['out_of_tolerance']:>5}")
+    dispatch = summary.get("dispatch", [])
+    if dispatch:
+        lines.append("dispatch (mode dtype layout d)   cases  generated vs torch path  policy  agrees")
+        for r in dispatch:
+            family = f"{r['mode']} {r['dtype']} {r['layout']} d={r['d']}"
+            lines.append(f"{family:<32} {r['cases']:>5}  {r['median_speedup_vs_torch_path']:>22.2f}x  "
+                         f"{r['policy']:>6}  {r['agrees']}")  # fmt: skip
     for row in summary.get("chains", []):
         speed = ", ".join(f"{k} {v:.2f}x" for k, v in (row["fused_speedup"] or {}).items())
         roof = row["fused_roofline_fraction"]
@@ -278,6 +325,7 @@ def main(argv=None) -> int:
         state["steps"][step["name"]] = run_step(step, seconds, args.dry_run)
         state_path.write_text(json.dumps(state, indent=1) + "\n")
     state["patterns"] = summarise_patterns(next(s["out"] for s in plan if s["name"] == "patterns"))
+    state["dispatch"] = summarise_dispatch(next(s["out"] for s in plan if s["name"] == "patterns"))
     state["chains"] = summarise_chains(next(s["out"] for s in plan if s["name"] == "chains"))
     state["models"] = summarise_models(next(s["out"] for s in plan if s["name"] == "models"))
     state["launch"] = summarise_models(next(s["out"] for s in plan if s["name"] == "launch"))

@@ -161,6 +161,11 @@ def test_gpu_suite_dry_run(tmp_path):
     groups = state["patterns"]["groups"]
     assert set(groups) == {f"{dt} {lay}" for dt in ("fp32", "bf16") for lay in ("batch-first", "batch-last")}
     assert all(g["cases"] == 2 and g["out_of_tolerance"] == 0 for g in groups.values())
+    # every case once in a kernel family, with the policy's choice for it
+    assert sum(row["cases"] for row in state["dispatch"]) == 8
+    assert all(row["policy"] in ("triton", "torch") and row["median_speedup_vs_torch_path"] > 0
+               for row in state["dispatch"])  # fmt: skip
+    assert {row["mode"] for row in state["dispatch"]} <= {"dot", "dot3", "fma", "window"}
     assert [row["key"].split("|")[0] for row in state["models"]] == ["gpt2"]
     (launch,) = state["launch"]  # torch.compile(backend="ksfx", mode="reduce-overhead"), checked against eager
     assert set(launch["ms"]) == {"eager", "ksfx_cudagraphs"} and not launch["wrong"] and not launch["unavailable"]
