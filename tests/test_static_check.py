@@ -166,7 +166,7 @@ def test_batch_first_d_above_one_runs_the_delta_tiled_kernel():
     assert report["dram_bytes"] == x + y + w
 
 
-@pytest.mark.parametrize("pattern", [(1, 128, 128, 3), (1, 48, 48, 6)], ids=str)
+@pytest.mark.parametrize("pattern", [(1, 128, 128, 3), (1, 48, 48, 6), (1, 128, 128, 7)], ids=str)
 def test_batch_first_d_of_no_power_of_two_runs_one_gathered_delta_tile(pattern):
     """δ tiles of 4 masked to d = 3, or of 2 in d = 6, loaded element-wide (0/32 and 0/90
     global loads wide in bf16, triton 3.6): one tile holds every δ, its flat runs loaded whole

@@ -430,6 +430,15 @@ def grad_heuristic(pattern: KSPattern, n: int, itemsize: int, batch_last: bool, 
             block_k = MIN_DOT
         block_m = 32 if itemsize > 2 or pattern.d % width or width > 2 else 64
         warps = 8 if width * block_n * block_k >= 8192 else 4
+        if delta_gathered(pattern) and width == MAX_DELTA_TILE:
+            # dy and x regrouped on chip, 8 δ wide: KS(1, 128, 128, 7) spilled 19 (bf16) and 31
+            # (fp32) instructions, 8-11 in the loop (triton 3.6). None on 16 batch rows in 16-bit,
+            # or on 32-row β tiles over 8 warps in fp32 (no wgmma tile to fill; on 16 batch rows
+            # KS(1, 64, 64, 6) fp32 kept 128 registers and spilled 6, on 4 warps KS(1, 64, 64, 5) 9).
+            if itemsize <= 2:
+                block_m = MIN_DOT
+            else:
+                block_n, warps = min(block_n, 32), 8
         cfg = TileConfig(block_m, block_n, block_k, num_warps=warps, num_stages=3)
     elif mode == "dot":
         block_n = clamp_pow2(pattern.b, MIN_DOT, 64)
