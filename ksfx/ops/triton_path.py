@@ -118,11 +118,15 @@ def _named(kind: str, steps, batch_last: bool, x: torch.Tensor) -> str:
     return f"{kind} kernel of {steps} ({layout}, {str(x.dtype).removeprefix('torch.')})"
 
 
-def _launch(kernel, grid, args: tuple, options: dict, device: torch.device, what: str) -> None:
-    """Launch ``kernel`` (``what`` names it); a build failure becomes :class:`KernelUnavailable`."""
-    failure = (kernel, tuple(sorted((k, v) for k, v in options.items() if not isinstance(v, torch.Tensor))))
-    if failure in _UNAVAILABLE:
-        raise KernelUnavailable(_UNAVAILABLE[failure])
+def _failure_key(kernel, options: dict) -> tuple:
+    return kernel, tuple(sorted((k, v) for k, v in options.items() if not isinstance(v, torch.Tensor)))
+
+
+def _launch(kernel, grid, args: tuple, options: dict, device: torch.device, describe) -> None:
+    """Launch ``kernel``; a build failure becomes :class:`KernelUnavailable`, its message
+    naming the kernel by ``describe()`` (built only then: launches are the hot path)."""
+    if _UNAVAILABLE and _failure_key(kernel, options) in _UNAVAILABLE:
+        raise KernelUnavailable(_UNAVAILABLE[_failure_key(kernel, options)])
     try:
         with _launch_guard(device):
             _launcher(kernel)[grid](*args, **options)
@@ -130,8 +134,9 @@ def _launch(kernel, grid, args: tuple, options: dict, device: torch.device, what
         if not _is_build_failure(error):
             raise
         first = (str(error).strip().splitlines() or [""])[0][:300]
-        _UNAVAILABLE[failure] = f"Triton could not build the {what} for {device}: {type(error).__name__}: {first}"
-        raise KernelUnavailable(_UNAVAILABLE[failure]) from error
+        message = f"Triton could not build the {describe()} for {device}: {type(error).__name__}: {first}"
+        _UNAVAILABLE[_failure_key(kernel, options)] = message
+        raise KernelUnavailable(message) from error
 
 
 def _unused(like: torch.Tensor) -> torch.Tensor:
@@ -275,13 +280,13 @@ def factor_forward(
         key = _key("forward", step, x, batch_last)
         kernel = _autotuned(key, size_hint(n), x.element_size(), x.device, config.cache_dir)
         grid = lambda meta: (forward_programs(pattern, n, _meta_tile(meta), key.mode),)  # noqa: E731
-        _launch(kernel, grid, args, flags, x.device, _named("autotuned forward", step, batch_last, x))
+        _launch(kernel, grid, args, flags, x.device, lambda: _named("autotuned forward", step, batch_last, x))
         return y
     launch = _forward_launch if isinstance(n, int) else _forward_launch.__wrapped__  # a symbolic n is unhashable
     kernel, grid, meta = launch(
         step, batch_last, x.dtype, x.device, n, tile, torch.get_float32_matmul_precision(), config.interpret
     )
-    _launch(kernel, grid, args, {**flags, **meta}, x.device, _named("forward", step, batch_last, x))
+    _launch(kernel, grid, args, {**flags, **meta}, x.device, lambda: _named("forward", step, batch_last, x))
     return y
 
 
@@ -395,7 +400,7 @@ def factor_grad_values(
     )
     partials = torch.empty((splits, *pattern.as_tuple()), dtype=torch.float32, device=x.device)
     args, flags = grad_arguments(dy, x, partials, chunk, step, batch_last)
-    _launch(kernel, grid, args, {**flags, **meta}, x.device, _named("weight-gradient", step, batch_last, x))
+    _launch(kernel, grid, args, {**flags, **meta}, x.device, lambda: _named("weight-gradient", step, batch_last, x))
     return partials.sum(0).to(x.dtype)
 
 
@@ -483,6 +488,11 @@ def chain_forward(
         args, flags = chain_arguments(x, values, outs[-1], steps, batch_last, bias, outs[:-1])
         options = {**flags, **tile.meta(), "num_warps": tile.num_warps, "num_stages": tile.num_stages}
         _launch(
-            kernel, (programs,), args, options, x.device, _named("fused", " -> ".join(map(str, steps)), batch_last, x)
+            kernel,
+            (programs,),
+            args,
+            options,
+            x.device,
+            lambda: _named("fused", " -> ".join(map(str, steps)), batch_last, x),
         )
     return outs if taps else outs[0]
