@@ -62,6 +62,10 @@ def _plan(chain: Chain) -> list[FactorStep] | PermStep:
     return split_chain(chain)
 
 
+#: Messages of the build failures already warned about (one warning a kernel).
+_WARNED: set[str] = set()
+
+
 def _fall_back(x: torch.Tensor, error: Exception) -> tuple[str, ModuleType]:
     """The plain-torch path for a step whose kernel Triton could not build (warned once a
     kernel, counted as ``<implementation>.fallback`` in ``ksfx.stats()``)."""
@@ -71,9 +75,6 @@ def _fall_back(x: torch.Tensor, error: Exception) -> tuple[str, ModuleType]:
     name = "cpu" if x.device.type == "cpu" else f"torch-{x.device.type}"
     stats.record(f"{name}.fallback")
     return name, torch_path
-
-
-_WARNED: set[str] = set()
 
 
 def _forward_step(x, values, step: FactorStep, batch_last: bool, bias) -> torch.Tensor:
