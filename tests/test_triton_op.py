@@ -414,12 +414,17 @@ def test_cuda_aoti_package_holds_the_kernels_and_runs_without_ksfx(tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("steps", "fuse", "batch_last"),
-    [(butterfly(16), "always", False), (TENSOR_CORE_CHAINS["table-between"], "never", True)],
-    ids=["fused-butterfly", "dot-with-table"],
+    ("steps", "fuse", "batch_last", "kernels"),
+    [
+        (butterfly(16), "always", False, set()),
+        (TENSOR_CORE_CHAINS["table-between"], "never", True, set()),
+        # dot3 with d = 3, batch-first: its forward, dx and weight gradient regroup δ with tl.gather
+        ([(1, 16, 32, 3), (3, 32, 16, 1)], "never", False, {"forward_dot3", "grad_dot3"}),
+    ],
+    ids=["fused-butterfly", "dot-with-table", "gathered-delta"],
 )
 def test_inductors_copy_of_every_kernel_compiles_for_sm90(
-    cuda_launches_on_cpu, monkeypatch, tmp_path, steps, fuse, batch_last
+    cuda_launches_on_cpu, monkeypatch, tmp_path, steps, fuse, batch_last, kernels
 ):
     """Inductor re-emits a launched kernel from its source and the globals it reads
     (``user_defined_triton_kernel_transitive_closure_source_code``): that copy, alone in a
@@ -429,6 +434,7 @@ def test_inductors_copy_of_every_kernel_compiles_for_sm90(
     monkeypatch.setattr(config, "fuse", fuse)
     graphs, y, *_ = _traced(steps, batch_last, torch.float16, n=32)
     y.sum().backward()
+    missing = set(kernels)
     for k, launch in enumerate(_launches(graphs[0]) + _launches(graphs[1])):
         kernel, arguments = _kernel_and_arguments(launch)
         source = user_defined_triton_kernel_transitive_closure_source_code(kernel)
@@ -443,3 +449,5 @@ def test_inductors_copy_of_every_kernel_compiles_for_sm90(
         options = {name: arguments.pop(name, default) for name, default in (("num_warps", 4), ("num_stages", 3))}
         cubin, _ = compile_cubin(copy, args, {n: arguments[n] for n in constexprs}, capability=90, **options)
         assert cubin
+        missing.discard(kernel.__name__)
+    assert not missing, f"not launched: {missing}"
