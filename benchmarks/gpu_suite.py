@@ -158,6 +158,11 @@ def _roofline_s(case: dict, bandwidth: float | None, device) -> float | None:
     return max(case["min_bytes"] / bandwidth, case["flops"] / device.rates[unit].flops)
 
 
+def _fell_back(case: dict) -> bool:
+    """Whether the op ran its torch path for the case, Triton having failed to build the kernel."""
+    return any(name.endswith(".fallback") for name in case.get("ksfx_launches", {}))
+
+
 def summarise_patterns(path: Path) -> dict:
     from ksfx.codegen.devices import DEVICES
 
@@ -171,7 +176,12 @@ def summarise_patterns(path: Path) -> dict:
     bandwidth = bandwidth * 1e9 if bandwidth and bandwidth < 1e6 else bandwidth  # GB/s or B/s
     groups: dict[str, dict] = {}
     for case in data["cases"]:
-        group = groups.setdefault(f"{case['dtype']} {case['layout']}", {"speedup": [], "roofline": [], "wrong": 0})
+        group = groups.setdefault(
+            f"{case['dtype']} {case['layout']}", {"speedup": [], "roofline": [], "wrong": 0, "fell_back": 0}
+        )
+        if _fell_back(case):  # timed the torch path, not a kernel
+            group["fell_back"] += 1
+            continue
         if case.get("speedup"):
             group["speedup"].append(case["speedup"])
         floor = _roofline_s(case, bandwidth, device)
@@ -190,6 +200,7 @@ def summarise_patterns(path: Path) -> dict:
                 "median_speedup_vs_best": _median(g["speedup"]),
                 "median_roofline_fraction": _median(g["roofline"]),
                 "out_of_tolerance": g["wrong"],
+                "fell_back": g["fell_back"],
             }
             for key, g in sorted(groups.items())
         },
@@ -218,6 +229,8 @@ def summarise_dispatch(path: Path) -> list[dict]:
     for case in json.loads(path.read_text())["cases"]:
         times = case["times"]
         if not times.get("ksfx") or not times.get("einsum") or case.get("correct") is False:
+            continue
+        if _fell_back(case):
             continue
         p, batch_last = KSPattern(*case["pattern"]), case["layout"] == "batch-last"
         key = (kernel_mode(p, batch_last), case["dtype"], case["layout"], _d_class(p.d))
@@ -266,11 +279,12 @@ def table(summary: dict) -> str:
         lines.append(f"step {name:<13} rc={step['returncode']} {step['seconds']:>6.1f} s")
     groups = summary["patterns"].get("groups", {})
     if groups:
-        lines.append("patterns          cases  median speedup vs best  median roofline fraction  wrong")
+        lines.append("patterns          cases  median speedup vs best  median roofline fraction  wrong  fell back")
         for key, g in groups.items():
             speed = "-" if g["median_speedup_vs_best"] is None else f"{g['median_speedup_vs_best']:.2f}x"
             roof = "-" if g["median_roofline_fraction"] is None else f"{100 * g['median_roofline_fraction']:.0f}%"
-            lines.append(f"{key:<17} {g['cases']:>5}  {speed:>22}  {roof:>24}  {g['out_of_tolerance']:>5}")
+            lines.append(f"{key:<17} {g['cases']:>5}  {speed:>22}  {roof:>24}  {g['out_of_tolerance']:>5}  "
+                         f"{g.get('fell_back', 0):>9}")  # fmt: skip
     dispatch = summary.get("dispatch", [])
     if dispatch:
         lines.append("dispatch (mode dtype layout d)   cases  generated vs torch path  policy  agrees")

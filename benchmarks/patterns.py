@@ -188,7 +188,10 @@ def run_case(pattern: Pattern, dtype_name: str, layout: str, batch: int, device:
     working = {}
     for name, fn in contenders.items():
         try:
+            ksfx.stats(reset=True)
             y = fn()  # first call: compiles (Inductor) or autotunes (ksfx on GPU)
+            if name == "ksfx":  # which implementation ran: a kernel that fell back is not timed as one
+                case["ksfx_launches"] = ksfx.stats(reset=True)
             case["errors"][name] = common.rel_error(y, ref)
             working[name] = fn
             del y

@@ -160,7 +160,11 @@ def test_gpu_suite_dry_run(tmp_path):
     assert all(step["returncode"] == 0 for step in state["steps"].values())
     groups = state["patterns"]["groups"]
     assert set(groups) == {f"{dt} {lay}" for dt in ("fp32", "bf16") for lay in ("batch-first", "batch-last")}
-    assert all(g["cases"] == 2 and g["out_of_tolerance"] == 0 for g in groups.values())
+    assert all(g["cases"] == 2 and g["out_of_tolerance"] == 0 and g["fell_back"] == 0 for g in groups.values())
+    (patterns,) = tmp_path.glob("gpu_suite_patterns_*.json")  # the implementation each ksfx case ran
+    assert all(
+        case["ksfx_launches"] == {"triton-interpret.forward": 1} for case in json.loads(patterns.read_text())["cases"]
+    )
     # every case once in a kernel family, with the policy's choice for it
     assert sum(row["cases"] for row in state["dispatch"]) == 8
     assert all(row["policy"] in ("triton", "torch") and row["median_speedup_vs_torch_path"] > 0
@@ -177,3 +181,23 @@ def test_gpu_suite_dry_run(tmp_path):
     # resumes: finished steps are not run again
     assert gpu_suite.main(["--dry-run", "--budget", "400", "--out-dir", str(tmp_path)]) == 0
     assert json.loads(state_path.read_text())["steps"] == state["steps"]
+
+
+def test_gpu_suite_summaries_leave_out_cases_that_fell_back(tmp_path):
+    """A case whose kernel Triton could not build timed the op's torch path: it is counted
+    apart, and neither the speedups nor the dispatch table take it as the kernel's."""
+    from benchmarks import gpu_suite
+
+    def case(ksfx_s, launches):
+        return {"pattern": [4, 2, 2, 1], "dtype": "bf16", "layout": "batch-first", "correct": True,
+                "times": {"ksfx": ksfx_s, "einsum": 2.0}, "speedup": 2.0 / ksfx_s, "ksfx_launches": launches,
+                "min_bytes": 1, "flops": 1}  # fmt: skip
+
+    path = tmp_path / "patterns.json"
+    cases = [case(1.0, {"triton.forward": 1}), case(4.0, {"torch-cuda.fallback": 1, "torch-cuda.forward": 1})]
+    path.write_text(json.dumps({"environment": {"device": "cpu"}, "cases": cases}))
+    (group,) = gpu_suite.summarise_patterns(path)["groups"].values()
+    assert group["cases"] == 1 and group["fell_back"] == 1 and group["median_speedup_vs_best"] == 2.0
+    (row,) = gpu_suite.summarise_dispatch(path)
+    assert row["cases"] == 1 and row["median_speedup_vs_torch_path"] == 2.0
+    assert (row["mode"], row["policy"], row["agrees"]) == ("window", "triton", True)
