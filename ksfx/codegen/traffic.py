@@ -166,7 +166,7 @@ def bytes_moved(
             return t.reshape(groups, tiles_b, cfg.block_n, width).reshape(groups * tiles_b, -1)
 
         y_feat, y_valid = per_program(y_feat), per_program(y_valid)
-        # the values as laid out: padded δ (a gathered tile) read too
+        # the values as laid out, their padding read too: rows padded to 16 (dot), δ to the tile (gathered)
         per_program_values = p.c * y_valid.sum(dim=1) * values_laid_out_size(p, batch_last) // p.nnz
         x_lookups = p.c * int(d_valid.sum()) * tiles_b
     elif mode == "window":
