@@ -77,30 +77,29 @@ def _fall_back(x: torch.Tensor, error: Exception) -> tuple[str, ModuleType]:
     return name, torch_path
 
 
-def _forward_step(x, values, step: FactorStep, batch_last: bool, bias) -> torch.Tensor:
+def _run_step(x, step: FactorStep, batch_last: bool, kind: str, run):
+    """``run(impl)`` on the implementation dispatch picks for the step, counted as
+    ``<impl>.<kind>``; on the plain-torch path where Triton could not build the kernel."""
     name, impl = step_implementation(x, step, batch_last)
     if impl is not torch_path:
         try:
-            y = impl.factor_forward(x, values, step, batch_last, bias)
-            stats.record(f"{name}.forward")
-            return y
+            out = run(impl)
+            stats.record(f"{name}.{kind}")
+            return out
         except impl.KernelUnavailable as error:
             name, impl = _fall_back(x, error)
-    stats.record(f"{name}.forward")
-    return impl.factor_forward(x, values, step, batch_last, bias)
+    stats.record(f"{name}.{kind}")
+    return run(impl)
+
+
+def _forward_step(x, values, step: FactorStep, batch_last: bool, bias) -> torch.Tensor:
+    return _run_step(
+        x, step, batch_last, "forward", lambda impl: impl.factor_forward(x, values, step, batch_last, bias)
+    )
 
 
 def _grad_step(dy, x, step: FactorStep, batch_last: bool) -> torch.Tensor:
-    name, impl = step_implementation(dy, step, batch_last)
-    if impl is not torch_path:
-        try:
-            grad = impl.factor_grad_values(dy, x, step, batch_last)
-            stats.record(f"{name}.grad_values")
-            return grad
-        except impl.KernelUnavailable as error:
-            name, impl = _fall_back(x, error)
-    stats.record(f"{name}.grad_values")
-    return impl.factor_grad_values(dy, x, step, batch_last)
+    return _run_step(dy, step, batch_last, "grad_values", lambda impl: impl.factor_grad_values(dy, x, step, batch_last))
 
 
 def _fused(x, values, steps, batch_last: bool, bias=None, taps: bool = False):
