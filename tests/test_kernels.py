@@ -36,6 +36,7 @@ PATTERNS = [
     (2, 1, 4, 3),  # b = 1
     (2, 5, 1, 3),  # c = 1
     (1, 20, 6, 2),  # b >= 16 but c < 16: fma
+    (2, 3, 18, 2),  # fma batch-last: a runtime loop over groups of 4 γ, the last one padded
     (16, 2, 2, 1),  # window (batch-first): a butterfly factor with d = 1, several windows
     (100, 7, 4, 1),  # window: an output run of no power of two, windows of 32 or 64 blocks, the last partial
 ]
@@ -137,7 +138,7 @@ def with_perms(pattern, kind):
     return FactorStep(p, in_perm, out_perm)
 
 
-@pytest.mark.parametrize("pattern", [(2, 16, 24, 3), (1, 24, 20, 4), (3, 2, 5, 2)], ids=str)
+@pytest.mark.parametrize("pattern", [(2, 16, 24, 3), (1, 24, 20, 4), (3, 2, 5, 2), (2, 3, 18, 2)], ids=str)
 @pytest.mark.parametrize("kind", PERMS)
 @pytest.mark.parametrize("batch_last", [False, True], ids=["bfirst", "blast"])
 def test_forward_folds_permutations(device, pattern, kind, batch_last):
@@ -516,6 +517,10 @@ def test_traffic_model_hand_computed():
     step = FactorStep(KSPattern(4, 2, 2, 8), IndexPerm(tuple(reversed(range(64)))))
     t = traffic.bytes_moved(step, 32, False, TileConfig(32, 16), 4)
     assert (t.x, t.values, t.y, t.tables) == (64 * 32 * 4, 128 * 4, 64 * 32 * 4, 64 * 2 * 4)
+    # Batch-last FMA: each row's c = 5 values padded to 8 (two groups of 4 γ), read and copied so.
+    p = KSPattern(3, 2, 5, 2)
+    t = traffic.bytes_moved(FactorStep(p), 32, True, TileConfig(32, 16), 4)
+    assert t.values == p.out_features * 8 * 4 and t.relayout == (p.nnz + p.out_features * 8) * 4
 
 
 def test_traffic_model_from_device_memory_counts_re_reads_once_while_values_fit_in_l2(monkeypatch):

@@ -39,6 +39,10 @@ class KernelKey:
         make = {"forward": forward_source, "grad": grad_source}.get(self.kind)
         if make is None:
             raise ValueError(f"unknown kernel kind {self.kind!r} (expected 'forward' or 'grad')")
+        if self.kind == "forward":
+            return forward_source(
+                self.step, self.mode, self.dtype, self.interpret, self.precision, batch_last=self.batch_last
+            )
         return make(self.step, self.mode, self.dtype, self.interpret, self.precision)
 
     @property

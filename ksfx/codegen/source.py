@@ -34,6 +34,8 @@ from ksfx.codegen.tiling import (
     delta_tile,
     delta_tiles,
     dot_values_rows,
+    fma_gammas,
+    fma_values_row,
     padded_row,
     window_value_strides,
 )
@@ -144,7 +146,10 @@ def forward_fma(
     beta = {beta}
     delta = {delta}
     acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
-    for gamma in {gamma_range}:
+{loop}{epilogue}'''
+
+#: The γ loop of ``forward_fma`` with the stored values: one value a row per γ.
+FMA_GAMMA_LOOP = """    for gamma in {gamma_range}:
         x_feature = {x_feature}
         if INT64:
             x_feature = x_feature.to(tl.int64)
@@ -156,7 +161,31 @@ def forward_fma(
             x_tile = tl.load(x_ptrs, mask=mask_m[:, None] & mask_r[None, :], other=0.0)
             w = tl.load(v_ptr + {v_offset}, mask=mask_r, other=0.0)
         acc += x_tile.to(tl.float32) * w.to(tl.float32)[None, :]
-{epilogue}'''
+"""
+
+#: The γ loop of batch-last ``forward_fma``: the values of ``G`` γ a row in one load from
+#: rows of ``{row_length}`` (γ innermost, :func:`~ksfx.codegen.tiling.values_order`), split on
+#: chip; then one rank-1 update per γ (:data:`FMA_GROUP_PRODUCT`).
+FMA_GROUP_LOOP = """    for g0 in {group_range}:
+        w_ptrs = v_ptr + row[:, None] * {row_length} + (g0 + tl.arange(0, {gammas}))[None, :]
+        if {rows} % BLOCK_N == 0:
+            w_group = tl.load(w_ptrs)
+        else:
+            w_group = tl.load(w_ptrs, mask=mask_r[:, None], other=0.0)
+{split}{products}"""
+
+#: One γ of :data:`FMA_GROUP_LOOP`; ``{valid}`` masks the padded γ of a runtime loop's last group.
+FMA_GROUP_PRODUCT = """{guard}        gamma = {gamma}
+        x_feature = {x_feature}
+        if INT64:
+            x_feature = x_feature.to(tl.int64)
+        x_ptrs = x_ptr + offs_m[:, None] * stride_xm + x_feature[None, :] * stride_xf
+        if {rows} % BLOCK_N == 0:
+            x_tile = tl.load(x_ptrs, mask=mask_m[:, None]{valid}, other=0.0)
+        else:
+            x_tile = tl.load(x_ptrs, mask=mask_m[:, None] & mask_r[None, :]{valid}, other=0.0)
+        acc += x_tile.to(tl.float32) * w_{j}.to(tl.float32)[None, :]
+"""
 
 #: The combine function of ``tl.reduce`` (``tl.sum`` is a jit helper, see the module's HEADER note).
 ADD_COMBINE = """
@@ -477,8 +506,11 @@ def dot_code(a: str, b: str, acc: str, dtype: str, interpret: bool, precision: s
     return f"tl.dot({a}, {b}, {acc})"
 
 
-def forward_source(step: FactorStep, mode: str, dtype: str, interpret: bool, precision: str) -> str:
-    """Module source of the forward kernel (``forward_dot`` or ``forward_fma``)."""
+def forward_source(
+    step: FactorStep, mode: str, dtype: str, interpret: bool, precision: str, batch_last: bool = False
+) -> str:
+    """Module source of the forward kernel; ``batch_last`` changes the ``fma`` kernel only
+    (its values are laid out per layout, :func:`~ksfx.codegen.tiling.values_order`)."""
     p = step.pattern
     if mode == "dot":
         alpha, delta = im.group_digits(step, GROUP)
@@ -509,9 +541,7 @@ def forward_source(step: FactorStep, mode: str, dtype: str, interpret: bool, pre
             alpha=im.code(alpha),
             beta=im.code(beta),
             delta=im.code(delta),
-            gamma_range=gamma_loop(p.c),
-            x_feature=im.code(im.x_feature(step), mask="mask_r"),
-            v_offset=im.code(im.value_offset(step)),
+            loop=_fma_group_loop(step) if batch_last else _fma_gamma_loop(step),
             epilogue=FORWARD_EPILOGUE.format(
                 y_feature=im.code(im.y_feature(step, ROW), mask="mask_r"),
                 mask="mask_r",
@@ -523,6 +553,69 @@ def forward_source(step: FactorStep, mode: str, dtype: str, interpret: bool, pre
     else:
         raise ValueError(f"unknown kernel mode {mode!r} (expected 'dot', 'dot3', 'fma' or 'window')")
     return HEADER.format(step=step) + body
+
+
+def _fma_gamma_loop(step: FactorStep) -> str:
+    p = step.pattern
+    return FMA_GAMMA_LOOP.format(
+        gamma_range=gamma_loop(p.c),
+        rows=p.out_features,
+        x_feature=im.code(im.x_feature(step), mask="mask_r"),
+        v_offset=im.code(im.value_offset(step)),
+    )
+
+
+def _fma_group_loop(step: FactorStep) -> str:
+    """Batch-last ``fma``: groups of :func:`~ksfx.codegen.tiling.fma_gammas` γ. The group loop
+    is unrolled while it covers at most :data:`UNROLL_LIMIT` γ; then a padded γ (its value a
+    zero) is skipped at compile time, else its x load is masked off, at a clamped address
+    (an index table is read at ``γ < c`` only)."""
+    p = step.pattern
+    gammas, row_length = fma_gammas(p), fma_values_row(p)
+    unrolled = row_length <= UNROLL_LIMIT
+    group_range = f"tl.static_range(0, {row_length}, {gammas})" if unrolled else f"range(0, {row_length}, {gammas})"
+    products = []
+    for j in range(min(gammas, p.c)):
+        tail = p.c % gammas and j >= p.c % gammas  # padded in the last group
+        guard = f"        if g0 + {j} < {p.c}:\n" if tail and unrolled else ""
+        product = FMA_GROUP_PRODUCT.format(
+            guard=guard,
+            gamma=f"tl.minimum(g0 + {j}, {p.c - 1})" if tail and not unrolled else f"g0 + {j}",
+            valid=f" & (g0 + {j} < {p.c})" if tail and not unrolled else "",
+            x_feature=im.code(im.x_feature(step), mask="mask_r"),
+            rows=p.out_features,
+            j=j,
+        )
+        products.append(_indented(product) if guard else product)
+    return FMA_GROUP_LOOP.format(
+        group_range=group_range,
+        row_length=row_length,
+        gammas=gammas,
+        rows=p.out_features,
+        split=_split_lines("w_group", gammas),
+        products="".join(products),
+    )
+
+
+def _indented(block: str) -> str:
+    """A product block under its ``if`` guard (the guard line stays where it is)."""
+    guard, _, body = block.partition("\n")
+    return guard + "\n" + "".join("    " + line + "\n" for line in body.splitlines())
+
+
+def _split_lines(name: str, gammas: int) -> str:
+    """Split ``name[BLOCK_N, gammas]`` into ``w_0 ... w_{gammas-1}`` (gammas 1, 2 or 4) on chip."""
+    if gammas == 1:
+        return f"        w_0 = tl.reshape({name}, (BLOCK_N,))\n"
+    if gammas == 2:
+        return f"        w_0, w_1 = tl.split({name})\n"
+    if gammas == 4:  # [r, 2i + j] -> (j = 0: γ 0, 2; j = 1: γ 1, 3)
+        return (
+            f"        w_even, w_odd = tl.split(tl.reshape({name}, (BLOCK_N, 2, 2)))\n"
+            "        w_0, w_2 = tl.split(w_even)\n"
+            "        w_1, w_3 = tl.split(w_odd)\n"
+        )
+    raise ValueError(f"fma values groups of {gammas} γ: expected 1, 2 or 4")
 
 
 def _window_runs(step: FactorStep) -> str:

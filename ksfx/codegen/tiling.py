@@ -157,13 +157,17 @@ def values_order(pattern: KSPattern, batch_last: bool) -> tuple[int, int, int, i
     ``dot3`` reads ``(γ, δ)`` runs: the stored ``(a, b, c, d)`` order. ``dot`` with ``d > 1``
     reads a ``[γ, β]`` tile at one δ, strided by ``d`` in the stored order: β innermost
     instead. ``window`` reads, per γ, one value per output row ``(α, β, δ)``: γ outermost
-    makes that a run. Other kernels take the values as they are stored.
+    makes that a run. Batch-last ``fma`` reads :func:`fma_gammas` γ of each output row at
+    once: γ innermost (the stored order where ``d = 1``). Other kernels take the values as
+    they are stored.
     """
     mode = kernel_mode(pattern, batch_last)
     if mode == "dot" and pattern.d > 1:
         return (0, 3, 2, 1)
     if mode == "window":
         return (2, 0, 1, 3)
+    if mode == "fma" and batch_last:
+        return (0, 1, 3, 2)
     return (0, 1, 2, 3)
 
 
@@ -186,14 +190,40 @@ def dot_values_rows(pattern: KSPattern) -> int:
 def values_rows(pattern: KSPattern, batch_last: bool) -> tuple[int, int] | None:
     """``(dimension, padded length)`` of the innermost values dimension the forward kernel
     reads padded with zeros: :func:`dot_values_rows` to :func:`padded_row` (``dot``), δ to
-    :func:`delta_tile` (``dot3`` where :func:`delta_gathered`); None for the others."""
+    :func:`delta_tile` (``dot3`` where :func:`delta_gathered`), γ to :func:`fma_values_row`
+    (batch-last ``fma``); None for the others."""
     mode = kernel_mode(pattern, batch_last)
     if mode == "dot":
         dim = dot_values_rows(pattern)
         return dim, padded_row(pattern.as_tuple()[dim])
     if mode == "dot3" and delta_gathered(pattern):
         return 3, delta_tile(pattern)
+    if mode == "fma" and batch_last:
+        return 2, fma_values_row(pattern)
     return None
+
+
+#: Most γ whose values a batch-last ``fma`` program loads per output row at once (16 bytes in fp32).
+FMA_GAMMAS = 4
+
+
+def fma_gammas(pattern: KSPattern) -> int:
+    """γ per values load of the batch-last ``fma`` kernel: ``c`` up to :data:`FMA_GAMMAS`,
+    padded to a power of two. Where that is a whole row (``c <= 4``) the program's values are
+    one run, loaded flat (wide even for ``c = 1``).
+
+    Its x tile is ``[batch, rows]`` with the batch contiguous: a thread holds one batch run
+    of each of a few rows 8 apart, so values loaded one γ at a time are one 4- or 2-byte
+    element a row; compiled for sm_90 (triton 3.6) all 20 batch-last ``fma`` forward kernels
+    of the paper grid loaded half their global loads so.
+    """
+    return min(FMA_GAMMAS, next_pow2(pattern.c))
+
+
+def fma_values_row(pattern: KSPattern) -> int:
+    """Length of a batch-last ``fma`` values row: ``c`` padded to whole :func:`fma_gammas` groups."""
+    gammas = fma_gammas(pattern)
+    return cdiv(pattern.c, gammas) * gammas
 
 
 def values_copied(pattern: KSPattern, batch_last: bool) -> bool:

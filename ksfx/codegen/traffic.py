@@ -193,7 +193,8 @@ def bytes_moved(
         x_units = _units(x_feat, x_valid, itemsize, sector, batch_last)
         y_feat = _features(im.y_feature(step, ROW), step, {ROW: safe}).reshape(tiles_r, cfg.block_n)
         y_valid = valid.reshape(tiles_r, cfg.block_n)
-        per_program_values = p.c * y_valid.sum(dim=1)
+        # a row's values as laid out: batch-last rows padded to whole groups of γ
+        per_program_values = values_laid_out_size(p, batch_last) // p.out_features * y_valid.sum(dim=1)
         x_lookups = p.c * int(valid.sum())
     y_units = _units(y_feat, y_valid, itemsize, sector, batch_last)
     batch = _batch_bytes(n, cfg.block_m, itemsize, sector, batch_last)
