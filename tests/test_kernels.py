@@ -521,6 +521,11 @@ def test_traffic_model_hand_computed():
     p = KSPattern(3, 2, 5, 2)
     t = traffic.bytes_moved(FactorStep(p), 32, True, TileConfig(32, 16), 4)
     assert t.values == p.out_features * 8 * 4 and t.relayout == (p.nnz + p.out_features * 8) * 4
+    # Its row tiles enumerate β fastest: 16 rows of KS(1, 4, 2, 8) are 4 β x 4 δ, and the two
+    # tiles read disjoint x features (in output order each would read all 16: x twice).
+    p = KSPattern(1, 4, 2, 8)
+    t = traffic.bytes_moved(FactorStep(p), 32, True, TileConfig(32, 16), 4)
+    assert t.x == p.in_features * 32 * 4 and t.y == p.out_features * 32 * 4
 
 
 def test_traffic_model_from_device_memory_counts_re_reads_once_while_values_fit_in_l2(monkeypatch):

@@ -152,9 +152,14 @@ def group_digits(step: FactorStep, group: sympy.Symbol) -> tuple[sympy.Expr, sym
     return mixed_radix_digits(group, (step.pattern.a, step.pattern.d))
 
 
-def row_digits(step: FactorStep) -> tuple[sympy.Expr, sympy.Expr, sympy.Expr]:
-    """``(α, β, δ)`` of output row ``ROW``."""
-    return step.pattern.row_digits
+def row_digits(step: FactorStep, beta_inner: bool = False) -> tuple[sympy.Expr, sympy.Expr, sympy.Expr]:
+    """``(α, β, δ)`` of output row ``ROW``; with ``beta_inner``, of a kernel's flat row
+    ``ROW`` enumerating ``(α, δ, β)``, β fastest (:func:`~ksfx.codegen.tiling.fma_beta_inner`)."""
+    if not beta_inner:
+        return step.pattern.row_digits
+    p = step.pattern
+    alpha, delta, beta = mixed_radix_digits(ROW, (p.a, p.d, p.b))
+    return alpha, beta, delta
 
 
 def flat_value_digits(step: FactorStep) -> tuple[sympy.Expr, ...]:

@@ -34,6 +34,7 @@ from ksfx.codegen.tiling import (
     delta_tile,
     delta_tiles,
     dot_values_rows,
+    fma_beta_inner,
     fma_gammas,
     fma_values_row,
     padded_row,
@@ -533,7 +534,8 @@ def forward_source(
     elif mode == "dot3":
         body = _forward_dot3(step, dtype, interpret, precision)
     elif mode == "fma":
-        alpha, beta, delta = im.row_digits(step)
+        beta_inner = fma_beta_inner(p, batch_last)
+        alpha, beta, delta = im.row_digits(step, beta_inner)
         body = FORWARD_FMA.format(
             args=FORWARD_ARGS,
             step=step,
@@ -543,7 +545,7 @@ def forward_source(
             delta=im.code(delta),
             loop=_fma_group_loop(step) if batch_last else _fma_gamma_loop(step),
             epilogue=FORWARD_EPILOGUE.format(
-                y_feature=im.code(im.y_feature(step, ROW), mask="mask_r"),
+                y_feature=im.code(im.y_feature(step, None if beta_inner else ROW), mask="mask_r"),
                 mask="mask_r",
                 full=f"{p.out_features} % BLOCK_N == 0",
             ),

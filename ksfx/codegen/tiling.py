@@ -167,7 +167,7 @@ def values_order(pattern: KSPattern, batch_last: bool) -> tuple[int, int, int, i
     if mode == "window":
         return (2, 0, 1, 3)
     if mode == "fma" and batch_last:
-        return (0, 1, 3, 2)
+        return (0, 3, 1, 2) if fma_beta_inner(pattern, batch_last) else (0, 1, 3, 2)
     return (0, 1, 2, 3)
 
 
@@ -201,6 +201,19 @@ def values_rows(pattern: KSPattern, batch_last: bool) -> tuple[int, int] | None:
     if mode == "fma" and batch_last:
         return 2, fma_values_row(pattern)
     return None
+
+
+def fma_beta_inner(pattern: KSPattern, batch_last: bool) -> bool:
+    """Whether a batch-last ``fma`` program's flat rows enumerate ``(α, δ, β)``, β fastest
+    (its values laid out so, :func:`values_order`), rather than the output order ``(α, β, δ)``.
+
+    A tile of rows in output order holds one β of many δ where ``d`` is large: each of the
+    ``b`` programs of an ``(α, δ)`` range reads the same ``x`` features, ``b`` reads from L2
+    (the traffic model gave 9.81x ``|X| + |W| + |Y|`` for KS(1, 14, 28, 1024)). β fastest, a
+    tile covers every β of its δ and reads them once. Batch-last only: each row is then its
+    own contiguous batch run, in ``x`` and ``y``, whatever the order of the rows.
+    """
+    return batch_last and kernel_mode(pattern, batch_last) == "fma" and pattern.b > 1 and pattern.d > 1
 
 
 #: Most γ whose values a batch-last ``fma`` program loads per output row at once (16 bytes in fp32).

@@ -37,6 +37,7 @@ from ksfx.codegen.tiling import (
     TileConfig,
     cdiv,
     delta_tile,
+    fma_beta_inner,
     kernel_mode,
     next_pow2,
     uses_tensor_cores,
@@ -184,14 +185,19 @@ def bytes_moved(
         valid = rows < p.out_features
         safe = torch.where(valid, rows, 0)
         # A digit of radix 1 evaluates to a 0-dim constant: broadcast it over the rows.
-        alpha, beta, delta = (evaluate(e, {ROW: safe}).expand_as(safe) for e in im.row_digits(step))
+        beta_inner = fma_beta_inner(p, batch_last)
+        alpha, beta, delta = (evaluate(e, {ROW: safe}).expand_as(safe) for e in im.row_digits(step, beta_inner))
         gamma = torch.arange(p.c)[:, None]
         env = {ALPHA: alpha[None, :], BETA: beta[None, :], GAMMA: gamma, DELTA: delta[None, :]}
         x_feat = _features(im.x_feature(step), step, env).expand(p.c, -1)
         x_feat = x_feat.reshape(p.c, tiles_r, cfg.block_n).permute(1, 0, 2).reshape(tiles_r, -1)
         x_valid = valid.reshape(tiles_r, 1, cfg.block_n).expand(-1, p.c, -1).reshape(tiles_r, -1)
         x_units = _units(x_feat, x_valid, itemsize, sector, batch_last)
-        y_feat = _features(im.y_feature(step, ROW), step, {ROW: safe}).reshape(tiles_r, cfg.block_n)
+        if beta_inner:
+            y_feat = _features(im.y_feature(step), step, {ALPHA: alpha, BETA: beta, DELTA: delta})
+        else:
+            y_feat = _features(im.y_feature(step, ROW), step, {ROW: safe})
+        y_feat = y_feat.reshape(tiles_r, cfg.block_n)
         y_valid = valid.reshape(tiles_r, cfg.block_n)
         # a row's values as laid out: batch-last rows padded to whole groups of γ
         per_program_values = values_laid_out_size(p, batch_last) // p.out_features * y_valid.sum(dim=1)
