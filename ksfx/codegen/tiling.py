@@ -459,17 +459,18 @@ def grad_heuristic(pattern: KSPattern, n: int, itemsize: int, batch_last: bool, 
         # Each δ's accumulator is [β, γ]: 64 β rows make one wgmma tile (fewer fall back to
         # mma.sync), so the γ tile gives way first; a deep δ tile takes a shorter batch step.
         # 16-bit: a masked 64-row β tile rather than a dividing one of 16 or 32 rows (at most
-        # half its rows idle, for b >= 32), as the mask leaves the (β, δ) runs wide. A weight
-        # gradient is memory-bound (KS(1, 32, 32, 32): 16 FLOPs a byte): the idle rows cost
-        # no time, and on mma.sync with 32 rows it spilled 317 instructions (triton 3.6).
+        # 3/4 of its rows idle, for b >= 16), as the mask leaves the (β, δ) runs wide. A weight
+        # gradient is memory-bound (b·c / (b + c) FLOPs a byte, under 32 for b < 32: four
+        # times that stays under an H100's ridge of about 260): the idle rows cost no time,
+        # and on mma.sync with 32 rows it spilled 317 instructions (triton 3.6).
         block_n = _dividing_pow2(pattern.b, 64)
-        if itemsize <= 2 and pattern.b >= WGMMA_ROWS // 2:
+        if itemsize <= 2 and pattern.b >= WGMMA_ROWS // 4:
             block_n = max(block_n, WGMMA_ROWS)
         block_k = max(MIN_DOT, min(_dividing_pow2(pattern.c, 64), budget // block_n))
         if itemsize <= 2 and block_n < WGMMA_ROWS:
             # mma.sync holds every δ's operands in registers: KS(1, 32, 32, d >= 8) bf16 on 32-row
             # β tiles at 32 γ spilled 297-323 instructions, 97-108 in the loop (triton 3.6 and
-            # 3.9); at 16, none. Kept for b < 32 (KS(1, 16, 32, 896)).
+            # 3.9); at 16, none. Kept for b < 16.
             block_k = MIN_DOT
         block_m = 32 if itemsize > 2 or pattern.d % width or width > 2 else 64
         warps = 8 if width * block_n * block_k >= 8192 else 4
@@ -485,7 +486,7 @@ def grad_heuristic(pattern: KSPattern, n: int, itemsize: int, batch_last: bool, 
         cfg = TileConfig(block_m, block_n, block_k, num_warps=warps, num_stages=3)
     elif mode == "dot":
         block_n = clamp_pow2(pattern.b, MIN_DOT, 64)
-        if itemsize <= 2 and pattern.b >= WGMMA_ROWS // 2:
+        if itemsize <= 2 and pattern.b >= WGMMA_ROWS // 4:
             block_n = WGMMA_ROWS  # as dot3: a masked wgmma tile (KS(32, 32, 32, 1) bf16 ran on mma.sync)
         cfg = TileConfig(
             block_m=32 if itemsize > 2 else 64,
