@@ -22,7 +22,10 @@ under ``benchmarks/results/``:
    (the ``triton_op``, the default), from Python (the ``custom_op``), with the GELU fused
    into the chain's store, and under CUDA graphs against Inductor's own, in a two-block
    ViT-S/16 at about 25k tokens, bf16, every output checked against eager;
-6. the summary, printed last and saved as ``gpu_suite_<device>_<date>.json``: per dtype
+6. ``tiles``: the generated kernel on the heuristic's tile and on the 3 least-traffic
+   other tiles of its autotuning space, a few patterns, fp32 and bf16, both layouts (the
+   data to check the no-tuning heuristic against);
+7. the summary, printed last and saved as ``gpu_suite_<device>_<date>.json``: per dtype
    and layout the median speedup over the best baseline and the median fraction of the
    roofline ``max(|X|+|W|+|Y| / copy bandwidth, FLOPs / rate of the unit)`` reached (the
    bandwidth measured in the run, the rates from :mod:`ksfx.codegen.devices`); per kernel
@@ -80,12 +83,13 @@ def steps(args, tag: str, date: str) -> list[dict]:
     chains_out = args.out_dir / f"gpu_suite_chains_{tag}_{date}.json"
     models_out = args.out_dir / f"gpu_suite_models_{tag}_{date}.json"
     launch_out = args.out_dir / f"gpu_suite_launch_{tag}_{date}.json"
+    tiles_out = args.out_dir / f"gpu_suite_tiles_{tag}_{date}.json"
     py = [sys.executable]
     if args.dry_run:
         return [
-            {"name": "tests", "share": 0.25, "argv": [*py, "-m", "pytest", "-q", "-x", "tests/test_kernels.py", "-k",
+            {"name": "tests", "share": 0.2, "argv": [*py, "-m", "pytest", "-q", "-x", "tests/test_kernels.py", "-k",
              "test_forward_matches_dense and interpret and float32 and bfirst"]},
-            {"name": "patterns", "share": 0.25, "out": patterns_out, "argv": [
+            {"name": "patterns", "share": 0.2, "out": patterns_out, "argv": [
                 *py, "-m", "benchmarks.patterns", "--device", "cpu", "--quick", "--limit", "2", "--batch", "16",
                 "--dtype", "fp32,bf16", "--baselines", "bmm,einsum,dense", "--rounds", "1", "--cpu-min-time", "0.002",
                 "--out", str(patterns_out)]},
@@ -99,12 +103,16 @@ def steps(args, tag: str, date: str) -> list[dict]:
                 *py, "-m", "benchmarks.models", "--device", "cpu", "--quick", "--model", "gpt2", "--batch", "1",
                 "--contenders", "eager,ksfx_cudagraphs", "--rounds", "1", "--cpu-min-time", "0.01",
                 "--out", str(launch_out)]},
+            {"name": "tiles", "share": 0.1, "out": tiles_out, "argv": [
+                *py, "-m", "benchmarks.patterns", "--device", "cpu", "--quick", "--limit", "1", "--batch", "16",
+                "--dtype", "fp32", "--layout", "batch-last", "--baselines", "bmm", "--tiles", "1", "--rounds", "1",
+                "--cpu-min-time", "0.002", "--no-plot", "--out", str(tiles_out)]},
         ]  # fmt: skip
     return [
         {"name": "tests", "share": 0.1, "argv": [*py, "-m", "pytest", "-q", "tests/test_kernels.py",
          "tests/test_static_check.py", "tests/test_ks_matmul.py", "tests/test_triton_op.py", "-k", "cuda or static"]},
         # The generated kernels on every case (KSFX_DISPATCH=triton): the data a dispatch policy is derived from.
-        {"name": "patterns", "share": 0.4, "out": patterns_out, "env": {"KSFX_DISPATCH": "triton"}, "argv": [
+        {"name": "patterns", "share": 0.3, "out": patterns_out, "env": {"KSFX_DISPATCH": "triton"}, "argv": [
             *py, "-m", "benchmarks.patterns", "--limit", str(args.patterns), "--dtype", "fp32,bf16",
             "--batch", "25088", "--layout", "batch-first,batch-last", "--out", str(patterns_out)]},
         # Whole chains: fused segments against per-factor launches, bmm and dense (issue: one kernel per chain).
@@ -120,6 +128,10 @@ def steps(args, tag: str, date: str) -> list[dict]:
             *py, "-m", "benchmarks.models", "--quick", "--model", "vit", "--batch", "1472", "--dtype", "bf16",
             "--contenders", "inductor,ksfx,ksfx_op,ksfx_epilogue,inductor_cudagraphs,ksfx_cudagraphs",
             "--out", str(launch_out)]},
+        # The heuristic's tile against the least-traffic others of the autotuning space.
+        {"name": "tiles", "share": 0.1, "out": tiles_out, "env": {"KSFX_DISPATCH": "triton"}, "argv": [
+            *py, "-m", "benchmarks.patterns", "--limit", "6", "--dtype", "bf16,fp32", "--batch", "25088",
+            "--layout", "batch-first,batch-last", "--baselines", "bmm", "--tiles", "3", "--out", str(tiles_out)]},
     ]  # fmt: skip
 
 
@@ -271,6 +283,21 @@ def summarise_chains(path: Path) -> list[dict]:
     return [{k: case.get(k) for k in keep} for case in json.loads(path.read_text())["cases"]]
 
 
+def summarise_tiles(path: Path) -> dict:
+    """The heuristic's tile against the fastest other tile timed: per case the gain
+    (heuristic time over the best one), the best tile's config, and the median gain."""
+    if not path.exists():
+        return {}
+    rows = []
+    for case in json.loads(path.read_text())["cases"]:
+        if "tile_gain" not in case:
+            continue
+        rows.append({"key": case["key"], "gain": case["tile_gain"], "best": case["best_tile"],
+                     "best_tile": case["tiles"].get(case["best_tile"]), "heuristic": case["tiles"]["ksfx"],
+                     "wrong_tiles": case.get("wrong_tiles", [])})  # fmt: skip
+    return {"file": str(path), "median_gain": _median([r["gain"] for r in rows]), "cases": rows}
+
+
 def table(summary: dict) -> str:
     lines = [f"device {summary['environment']['device']}, torch {summary['environment']['torch']}, "
              f"triton {summary['environment']['triton']}, fp32 {summary['environment']['fp32_precision']}, "
@@ -298,6 +325,14 @@ def table(summary: dict) -> str:
         line = f"chain {row['key']}: fused vs {speed or '-'}"
         line += "" if roof is None else f", {100 * roof:.0f}% of roofline"
         lines.append(line + (f"; failed {row['failed']}" if row["failed"] else ""))
+    tiles = summary.get("tiles") or {}
+    if tiles.get("cases"):
+        lines.append(f"tiles: heuristic over the fastest tile timed, median {tiles['median_gain']:.2f}x "
+                     f"over {len(tiles['cases'])} cases")  # fmt: skip
+        for row in tiles["cases"]:
+            if row["gain"] > 1.1 or row["wrong_tiles"]:
+                lines.append(f"  {row['key']}: {row['gain']:.2f}x with {row['best_tile']}"
+                             + (f"; wrong: {row['wrong_tiles']}" if row["wrong_tiles"] else ""))  # fmt: skip
     for kind in ("models", "launch"):
         for row in summary.get(kind, []):
             vs = row.get("ksfx_vs_inductor_latency")
@@ -343,6 +378,7 @@ def main(argv=None) -> int:
     state["chains"] = summarise_chains(next(s["out"] for s in plan if s["name"] == "chains"))
     state["models"] = summarise_models(next(s["out"] for s in plan if s["name"] == "models"))
     state["launch"] = summarise_models(next(s["out"] for s in plan if s["name"] == "launch"))
+    state["tiles"] = summarise_tiles(next(s["out"] for s in plan if s["name"] == "tiles"))
     state_path.write_text(json.dumps(state, indent=1) + "\n")
     print(table(state))
     print(state_path)

@@ -8,7 +8,10 @@ layout and batch size, one factor ``y = x @ K.T`` (batch-first, ``x: (n, a*c*d)`
 - ``bmm``: the reshape/transpose/bmm formulation (Monarch/ksmm style), eager;
 - ``einsum``: ``torch.einsum`` on the ``(a, b, c, d)`` values, eager;
 - ``dense``: a matmul with the materialised ``(a*b*d, a*c*d)`` matrix;
-- ``bmm_inductor``: the bmm formulation compiled by ``torch.compile`` (Inductor defaults).
+- ``bmm_inductor``: the bmm formulation compiled by ``torch.compile`` (Inductor defaults);
+- with ``--tiles K``, ``ksfx_tile1`` .. ``ksfx_tileK``: the generated kernel on the K
+  least-traffic other tiles of its autotuning space, next to the heuristic's (``ksfx``
+  with ``KSFX_DISPATCH=triton``): the data to check the no-tuning heuristic against.
 
 Every contender's output is checked against the bmm formulation run in fp32. Speedups
 are ``time(contender) / time(ksfx)``; the headline is ksfx against the *best* baseline of
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import math
 import sys
 import zlib
@@ -113,6 +117,25 @@ def analytic_bytes(pattern: Pattern, batch: int, itemsize: int, batch_last: bool
     return traffic.bytes_moved(FactorStep(kp), batch, batch_last, cfg, itemsize, sector=32).total
 
 
+def tile_contenders(pattern: Pattern, x: torch.Tensor, values: torch.Tensor, batch_last: bool, count: int):
+    """The generated kernel on the ``count`` least-traffic tiles of its forward config space
+    other than the heuristic's (the space's first), and every config by contender name."""
+    from ksfx.codegen.tuning import forward_config_space
+    from ksfx.ops import triton_path
+
+    step = FactorStep(ksfx.KSPattern(*pattern))
+    n = x.shape[1] if batch_last else x.shape[0]
+    sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 4
+    space = forward_config_space(step, n, x.element_size(), batch_last, sms)
+    tiles = {"ksfx": space[0], **{f"ksfx_tile{i}": cfg for i, cfg in enumerate(space[1 : count + 1], 1)}}
+    fns = {
+        name: (lambda cfg=cfg: triton_path.factor_forward(x, values, step, batch_last, tile=cfg))
+        for name, cfg in tiles.items()
+        if name != "ksfx"
+    }
+    return fns, {name: dataclasses.asdict(cfg) for name, cfg in tiles.items()}
+
+
 def fits(pattern: Pattern, batch: int, itemsize: int, device: torch.device, dense_limit: int) -> tuple[bool, bool]:
     """Whether the case (and separately its dense matrix) fits in memory."""
     fin, fout = features(pattern)
@@ -184,6 +207,9 @@ def run_case(pattern: Pattern, dtype_name: str, layout: str, batch: int, device:
         contenders["bmm_inductor"] = lambda: compiled(x, w_bmm)
     for name in [n for n in contenders if n != "ksfx" and n not in args.baselines]:
         del contenders[name]
+    if args.tiles:
+        tiled, case["tiles"] = tile_contenders(pattern, x, values, batch_last, args.tiles)
+        contenders.update(tiled)
 
     working = {}
     for name, fn in contenders.items():
@@ -209,10 +235,17 @@ def summarise(case: dict, dtype_name: str, copy_bandwidth: float | None) -> None
     """Correctness, best baseline, speedups and bandwidth fraction of a measured case."""
     times = case["times"]
     case["correct"] = case["errors"].get("ksfx", math.inf) <= common.TOLERANCE[dtype_name]
-    baselines = {n: t for n, t in times.items() if n != "ksfx"}
+    wrong_tiles = [n for n, e in case["errors"].items() if n.startswith("ksfx_") and e > common.TOLERANCE[dtype_name]]
+    if wrong_tiles:
+        case["wrong_tiles"] = wrong_tiles
+    baselines = {n: t for n, t in times.items() if not n.startswith("ksfx")}
     if "ksfx" not in times or not baselines:
         return
     t = times["ksfx"]
+    tiled = {n: bt for n, bt in times.items() if n.startswith("ksfx")}
+    if len(tiled) > 1:  # the heuristic's tile against the fastest of the others timed
+        case["best_tile"] = min(tiled, key=tiled.get)
+        case["tile_gain"] = t / tiled[case["best_tile"]]
     case["best_baseline"] = min(baselines, key=baselines.get)
     case["speedup"] = baselines[case["best_baseline"]] / t
     case["speedups"] = {n: bt / t for n, bt in baselines.items()}
@@ -240,6 +273,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--batch", default=None, help=f"comma list of batch sizes (default {PAPER_BATCH},4096,128)")
     p.add_argument("--baselines", default=",".join(BASELINES), help="comma list of " + ",".join(BASELINES))
     p.add_argument("--dense-limit-gb", type=float, default=2.0, help="skip the dense baseline above this size")
+    p.add_argument("--tiles", type=int, default=0, help="also time the kernel on K other tiles of its config space")
     common.add_run_options(p, "patterns", rep_ms=40.0, cpu_min_time=0.1)
     return p.parse_args(argv)
 

@@ -156,7 +156,7 @@ def test_gpu_suite_dry_run(tmp_path):
     assert gpu_suite.main(["--dry-run", "--budget", "400", "--out-dir", str(tmp_path)]) == 0
     (state_path,) = tmp_path.glob("gpu_suite_cpu-dry-run_*.json")
     state = json.loads(state_path.read_text())
-    assert set(state["steps"]) == {"tests", "patterns", "chains", "models", "launch"}
+    assert set(state["steps"]) == {"tests", "patterns", "chains", "models", "launch", "tiles"}
     assert all(step["returncode"] == 0 for step in state["steps"].values())
     groups = state["patterns"]["groups"]
     assert set(groups) == {f"{dt} {lay}" for dt in ("fp32", "bf16") for lay in ("batch-first", "batch-last")}
@@ -173,6 +173,8 @@ def test_gpu_suite_dry_run(tmp_path):
     assert [row["key"].split("|")[0] for row in state["models"]] == ["gpt2"]
     (launch,) = state["launch"]  # torch.compile(backend="ksfx", mode="reduce-overhead"), checked against eager
     assert set(launch["ms"]) == {"eager", "ksfx_cudagraphs"} and not launch["wrong"] and not launch["unavailable"]
+    (tiled,) = state["tiles"]["cases"]  # the heuristic's tile and one other, both checked against bmm
+    assert set(tiled["best_tile"]) >= {"block_m", "block_n"} and tiled["gain"] > 0 and not tiled["wrong_tiles"]
     chains = {row["key"].rsplit("|", 1)[0] for row in state["chains"]}
     assert chains == {f"{c}|{dt}|{lay}" for c in ("butterfly-16", "dot-pair") for dt in ("fp32", "bf16")
                       for lay in ("batch-first", "batch-last")}  # fmt: skip
