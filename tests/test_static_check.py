@@ -2,7 +2,7 @@
 
 A kernel change that breaks coalescing or spills fails here without a GPU. The fixed set
 is the paper's ViT-S/16 chains (d = 1, 2 and 3), a Monarch pair, butterfly factors and
-small blocks with d = 1, forward in both
+small blocks with d = 1 and 1024, forward in both
 layouts and dtypes, and the backward of the MLP-up chain. What the bar is, and the cases
 below it, are in :func:`ksfx.ops.static_check.passes` and ``docs/kernels.md``.
 """
@@ -32,6 +32,7 @@ CHAINS = {
     "butterfly": [(256, 2, 2, 32)],
     "butterfly-d1": [(512, 2, 2, 1)],
     "small-blocks-d1": [(1024, 28, 4, 1)],  # of the paper grid: b = 28 a run of no power of two
+    "small-blocks-large-d": [(1, 14, 28, 1024)],  # of the paper grid: batch-last, values 4 γ a load
 }
 
 
