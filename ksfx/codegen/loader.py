@@ -36,14 +36,13 @@ class KernelKey:
     capability: tuple[int, int] | None
 
     def source(self) -> str:
-        make = {"forward": forward_source, "grad": grad_source}.get(self.kind)
-        if make is None:
-            raise ValueError(f"unknown kernel kind {self.kind!r} (expected 'forward' or 'grad')")
         if self.kind == "forward":
             return forward_source(
                 self.step, self.mode, self.dtype, self.interpret, self.precision, batch_last=self.batch_last
             )
-        return make(self.step, self.mode, self.dtype, self.interpret, self.precision)
+        if self.kind == "grad":
+            return grad_source(self.step, self.mode, self.dtype, self.interpret, self.precision)
+        raise ValueError(f"unknown kernel kind {self.kind!r} (expected 'forward' or 'grad')")
 
     @property
     def function_name(self) -> str:

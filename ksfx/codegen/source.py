@@ -576,6 +576,7 @@ def _fma_group_loop(step: FactorStep) -> str:
     gammas, row_length = fma_gammas(p), fma_values_row(p)
     unrolled = row_length <= UNROLL_LIMIT
     group_range = f"tl.static_range(0, {row_length}, {gammas})" if unrolled else f"range(0, {row_length}, {gammas})"
+    x_feature = im.code(im.x_feature(step), mask="mask_r")
     products = []
     for j in range(min(gammas, p.c)):
         tail = p.c % gammas and j >= p.c % gammas  # padded in the last group
@@ -584,7 +585,7 @@ def _fma_group_loop(step: FactorStep) -> str:
             guard=guard,
             gamma=f"tl.minimum(g0 + {j}, {p.c - 1})" if tail and not unrolled else f"g0 + {j}",
             valid=f" & (g0 + {j} < {p.c})" if tail and not unrolled else "",
-            x_feature=im.code(im.x_feature(step), mask="mask_r"),
+            x_feature=x_feature,
             rows=p.out_features,
             j=j,
         )

@@ -222,8 +222,8 @@ FMA_GAMMAS = 4
 
 def fma_gammas(pattern: KSPattern) -> int:
     """γ per values load of the batch-last ``fma`` kernel: ``c`` up to :data:`FMA_GAMMAS`,
-    padded to a power of two. Where that is a whole row (``c <= 4``) the program's values are
-    one run, loaded flat (wide even for ``c = 1``).
+    padded to a power of two. Rows whose values are under 8 bytes (``c = 1``, or ``c = 2`` in
+    16-bit) still load narrow: a thread's rows are 8 apart (``docs/kernels.md``).
 
     Its x tile is ``[batch, rows]`` with the batch contiguous: a thread holds one batch run
     of each of a few rows 8 apart, so values loaded one γ at a time are one 4- or 2-byte

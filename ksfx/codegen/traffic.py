@@ -193,10 +193,8 @@ def bytes_moved(
         x_feat = x_feat.reshape(p.c, tiles_r, cfg.block_n).permute(1, 0, 2).reshape(tiles_r, -1)
         x_valid = valid.reshape(tiles_r, 1, cfg.block_n).expand(-1, p.c, -1).reshape(tiles_r, -1)
         x_units = _units(x_feat, x_valid, itemsize, sector, batch_last)
-        if beta_inner:
-            y_feat = _features(im.y_feature(step), step, {ALPHA: alpha, BETA: beta, DELTA: delta})
-        else:
-            y_feat = _features(im.y_feature(step, ROW), step, {ROW: safe})
+        # the output row from its digits: the kernel's row itself unless β is its fastest digit
+        y_feat = _features(im.y_feature(step), step, {ALPHA: alpha, BETA: beta, DELTA: delta})
         y_feat = y_feat.reshape(tiles_r, cfg.block_n)
         y_valid = valid.reshape(tiles_r, cfg.block_n)
         # a row's values as laid out: batch-last rows padded to whole groups of γ
