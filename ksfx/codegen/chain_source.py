@@ -344,7 +344,11 @@ _LOCAL = re.compile(
 
 
 def _scoped(code: str, k: int) -> str:
-    return _LOCAL.sub(lambda m: f"{m.group(1)}_{k}", code)
+    """``code`` with its local names suffixed by ``_k``; comment lines are left as written."""
+    lines = code.splitlines(keepends=True)
+    return "".join(
+        line if line.lstrip().startswith("#") else _LOCAL.sub(lambda m: f"{m.group(1)}_{k}", line) for line in lines
+    )
 
 
 def _fma_epilogue(step: FactorStep) -> str:
