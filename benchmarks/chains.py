@@ -76,8 +76,10 @@ def parse_args(argv):
     return p.parse_args(argv)
 
 
-def model_bytes(patterns, dtype: torch.dtype, batch_last: bool, n: int) -> dict:
-    """Traffic-model bytes of the fused segments and of the per-factor kernels, and ``|X|+|W|+|Y|``."""
+def model_bytes(patterns, dtype: torch.dtype, batch_last: bool, n: int, ceil=None) -> dict:
+    """Traffic-model bytes of the fused segments and of the per-factor kernels, and ``|X|+|W|+|Y|``;
+    ``ceil``: the :class:`~ksfx.codegen.fusion.Ceilings` the op cuts the chain with on a GPU
+    (``None``: the interpreter's cut)."""
     from ksfx.codegen import traffic
     from ksfx.codegen.fusion import fused_tile, on_chip_steps, segments
     from ksfx.codegen.tiling import forward_heuristic
@@ -92,7 +94,8 @@ def model_bytes(patterns, dtype: torch.dtype, batch_last: bool, n: int) -> dict:
         return traffic.bytes_moved(step, n, batch_last, tile, itemsize, sector=32)
 
     fused = []
-    for segment in segments(plan, batch_last):
+    cut = segments(plan, batch_last, ceil=ceil)
+    for segment in cut:
         steps = on_chip_steps(plan[segment.start : segment.stop])
         if segment.fused:
             tile = fused_tile(steps, n, batch_last, str(dtype).removeprefix("torch."), dot_precision(dtype))
@@ -107,7 +110,7 @@ def model_bytes(patterns, dtype: torch.dtype, batch_last: bool, n: int) -> dict:
         "per_factor_bytes": sum(t.total for t in factors),
         "per_factor_dram_bytes": sum(t.dram for t in factors),
         "min_bytes": least,
-        "segments": [[s.start, s.stop, s.fused] for s in segments(plan, batch_last)],
+        "segments": [[s.start, s.stop, s.fused] for s in cut],
     }
 
 
@@ -137,6 +140,9 @@ def contenders(x, factors, dense, batch_last: bool) -> dict:
 
 
 def run_case(name, patterns, dtype_name, layout, args, device, bandwidth) -> dict:
+    from ksfx.codegen import devices
+    from ksfx.codegen.fusion import ceilings
+    from ksfx.ops.triton_path import dot_precision
     from ksfx.pattern import Chain, KSPattern
 
     dtype, batch_last = DTYPES[dtype_name], layout == "batch-last"
@@ -154,7 +160,11 @@ def run_case(name, patterns, dtype_name, layout, args, device, bandwidth) -> dic
     fns = contenders(x, factors, dense64.to(device, dtype), batch_last)
     case = {"key": f"{name}|{dtype_name}|{layout}|{n}", "chain": name, "patterns": [list(p) for p in patterns],
             "dtype": dtype_name, "layout": layout, "batch": n, "errors": {}, "failed": {}}  # fmt: skip
-    case.update(model_bytes(patterns, dtype, batch_last, n))
+    ceil = None
+    if x.is_cuda:
+        gpu = devices.named(torch.cuda.get_device_name(x.device))
+        ceil = ceilings(gpu, str(dtype).removeprefix("torch."), dot_precision(dtype))
+    case.update(model_bytes(patterns, dtype, batch_last, n, ceil))
     working = {}
     for label, fn in fns.items():
         try:

@@ -18,8 +18,9 @@ class Config:
     #: Which implementation runs a factor step on CUDA: "auto" (the measured policy of
     #: ksfx.ops.dispatch), "triton" (always the generated kernels) or "torch" (cuBLAS bmm).
     dispatch: str = os.environ.get("KSFX_DISPATCH", "auto")
-    #: Fuse runs of small-block factors into one launch (ksfx.codegen.fusion): "auto" (under
-    #: the interpreter; on CUDA once timed there, see ksfx.ops.dispatch), "always" or "never".
+    #: Fuse runs of factors into one launch (ksfx.codegen.fusion): "auto" (under the
+    #: interpreter; on CUDA once timed there, see ksfx.ops.dispatch), "always" (on CUDA where
+    #: the roofline says fusing pays) or "never".
     fuse: str = os.environ.get("KSFX_FUSE", "auto")
     #: Where generated kernel sources are written (``triton.jit`` needs real files).
     cache_dir: str = os.environ.get(

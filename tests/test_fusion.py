@@ -11,7 +11,8 @@ from torch import nn
 import ksfx
 from ksfx.backend import KsfxCompiler
 from ksfx.codegen.chain_source import chain_forward_source
-from ksfx.codegen.fusion import MAX_WIDTH, Segment, on_chip_steps, segments
+from ksfx.codegen.devices import DEVICES
+from ksfx.codegen.fusion import MAX_WIDTH, MIN_GAIN, Segment, ceilings, on_chip_steps, roofline_gain, segments
 from ksfx.config import config
 from ksfx.ops import triton_path
 from ksfx.pattern import Chain, DigitPerm, FactorStep, IndexPerm, KSPattern, split_chain
@@ -58,6 +59,29 @@ def test_the_planner_counts_the_input_a_strided_first_factor_reads_whole():
     plan = plan_of([(64, 16, 16, 1), (1, 16, 32, 64)])  # 2048 -> 1024 -> 1024
     assert segments(plan, batch_last=True) == [Segment(0, 2, True)]  # reads γ tiles from memory
     assert not segments(plan, batch_last=False)[0].fused
+
+
+def test_on_a_gpu_a_run_fuses_only_where_the_roofline_says_fusing_pays():
+    h100 = DEVICES["H100"]
+    fp32 = ceilings(h100, "float32", "ieee")
+    # ten 2x2 factors each move 1024 features in and out; fused, the chain moves them once
+    assert roofline_gain(tuple(plan_of(butterfly(1024))), False, fp32) == pytest.approx(10.0)
+    assert segments(plan_of(butterfly(1024)), False, ceil=fp32) == [Segment(0, 10, True)]
+    # ViT-S/16 MLP-up, 384 -> 384 -> 1536 features: under IEEE its FLOPs on FMA outlast its bytes
+    up = plan_of([(1, 768, 192, 2), (6, 64, 64, 1)])
+    flops = 2 * 6 * 64 * 64, 2 * 768 * 192 * 2  # per batch row
+    bandwidth, ffma = h100.bandwidth, h100.rates["ffma"].flops
+    alone = max(768 * 4 / bandwidth, flops[0] / ffma) + max(1920 * 4 / bandwidth, flops[1] / ffma)
+    fused = max(1920 * 4 / bandwidth, sum(flops) / ffma)
+    assert roofline_gain(tuple(up), True, fp32) == pytest.approx(alone / fused) == pytest.approx(1.03, abs=0.005)
+    cut = segments(up, True, ceil=fp32)
+    assert [(s.start, s.stop, s.fused) for s in cut] == [(0, 1, False), (1, 2, False)]
+    assert cut[0].why == f"fusing steps 1-2 gains 1.03x by the roofline on H100, under {MIN_GAIN}x"
+    # on tensor cores (TF32, bf16) its bytes bound it, and the intermediate is a fifth of them
+    for dtype, precision in (("float32", "tf32"), ("bfloat16", "-")):
+        assert roofline_gain(tuple(up), True, ceilings(h100, dtype, precision)) == pytest.approx(1.4)
+        assert segments(up, True, ceil=ceilings(h100, dtype, precision)) == [Segment(0, 2, True)]
+    assert segments(up, True) == [Segment(0, 2, True)]  # the interpreter fuses wherever a run fits
 
 
 def test_permutations_move_to_the_next_loads_without_changing_the_product():

@@ -46,6 +46,12 @@ DEVICES = {
 }
 
 
+def named(gpu: str) -> Device:
+    """The ceilings to plan with on the GPU ``torch.cuda.get_device_name`` calls ``gpu``:
+    H200's where the name says H200, else H100's (the part the kernels are checked for)."""
+    return DEVICES["H200"] if "H200" in gpu.upper() else DEVICES["H100"]
+
+
 #: Most shared memory one block may use (bytes, opted in), by compute capability: the CUDA C++
 #: Programming Guide's technical specifications per compute capability. A kernel over it
 #: fails to launch (Triton's ``OutOfResources``), though it compiles.

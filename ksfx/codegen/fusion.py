@@ -18,7 +18,8 @@ Two kinds of factor join a segment (:func:`~ksfx.codegen.tiling.kernel_mode`):
 A segment ends where the vectors it holds per batch row no longer fit the register tile
 (:data:`TILE_ELEMENTS` with at least :data:`MIN_ROWS` rows, or :data:`MAX_WIDTH` for
 small blocks), or where a factor must keep the non-finite behaviour of a dense product
-(that needs its input in memory).
+(that needs its input in memory). On a GPU a segment also fuses only where the roofline
+says fusing pays (:func:`roofline_gain`, :data:`MIN_GAIN`).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 
+from ksfx.codegen.devices import Device
 from ksfx.codegen.tiling import MIN_DOT, cdiv, clamp_pow2, next_pow2, uses_tensor_cores
 from ksfx.pattern import FactorStep, KSPattern
 from ksfx.pattern.perm import compose
@@ -42,6 +44,11 @@ FUSED_WARPS = 8
 FMA_DOT_WARPS = 16
 #: Bytes a thread loads at once to load wide (8 or 16 bytes).
 WIDE_BYTES = 8
+#: Least roofline speed-up of fusing a run (over its steps one launch each) for it to fuse
+#: on a GPU. A fused segment runs on smaller batch tiles than the per-factor kernels (its
+#: values re-read per tile, its registers shared by every factor), which the roofline does
+#: not count: 10% is an assumption until a GPU run times both.
+MIN_GAIN = 1.1
 
 
 @dataclass(frozen=True)
@@ -173,16 +180,57 @@ def _overflow(steps: tuple[FactorStep, ...], batch_last: bool) -> str:
     return ""
 
 
-def segments(steps: list[FactorStep], batch_last: bool, dense: list[bool] | None = None) -> list[Segment]:
+@dataclass(frozen=True)
+class Ceilings:
+    """What :func:`roofline_gain` weighs a run with: a GPU's ceilings for one dtype and precision."""
+
+    device: str
+    bandwidth: float  # bytes/s
+    ffma: float  # FLOP/s of small-block factors (fp32 FMA)
+    dots: float  # FLOP/s of tensor-core factors' tl.dot
+    itemsize: int
+
+
+def ceilings(device: Device, dtype: str, precision: str) -> Ceilings:
+    """``device``'s ceilings for ``dtype`` (``float32`` / ``float16`` / ``bfloat16``) under
+    the kernel key's ``precision``: fp32 dots run on FMA under ``ieee`` (the sm_90 census
+    shows FFMA and no HGMMA), on wgmma under ``tf32``; 16-bit dots on wgmma."""
+    unit = "wgmma16" if dtype != "float32" else ("ffma" if precision == "ieee" else "wgmma_tf32")
+    itemsize = 4 if dtype == "float32" else 2
+    return Ceilings(device.name, device.bandwidth, device.rates["ffma"].flops, device.rates[unit].flops, itemsize)
+
+
+def roofline_gain(steps: tuple[FactorStep, ...], batch_last: bool, ceil: Ceilings) -> float:
+    """The roofline time of ``steps`` one launch each over that of one fused launch, per batch
+    row (a large batch: the values are left out). Each launch takes the longer of its bytes
+    (input and output features) over the bandwidth and its FLOPs over its unit's rate; fused,
+    the intermediates move no bytes and the FLOPs stay. Compute-bound runs gain little
+    (the ViT-S/16 MLP chains in fp32 under IEEE: 1.00-1.03x on H100), memory-bound ones
+    up to the number of steps (a 10-factor butterfly: 10x)."""
+    compute = [2 * s.pattern.nnz / (ceil.dots if is_dot(s, batch_last) else ceil.ffma) for s in steps]
+    moved = [(s.pattern.in_features + s.pattern.out_features) * ceil.itemsize / ceil.bandwidth for s in steps]
+    alone = sum(max(m, c) for m, c in zip(moved, compute, strict=True))
+    first, last = steps[0].pattern, steps[-1].pattern
+    fused = max((first.in_features + last.out_features) * ceil.itemsize / ceil.bandwidth, sum(compute))
+    return alone / fused
+
+
+def segments(
+    steps: list[FactorStep], batch_last: bool, dense: list[bool] | None = None, ceil: Ceilings | None = None
+) -> list[Segment]:
     """The plan cut into maximal fused runs of at least two steps, and single steps between them.
 
     ``dense[k]``: step ``k`` stands for a dense product (its own launch, see the op).
+    ``ceil``: on a GPU, a run fuses only where :func:`roofline_gain` reaches :data:`MIN_GAIN`
+    (``None``: wherever it fits, as under the interpreter, which exists to test the kernels).
     """
-    return list(_segments(tuple(steps), batch_last, tuple(dense or [False] * len(steps))))
+    return list(_segments(tuple(steps), batch_last, tuple(dense or [False] * len(steps)), ceil))
 
 
 @functools.lru_cache(maxsize=1024)
-def _segments(steps: tuple[FactorStep, ...], batch_last: bool, dense: tuple[bool, ...]) -> tuple[Segment, ...]:
+def _segments(
+    steps: tuple[FactorStep, ...], batch_last: bool, dense: tuple[bool, ...], ceil: Ceilings | None
+) -> tuple[Segment, ...]:
     moved = _on_chip(steps)  # permutations as the fused kernel would hold them (they change no width)
     out: list[Segment] = []
     k = 0
@@ -190,7 +238,11 @@ def _segments(steps: tuple[FactorStep, ...], batch_last: bool, dense: tuple[bool
         stop = k + 1
         while stop < len(steps) and not dense[k] and not dense[stop] and not _overflow(moved[k : stop + 1], batch_last):
             stop += 1
-        if stop - k >= 2:
+        gain = roofline_gain(moved[k:stop], batch_last, ceil) if ceil is not None and stop - k >= 2 else None
+        if gain is not None and gain < MIN_GAIN:
+            why = f"fusing steps {k + 1}-{stop} gains {gain:.2f}x by the roofline on {ceil.device}, under {MIN_GAIN}x"
+            out += [Segment(j, j + 1, False, why) for j in range(k, stop)]
+        elif stop - k >= 2:
             out.append(Segment(k, stop, True))
         elif dense[k]:
             out.append(Segment(k, stop, False, "stands for a dense product"))

@@ -27,7 +27,8 @@ from types import ModuleType
 
 import torch
 
-from ksfx.codegen.fusion import Segment, segments
+from ksfx.codegen import devices
+from ksfx.codegen.fusion import Segment, ceilings, segments
 from ksfx.codegen.tiling import uses_tensor_cores
 from ksfx.config import config
 from ksfx.ops import torch_path
@@ -75,12 +76,18 @@ def chain_segments(x: torch.Tensor, plan: list[FactorStep], batch_last: bool, de
     exists to test them); on CUDA only with ``ksfx.config.fuse = "always"`` until
     ``benchmarks.gpu_suite`` has timed them against the per-factor kernels (untimed so far;
     the traffic model: a butterfly segment of ``k`` factors moves about ``1/k`` of their
-    bytes, a tensor-core segment re-reads its values once per 16-32-row batch tile).
+    bytes, a tensor-core segment re-reads its values once per 16-32-row batch tile). On
+    CUDA a run fuses only where the roofline on this GPU's ceilings says fusing pays
+    (:func:`~ksfx.codegen.fusion.roofline_gain`).
     """
     if config.fuse not in ("auto", "always", "never"):
         raise ValueError(f"ksfx.config.fuse must be 'auto', 'always' or 'never', got {config.fuse!r}")
-    name, _ = chain_implementation(x)
+    name, impl = chain_implementation(x)
     on = config.fuse == "always" or (config.fuse == "auto" and name == "triton-interpret")
     if not on or not name.startswith("triton") or (x.is_cuda and config.dispatch == "torch"):
         return [Segment(k, k + 1, False, "fusion off") for k in range(len(plan))]
-    return segments(plan, batch_last, dense)
+    ceil = None
+    if x.is_cuda:
+        gpu = devices.named(torch.cuda.get_device_name(x.device))
+        ceil = ceilings(gpu, str(x.dtype).removeprefix("torch."), impl.dot_precision(x.dtype))
+    return segments(plan, batch_last, dense, ceil)

@@ -18,7 +18,7 @@ import torch
 from ksfx.codegen import census as sass
 from ksfx.codegen import get_kernel, traffic
 from ksfx.codegen.devices import DEVICES, SHARED_PER_BLOCK, Device, roofline_seconds, unit_of
-from ksfx.codegen.fusion import Segment, backward_plan, on_chip_steps, segments
+from ksfx.codegen.fusion import Segment, backward_plan, ceilings, on_chip_steps, segments
 from ksfx.codegen.tiling import uses_tensor_cores
 from ksfx.config import config
 from ksfx.ops import triton_path
@@ -83,10 +83,11 @@ def _segment(kind, steps, values, n, dtype, batch_last, target, taps: bool = Fal
     return PlannedLaunch(kind, steps, key, tile, programs, args, flags, n, dtype, batch_last)
 
 
-def _run(kind, steps, values, n, dtype, batch_last, target, fuse: bool, taps: bool) -> list[PlannedLaunch]:
-    """The launches running ``steps`` in turn, as the op's ``run_forward`` / ``run_steps`` do."""
+def _run(kind, steps, values, n, dtype, batch_last, target, ceil, taps: bool) -> list[PlannedLaunch]:
+    """The launches running ``steps`` in turn, as the op's ``run_forward`` / ``run_steps`` do
+    on a GPU; ``ceil``: the :class:`~ksfx.codegen.fusion.Ceilings` fusion plans with (``None``: no fusion)."""
     steps = list(steps)
-    cut = segments(steps, batch_last) if fuse else [Segment(k, k + 1, False) for k in range(len(steps))]
+    cut = segments(steps, batch_last, ceil=ceil) if ceil else [Segment(k, k + 1, False) for k in range(len(steps))]
     launches = []
     for segment in cut:
         run = slice(segment.start, segment.stop)
@@ -132,12 +133,13 @@ def chain_launches(
         fuse = config.fuse == "always"
     target = triton_path.Target((device.capability // 10, device.capability % 10), device.sms, False)
     values = [torch.empty(step.pattern.as_tuple(), dtype=dtype, device="meta") for step in plan]
-    launches = _run("forward", plan, values, n, dtype, batch_last, target, fuse, taps=False)
+    ceil = ceilings(device, str(dtype).removeprefix("torch."), triton_path.dot_precision(dtype)) if fuse else None
+    launches = _run("forward", plan, values, n, dtype, batch_last, target, ceil, taps=False)
     if backward:
         steps = backward_plan(plan, need_x=True)
         transposed = [values[k].permute(0, 2, 1, 3) for k in steps.transposed_steps]
-        launches += _run("recompute", steps.recompute, values, n, dtype, batch_last, target, fuse, taps=True)
-        launches += _run("dx", steps.transposed, transposed, n, dtype, batch_last, target, fuse, taps=True)
+        launches += _run("recompute", steps.recompute, values, n, dtype, batch_last, target, ceil, taps=True)
+        launches += _run("dx", steps.transposed, transposed, n, dtype, batch_last, target, ceil, taps=True)
         launches += [_grad(step, n, dtype, batch_last, target) for step in steps.grads]
     return launches
 
