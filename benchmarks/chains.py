@@ -6,7 +6,10 @@
 Per chain (a 10-factor butterfly and a Monarch pair of width 1024, the paper's ViT-S/16
 chains), dtype and layout, the contenders run the same product:
 
-* ``fused``: ``ksfx.ks_matmul`` with ``ksfx.config.fuse = "always"`` (its segments below);
+* ``fused``: ``ksfx.ks_matmul`` with ``ksfx.config.fuse = "always"`` (its segments below:
+  on a GPU, runs whose roofline gain is under ``fusion.MIN_GAIN`` stay per factor);
+* ``fused-all``: on a GPU, every run that fits fused (``fuse_min_gain = 0``): where it
+  beats ``fused``, the roofline rule was wrong;
 * ``per-factor``: the generated kernels, one launch per factor (``fuse = "never"``);
 * ``bmm``: one cuBLAS bmm per factor with its layout copies (``ksfx.config.dispatch = "torch"``);
 * ``dense``: ``x @ W.T`` / ``W @ x`` with ``W`` materialised (cuBLAS).
@@ -131,8 +134,10 @@ def contenders(x, factors, dense, batch_last: bool) -> dict:
 
         return run
 
+    fused_all = {"fused-all": with_config(fuse="always", dispatch="triton", fuse_min_gain=0.0)} if x.is_cuda else {}
     return {
         "fused": with_config(fuse="always", dispatch="triton"),
+        **fused_all,
         "per-factor": with_config(fuse="never", dispatch="triton"),
         "bmm": with_config(fuse="never", dispatch="torch"),
         "dense": (lambda: dense @ x) if batch_last else (lambda: x @ dense.T),

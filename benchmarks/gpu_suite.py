@@ -278,8 +278,8 @@ def summarise_chains(path: Path) -> list[dict]:
     """Per chain case: fused over each contender, and the fraction of the roofline reached."""
     if not path.exists():
         return []
-    keep = ("key", "fused_speedup", "fused_roofline_fraction", "fused_bytes", "fused_dram_bytes", "per_factor_bytes",
-            "per_factor_dram_bytes", "min_bytes", "failed")  # fmt: skip
+    keep = ("key", "segments", "fused_speedup", "fused_roofline_fraction", "fused_bytes", "fused_dram_bytes",
+            "per_factor_bytes", "per_factor_dram_bytes", "min_bytes", "failed")  # fmt: skip
     return [{k: case.get(k) for k in keep} for case in json.loads(path.read_text())["cases"]]
 
 
@@ -322,7 +322,8 @@ def table(summary: dict) -> str:
     for row in summary.get("chains", []):
         speed = ", ".join(f"{k} {v:.2f}x" for k, v in (row["fused_speedup"] or {}).items())
         roof = row["fused_roofline_fraction"]
-        line = f"chain {row['key']}: fused vs {speed or '-'}"
+        cut = " ".join(f"{a + 1}-{b}" if fused else f"{a + 1}" for a, b, fused in row.get("segments") or [])
+        line = f"chain {row['key']} (launches: {cut or '-'}): fused vs {speed or '-'}"
         line += "" if roof is None else f", {100 * roof:.0f}% of roofline"
         lines.append(line + (f"; failed {row['failed']}" if row["failed"] else ""))
     tiles = summary.get("tiles") or {}

@@ -6,6 +6,16 @@ import os
 from dataclasses import dataclass
 
 
+def _optional_float(name: str) -> float | None:
+    text = os.environ.get(name)
+    if text is None:
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise ValueError(f"{name} must be a number, got {text!r}") from None
+
+
 @dataclass
 class Config:
     #: Run the generated Triton kernels on CPU tensors through Triton's interpreter.
@@ -22,6 +32,9 @@ class Config:
     #: interpreter; on CUDA once timed there, see ksfx.ops.dispatch), "always" (on CUDA where
     #: the roofline says fusing pays) or "never".
     fuse: str = os.environ.get("KSFX_FUSE", "auto")
+    #: On CUDA, the least roofline gain for which a run fuses (None: ksfx.codegen.fusion.MIN_GAIN;
+    #: 0 fuses every run that fits, as the chains benchmark does to time the rule).
+    fuse_min_gain: float | None = _optional_float("KSFX_FUSE_MIN_GAIN")
     #: Where generated kernel sources are written (``triton.jit`` needs real files).
     cache_dir: str = os.environ.get(
         "KSFX_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "ksfx", "kernels")

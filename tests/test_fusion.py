@@ -82,6 +82,7 @@ def test_on_a_gpu_a_run_fuses_only_where_the_roofline_says_fusing_pays():
         assert roofline_gain(tuple(up), True, ceilings(h100, dtype, precision)) == pytest.approx(1.4)
         assert segments(up, True, ceil=ceilings(h100, dtype, precision)) == [Segment(0, 2, True)]
     assert segments(up, True) == [Segment(0, 2, True)]  # the interpreter fuses wherever a run fits
+    assert segments(up, True, ceil=ceilings(h100, "float32", "ieee", min_gain=0.0)) == [Segment(0, 2, True)]
 
 
 def test_permutations_move_to_the_next_loads_without_changing_the_product():

@@ -189,15 +189,18 @@ class Ceilings:
     ffma: float  # FLOP/s of small-block factors (fp32 FMA)
     dots: float  # FLOP/s of tensor-core factors' tl.dot
     itemsize: int
+    min_gain: float = MIN_GAIN  # a run fuses from this roofline gain up
 
 
-def ceilings(device: Device, dtype: str, precision: str) -> Ceilings:
+def ceilings(device: Device, dtype: str, precision: str, min_gain: float | None = None) -> Ceilings:
     """``device``'s ceilings for ``dtype`` (``float32`` / ``float16`` / ``bfloat16``) under
     the kernel key's ``precision``: fp32 dots run on FMA under ``ieee`` (the sm_90 census
-    shows FFMA and no HGMMA), on wgmma under ``tf32``; 16-bit dots on wgmma."""
+    shows FFMA and no HGMMA), on wgmma under ``tf32``; 16-bit dots on wgmma.
+    ``min_gain``: :data:`MIN_GAIN` unless given (0: every run that fits fuses)."""
     unit = "wgmma16" if dtype != "float32" else ("ffma" if precision == "ieee" else "wgmma_tf32")
     itemsize = 4 if dtype == "float32" else 2
-    return Ceilings(device.name, device.bandwidth, device.rates["ffma"].flops, device.rates[unit].flops, itemsize)
+    rates = device.rates["ffma"].flops, device.rates[unit].flops
+    return Ceilings(device.name, device.bandwidth, *rates, itemsize, MIN_GAIN if min_gain is None else min_gain)
 
 
 def roofline_gain(steps: tuple[FactorStep, ...], batch_last: bool, ceil: Ceilings) -> float:
@@ -221,7 +224,7 @@ def segments(
     """The plan cut into maximal fused runs of at least two steps, and single steps between them.
 
     ``dense[k]``: step ``k`` stands for a dense product (its own launch, see the op).
-    ``ceil``: on a GPU, a run fuses only where :func:`roofline_gain` reaches :data:`MIN_GAIN`
+    ``ceil``: on a GPU, a run fuses only where :func:`roofline_gain` reaches ``ceil.min_gain``
     (``None``: wherever it fits, as under the interpreter, which exists to test the kernels).
     """
     return list(_segments(tuple(steps), batch_last, tuple(dense or [False] * len(steps)), ceil))
@@ -239,8 +242,9 @@ def _segments(
         while stop < len(steps) and not dense[k] and not dense[stop] and not _overflow(moved[k : stop + 1], batch_last):
             stop += 1
         gain = roofline_gain(moved[k:stop], batch_last, ceil) if ceil is not None and stop - k >= 2 else None
-        if gain is not None and gain < MIN_GAIN:
-            why = f"fusing steps {k + 1}-{stop} gains {gain:.2f}x by the roofline on {ceil.device}, under {MIN_GAIN}x"
+        if gain is not None and gain < ceil.min_gain:
+            why = f"fusing steps {k + 1}-{stop} gains {gain:.2f}x by the roofline on {ceil.device}"
+            why += f", under {ceil.min_gain}x"
             out += [Segment(j, j + 1, False, why) for j in range(k, stop)]
         elif stop - k >= 2:
             out.append(Segment(k, stop, True))

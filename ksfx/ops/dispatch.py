@@ -89,5 +89,5 @@ def chain_segments(x: torch.Tensor, plan: list[FactorStep], batch_last: bool, de
     ceil = None
     if x.is_cuda:
         gpu = devices.named(torch.cuda.get_device_name(x.device))
-        ceil = ceilings(gpu, str(x.dtype).removeprefix("torch."), impl.dot_precision(x.dtype))
+        ceil = ceilings(gpu, str(x.dtype).removeprefix("torch."), impl.dot_precision(x.dtype), config.fuse_min_gain)
     return segments(plan, batch_last, dense, ceil)
