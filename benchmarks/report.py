@@ -20,7 +20,10 @@ BASELINES = ("bmm", "einsum", "dense", "bmm_inductor")
 
 
 def load(results_dir: Path) -> list[tuple[Path, dict]]:
-    return [(path, json.loads(path.read_text())) for path in sorted(results_dir.glob("*.json"))]
+    """The timed result files (those with ``cases``); the static census files
+    (``static_grid``, ``fused_census``) hold reports, not timings, and are cited by hand."""
+    found = [(path, json.loads(path.read_text())) for path in sorted(results_dir.glob("*.json"))]
+    return [(path, data) for path, data in found if "cases" in data and "environment" in data]
 
 
 def quartiles(values: list[float]) -> tuple[float, float, float]:
@@ -38,7 +41,7 @@ def pattern_table(results: list[tuple[Path, dict]]) -> str:
     """Per device/dtype/layout/batch: speedup of ksfx over the best baseline and over each baseline."""
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for _, data in results:
-        if data["kind"] != "patterns":
+        if data.get("kind") != "patterns":
             continue
         env = data["environment"]
         for case in data["cases"]:
@@ -83,7 +86,7 @@ def model_table(results: list[tuple[Path, dict]]) -> str:
     """Latency per model/dtype/mode with eager, Inductor and ksfx, and ksfx's change vs Inductor."""
     rows_data = []
     for _, data in results:
-        if data["kind"] != "models":
+        if data.get("kind") != "models":
             continue
         for case in data["cases"]:
             rows_data.append((common.device_label(data["environment"]), case))

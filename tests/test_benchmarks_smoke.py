@@ -103,9 +103,13 @@ def test_model_benchmark_and_report(tmp_path):
         assert case["errors"]["eager"] == 0.0  # eager against itself, gradients included when training
         assert case["config"]["dim"] == ks_models.GPT2_SMALL.dim
 
+    # a static census beside them holds reports, not timings: the report leaves it out
+    (results / "fused_census.json").write_text(json.dumps({"triton": "3.6.0", "reports": []}))
+    (results / "static_grid.json").write_text(json.dumps({"kind": "static_grid", "environment": {}, "reports": []}))
     readme = tmp_path / "README.md"
     shutil.copy(report.README, readme)
     text = report.main(["--results", str(results), "--readme", str(readme)])
+    assert "fused_census.json" not in text and "static_grid.json" not in text
     models_table = text.split("<!-- report:models -->")[1].split("<!-- /report:models -->")[0]
     assert models_table.count("| gpt2 | quick | fp32 |") == 2
     assert "[models.json](results/models.json)" in text
