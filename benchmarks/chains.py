@@ -145,9 +145,7 @@ def contenders(x, factors, dense, batch_last: bool) -> dict:
 
 
 def run_case(name, patterns, dtype_name, layout, args, device, bandwidth) -> dict:
-    from ksfx.codegen import devices
-    from ksfx.codegen.fusion import ceilings
-    from ksfx.ops.triton_path import dot_precision
+    from ksfx.ops.dispatch import fusion_ceilings
     from ksfx.pattern import Chain, KSPattern
 
     dtype, batch_last = DTYPES[dtype_name], layout == "batch-last"
@@ -165,11 +163,7 @@ def run_case(name, patterns, dtype_name, layout, args, device, bandwidth) -> dic
     fns = contenders(x, factors, dense64.to(device, dtype), batch_last)
     case = {"key": f"{name}|{dtype_name}|{layout}|{n}", "chain": name, "patterns": [list(p) for p in patterns],
             "dtype": dtype_name, "layout": layout, "batch": n, "errors": {}, "failed": {}}  # fmt: skip
-    ceil = None
-    if x.is_cuda:
-        gpu = devices.named(torch.cuda.get_device_name(x.device))
-        ceil = ceilings(gpu, str(dtype).removeprefix("torch."), dot_precision(dtype))
-    case.update(model_bytes(patterns, dtype, batch_last, n, ceil))
+    case.update(model_bytes(patterns, dtype, batch_last, n, fusion_ceilings(x)))
     working = {}
     for label, fn in fns.items():
         try:

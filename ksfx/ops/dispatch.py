@@ -28,7 +28,7 @@ from types import ModuleType
 import torch
 
 from ksfx.codegen import devices
-from ksfx.codegen.fusion import Segment, ceilings, segments
+from ksfx.codegen.fusion import Ceilings, Segment, ceilings, segments
 from ksfx.codegen.tiling import uses_tensor_cores
 from ksfx.config import config
 from ksfx.ops import torch_path
@@ -82,12 +82,19 @@ def chain_segments(x: torch.Tensor, plan: list[FactorStep], batch_last: bool, de
     """
     if config.fuse not in ("auto", "always", "never"):
         raise ValueError(f"ksfx.config.fuse must be 'auto', 'always' or 'never', got {config.fuse!r}")
-    name, impl = chain_implementation(x)
+    name, _ = chain_implementation(x)
     on = config.fuse == "always" or (config.fuse == "auto" and name == "triton-interpret")
     if not on or not name.startswith("triton") or (x.is_cuda and config.dispatch == "torch"):
         return [Segment(k, k + 1, False, "fusion off") for k in range(len(plan))]
-    ceil = None
-    if x.is_cuda:
-        gpu = devices.named(torch.cuda.get_device_name(x.device))
-        ceil = ceilings(gpu, str(x.dtype).removeprefix("torch."), impl.dot_precision(x.dtype), config.fuse_min_gain)
-    return segments(plan, batch_last, dense, ceil)
+    return segments(plan, batch_last, dense, fusion_ceilings(x))
+
+
+def fusion_ceilings(x: torch.Tensor) -> Ceilings | None:
+    """The ceilings fusion plans with for ``x`` on CUDA (its GPU's, for its dtype and the
+    matmul precision); ``None`` elsewhere (the interpreter fuses every run that fits)."""
+    if not x.is_cuda:
+        return None
+    from ksfx.ops.triton_path import dot_precision
+
+    gpu = devices.named(torch.cuda.get_device_name(x.device))
+    return ceilings(gpu, str(x.dtype).removeprefix("torch."), dot_precision(x.dtype), config.fuse_min_gain)
