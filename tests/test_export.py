@@ -17,10 +17,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from realworld.layers import MaskedLinear, MonarchLinear, ks_mask
 from torch import nn
 
 import ksfx
+from tests.realworld.layers import MaskedLinear, MonarchLinear, ks_mask
 
 ROOT = Path(__file__).resolve().parents[1]
 KS_CHAIN = torch.ops.ksfx.ks_chain.default

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import torch
 from ksfx_checks import compile_ks
-from realworld import layers
-from realworld.zoo import ZOO_BY_NAME
 
 import ksfx
 from ksfx.backend import KsfxCompiler
 from ksfx.passes.graph_breaks import make_traceable
+from tests.realworld import layers
+from tests.realworld.zoo import ZOO_BY_NAME
 
 
 class _Apply(torch.nn.Module):

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import torch
 from ksfx_checks import assert_compiled_matches_eager, compile_ks
-from realworld.layers import BlockdiagLinear, MonarchLinear
 from torch import nn
 
 import ksfx
 from ksfx.backend import KsfxCompiler
 from ksfx.pattern import IndexPerm
+from tests.realworld.layers import BlockdiagLinear, MonarchLinear
 
 STACK = [[(1, 8, 4, 4), (4, 4, 4, 1)], [(1, 4, 4, 4), (4, 4, 8, 1)]]
 

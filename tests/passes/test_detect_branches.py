@@ -12,11 +12,11 @@ from __future__ import annotations
 import pytest
 import torch
 from ksfx_checks import assert_compiled_matches_eager, compile_ks
-from realworld.layers import BlockdiagLinear, ButterflyBranches, MonarchLinear, PairedBranches
 from torch import nn
 
 import ksfx
 from ksfx.pattern import IndexPerm
+from tests.realworld.layers import BlockdiagLinear, ButterflyBranches, MonarchLinear, PairedBranches
 
 BUTTERFLY_8 = [(1, 2, 2, 4), (2, 2, 2, 2), (4, 2, 2, 1)]
 

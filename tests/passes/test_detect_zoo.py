@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import pytest
 from ksfx_checks import assert_compiled_matches_eager, compile_ks, rewritten_patterns
-from realworld.zoo import ZOO
+
+from tests.realworld.zoo import ZOO
 
 # Families reached only through a graph break are covered by tests/passes/test_graph_breaks.py.
 POSITIVE = [case for case in ZOO if case.is_ks and case.family != "monarch_autograd_function"]

@@ -12,12 +12,12 @@ import inspect
 import pytest
 import torch
 from functorch.compile import make_boxed_func
-from realworld import layers
-from realworld.zoo import ZOO_BY_NAME
 from torch._functorch.aot_autograd import aot_module_simplified
 
 import ksfx
 from ksfx.passes.graph_breaks import GraphBreak, find_graph_breaks, make_traceable, trace_autograd_functions
+from tests.realworld import layers
+from tests.realworld.zoo import ZOO_BY_NAME
 
 LAYERS_FILE = inspect.getsourcefile(layers)
 
