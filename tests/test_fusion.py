@@ -12,9 +12,9 @@ import ksfx
 from ksfx.backend import KsfxCompiler
 from ksfx.codegen.chain_source import chain_forward_source
 from ksfx.codegen.devices import DEVICES
-from ksfx.codegen.fusion import MAX_WIDTH, MIN_GAIN, Segment, ceilings, on_chip_steps, roofline_gain, segments
+from ksfx.codegen.fusion import MAX_WIDTH, MIN_GAIN, Ceilings, Segment, ceilings, on_chip_steps, roofline_gain, segments
 from ksfx.config import config
-from ksfx.ops import triton_path
+from ksfx.ops import dispatch, triton_path
 from ksfx.pattern import Chain, DigitPerm, FactorStep, IndexPerm, KSPattern, split_chain
 from tests.realworld.layers import MonarchLinear
 from tests.test_kernels import dense_step, perm_matrix, random_index_perm
@@ -83,6 +83,60 @@ def test_on_a_gpu_a_run_fuses_only_where_the_roofline_says_fusing_pays():
         assert segments(up, True, ceil=ceilings(h100, dtype, precision)) == [Segment(0, 2, True)]
     assert segments(up, True) == [Segment(0, 2, True)]  # the interpreter fuses wherever a run fits
     assert segments(up, True, ceil=ceilings(h100, "float32", "ieee", min_gain=0.0)) == [Segment(0, 2, True)]
+
+
+def test_a_stretch_that_does_not_pay_whole_fuses_the_runs_that_do():
+    """Two memory-bound butterfly factors after two FMA-bound ones: fused whole the stretch
+    gains under the bar, its last three (or two) steps fused gain over it."""
+    plan = plan_of([(512, 2, 2, 1), (256, 2, 2, 2), (1, 1024, 1024, 1), (1, 1024, 1024, 1)])  # applied: heavy twice
+    fp32 = ceilings(DEVICES["H100"], "float32", "ieee")
+    whole, tail = roofline_gain(tuple(plan), True, fp32), roofline_gain(tuple(plan[1:]), True, fp32)
+    assert whole < MIN_GAIN <= tail
+    cut = segments(plan, True, ceil=fp32)
+    assert [(s.start, s.stop, s.fused) for s in cut] == [(0, 1, False), (1, 4, True)]
+    assert (
+        cut[0].why
+        == f"fusing steps 1-4 gains {whole:.2f}x by the roofline on H100, under {MIN_GAIN}x; steps 2-4 {tail:.2f}x"
+    )
+    strict = ceilings(DEVICES["H100"], "float32", "ieee", min_gain=1.5)  # only the butterfly pair pays 1.5x
+    assert [(s.start, s.stop, s.fused) for s in segments(plan, True, ceil=strict)] == [
+        (0, 1, False),
+        (1, 2, False),
+        (2, 4, True),
+    ]
+    assert segments(plan, True, ceil=ceilings(DEVICES["H100"], "float32", "ieee", min_gain=0.0)) == [
+        Segment(0, 4, True)
+    ]
+
+
+@pytest.mark.parametrize("batch_last", [False, True], ids=["bfirst", "blast"])
+def test_a_chain_cut_between_fused_runs_matches_dense_with_gradients(triton_interpret, monkeypatch, batch_last):
+    """The op runs the cut the planner makes on a GPU (ceilings where the 16x16 factor is
+    FMA-bound): butterfly pairs fused on either side of it, forward and dx."""
+    toy = Ceilings("toy", bandwidth=1e12, ffma=1e14, dots=4e11, itemsize=4, min_gain=1.5)
+    monkeypatch.setattr(dispatch, "fusion_ceilings", lambda x: toy)
+    patterns = [(1, 2, 2, 8), (2, 2, 2, 4), (1, 16, 16, 1), (4, 2, 2, 2), (8, 2, 2, 1)]
+    assert [(s.start, s.stop, s.fused) for s in segments(plan_of(patterns), batch_last, ceil=toy)] == [
+        (0, 2, True),
+        (2, 3, False),
+        (3, 5, True),
+    ]
+    factors = random_factors(patterns, torch.float32, requires_grad=True)
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn((16, 7) if batch_last else (7, 16), generator=g, requires_grad=True)
+    ksfx.stats(reset=True)
+    y = ksfx.ks_matmul(x, factors, batch_last=batch_last)
+    assert ksfx.stats() == {"triton-interpret.forward_chain": 2, "triton-interpret.forward": 1}
+    x64 = x.detach().double().requires_grad_()
+    f64 = [f.detach().double().requires_grad_() for f in factors]
+    w = dense_of(f64)
+    want = w @ x64 if batch_last else x64 @ w.T
+    _assert_close(y.detach(), want.detach(), torch.float32)
+    probe = torch.randn(y.shape, generator=g)
+    grads = torch.autograd.grad((y * probe).sum(), [x, *factors])
+    expected = torch.autograd.grad((want * probe.double()).sum(), [x64, *f64])
+    for got, ref in zip(grads, expected, strict=True):
+        _assert_close(got, ref, torch.float32)
 
 
 def test_permutations_move_to_the_next_loads_without_changing_the_product():

@@ -210,22 +210,35 @@ def roofline_gain(steps: tuple[FactorStep, ...], batch_last: bool, ceil: Ceiling
     the intermediates move no bytes and the FLOPs stay. Compute-bound runs gain little
     (the ViT-S/16 MLP chains in fp32 under IEEE: 1.00-1.03x on H100), memory-bound ones
     up to the number of steps (a 10-factor butterfly: 10x)."""
-    compute = [2 * s.pattern.nnz / (ceil.dots if is_dot(s, batch_last) else ceil.ffma) for s in steps]
+    return sum(_alone_times(steps, batch_last, ceil)) / _fused_time(steps, batch_last, ceil)
+
+
+def _flops_times(steps: tuple[FactorStep, ...], batch_last: bool, ceil: Ceilings) -> list[float]:
+    return [2 * s.pattern.nnz / (ceil.dots if is_dot(s, batch_last) else ceil.ffma) for s in steps]
+
+
+def _alone_times(steps: tuple[FactorStep, ...], batch_last: bool, ceil: Ceilings) -> list[float]:
+    """Each step's roofline time per batch row as a launch of its own."""
     moved = [(s.pattern.in_features + s.pattern.out_features) * ceil.itemsize / ceil.bandwidth for s in steps]
-    alone = sum(max(m, c) for m, c in zip(moved, compute, strict=True))
-    first, last = steps[0].pattern, steps[-1].pattern
-    fused = max((first.in_features + last.out_features) * ceil.itemsize / ceil.bandwidth, sum(compute))
-    return alone / fused
+    return [max(m, c) for m, c in zip(moved, _flops_times(steps, batch_last, ceil), strict=True)]
+
+
+def _fused_time(steps: tuple[FactorStep, ...], batch_last: bool, ceil: Ceilings) -> float:
+    """The roofline time per batch row of ``steps`` as one fused launch."""
+    features = steps[0].pattern.in_features + steps[-1].pattern.out_features
+    return max(features * ceil.itemsize / ceil.bandwidth, sum(_flops_times(steps, batch_last, ceil)))
 
 
 def segments(
     steps: list[FactorStep], batch_last: bool, dense: list[bool] | None = None, ceil: Ceilings | None = None
 ) -> list[Segment]:
-    """The plan cut into maximal fused runs of at least two steps, and single steps between them.
+    """The plan cut into fused runs of at least two steps, and single steps between them.
 
     ``dense[k]``: step ``k`` stands for a dense product (its own launch, see the op).
-    ``ceil``: on a GPU, a run fuses only where :func:`roofline_gain` reaches ``ceil.min_gain``
-    (``None``: wherever it fits, as under the interpreter, which exists to test the kernels).
+    ``ceil``: on a GPU, each stretch of steps that could fuse is cut where the roofline
+    says it runs fastest, a fused run counted :attr:`Ceilings.min_gain` times its roofline
+    time (so a run fuses only where :func:`roofline_gain` reaches it; :func:`_cheapest_cut`).
+    ``None``: every stretch fuses whole, as under the interpreter, which exists to test the kernels.
     """
     return list(_segments(tuple(steps), batch_last, tuple(dense or [False] * len(steps)), ceil))
 
@@ -241,11 +254,8 @@ def _segments(
         stop = k + 1
         while stop < len(steps) and not dense[k] and not dense[stop] and not _overflow(moved[k : stop + 1], batch_last):
             stop += 1
-        gain = roofline_gain(moved[k:stop], batch_last, ceil) if ceil is not None and stop - k >= 2 else None
-        if gain is not None and gain < ceil.min_gain:
-            why = f"fusing steps {k + 1}-{stop} gains {gain:.2f}x by the roofline on {ceil.device}"
-            why += f", under {ceil.min_gain}x"
-            out += [Segment(j, j + 1, False, why) for j in range(k, stop)]
+        if ceil is not None and stop - k >= 2:
+            out += _cheapest_cut(moved, k, stop, batch_last, ceil)
         elif stop - k >= 2:
             out.append(Segment(k, stop, True))
         elif dense[k]:
@@ -256,6 +266,36 @@ def _segments(
             out.append(Segment(k, stop, False, "no fusable neighbour"))
         k = stop
     return tuple(out)
+
+
+def _cheapest_cut(
+    moved: tuple[FactorStep, ...], start: int, stop: int, batch_last: bool, ceil: Ceilings
+) -> list[Segment]:
+    """Steps ``start:stop`` (a stretch that fits one launch) cut into single steps and fused
+    runs with the least roofline time, each fused run gaining at least ``ceil.min_gain``
+    (fewer launches on a tie). A sub-run can pay where the whole stretch does not: two
+    memory-bound factors after two FMA-bound ones."""
+    alone = _alone_times(moved[start:stop], batch_last, ceil)
+    best: dict[int, tuple[float, int, list[Segment]]] = {stop: (0.0, 0, [])}
+    for i in range(stop - 1, start - 1, -1):
+        time, launches, cut = best[i + 1]
+        options = [(alone[i - start] + time, launches + 1, [Segment(i, i + 1, False), *cut])]
+        for j in range(i + 2, stop + 1):
+            run = moved[i:j]
+            if (j - i < stop - start and _overflow(run, batch_last)) or roofline_gain(
+                run, batch_last, ceil
+            ) < ceil.min_gain:
+                continue  # (a sub-run may read its first input whole where the stretch did not)
+            time, launches, cut = best[j]
+            options.append((_fused_time(run, batch_last, ceil) + time, launches + 1, [Segment(i, j, True), *cut]))
+        best[i] = min(options, key=lambda option: option[:2])
+    cut = best[start][2]
+    gain = roofline_gain(moved[start:stop], batch_last, ceil)
+    why = f"fusing steps {start + 1}-{stop} gains {gain:.2f}x by the roofline on {ceil.device}"
+    why += f", under {ceil.min_gain}x" if gain < ceil.min_gain else ""
+    for seg in (seg for seg in cut if seg.fused):
+        why += f"; steps {seg.start + 1}-{seg.stop} {roofline_gain(moved[seg.start : seg.stop], batch_last, ceil):.2f}x"
+    return [seg if seg.fused else Segment(seg.start, seg.stop, False, why) for seg in cut]
 
 
 def describe(cut: list[Segment]) -> str:
