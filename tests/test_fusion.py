@@ -139,6 +139,26 @@ def test_a_chain_cut_between_fused_runs_matches_dense_with_gradients(triton_inte
         _assert_close(got, ref, torch.float32)
 
 
+def test_explain_shows_the_cut_under_the_interpreter_and_on_a_gpu(monkeypatch):
+    """A 384 -> 1536 Monarch layer: fused under the interpreter; on an H100 fused in bf16,
+    per factor in fp32 under IEEE, where FMA bounds it fused or not."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    layer = MonarchLinear(384, 1536, 6)
+    saved = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        (fp32,) = [line for line in str(ksfx.explain(layer, torch.randn(4, 384))).splitlines() if "kernels:" in line]
+    finally:
+        torch.set_float32_matmul_precision(saved)
+    layer, x = layer.to(torch.bfloat16), torch.randn(4, 384, dtype=torch.bfloat16)
+    (bf16,) = [line for line in str(ksfx.explain(layer, x)).splitlines() if "kernels:" in line]
+    fused = "steps 1-2 fused in one launch under the interpreter"
+    apart = "step 1 alone (fusing steps 1-2 gains 1.08x by the roofline on H100, under 1.1x)"
+    assert fp32.split("generated kernels: ")[1].startswith(f"{fused}; on H100 in float32 (matmul precision 'highest')")
+    assert f"with ksfx.config.fuse='always': {apart}; step 2 alone" in fp32
+    assert bf16.endswith(f"{fused}; on H100 in bfloat16 with ksfx.config.fuse='always': the same")
+
+
 def test_permutations_move_to_the_next_loads_without_changing_the_product():
     torch.manual_seed(0)
     steps = [

@@ -10,6 +10,7 @@ import torch
 
 from ksfx.backend.compile import GraphReport, KsfxCompiler
 from ksfx.codegen.fusion import describe, segments
+from ksfx.ops.dispatch import gpu_ceilings
 from ksfx.passes import ChainReport
 from ksfx.pattern import split_chain
 
@@ -82,13 +83,22 @@ class Report:
 
 
 def _kernel_plan(chain: ChainReport) -> str:
-    """How the generated kernels would run the chain: fused segments and single steps."""
+    """How the generated kernels would run the chain: fused segments and single steps, under
+    the interpreter and on a GPU (this machine's, else an H100) with fusion switched on."""
     plan = split_chain(chain.plan.chain)
     if not isinstance(plan, list):
         return "a single gather"
-    fused = describe(segments(plan, chain.plan.batch_last))
-    on_cuda = "on CUDA with ksfx.config.fuse='always', where the roofline says fusing pays"
-    return f"{fused} (fused under the interpreter; {on_cuda})"
+    here = describe(segments(plan, chain.plan.batch_last))
+    value = chain.plan.root.meta.get("val")
+    dtype = chain.plan.cast or (value.dtype if isinstance(value, torch.Tensor) else torch.float32)
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "H100"
+    ceil = gpu_ceilings(gpu, dtype)
+    there = describe(segments(plan, chain.plan.batch_last, ceil=ceil))
+    where = f"on {ceil.device} in {str(dtype).removeprefix('torch.')}"
+    if dtype == torch.float32:
+        where += f" (matmul precision {torch.get_float32_matmul_precision()!r})"
+    where += " with ksfx.config.fuse='always'"
+    return f"{here} under the interpreter; {where}: {'the same' if there == here else there}"
 
 
 def _find_graph_breaks(model, example_inputs):

@@ -90,11 +90,14 @@ def chain_segments(x: torch.Tensor, plan: list[FactorStep], batch_last: bool, de
 
 
 def fusion_ceilings(x: torch.Tensor) -> Ceilings | None:
-    """The ceilings fusion plans with for ``x`` on CUDA (its GPU's, for its dtype and the
-    matmul precision); ``None`` elsewhere (the interpreter fuses every run that fits)."""
-    if not x.is_cuda:
-        return None
+    """The ceilings fusion plans with for ``x`` on CUDA; ``None`` elsewhere (the interpreter
+    fuses every run that fits)."""
+    return gpu_ceilings(torch.cuda.get_device_name(x.device), x.dtype) if x.is_cuda else None
+
+
+def gpu_ceilings(gpu: str, dtype: torch.dtype) -> Ceilings:
+    """The ceilings of the GPU ``torch.cuda.get_device_name`` calls ``gpu`` for ``dtype``
+    under torch's matmul precision, with ``config.fuse_min_gain``."""
     from ksfx.ops.triton_path import dot_precision
 
-    gpu = devices.named(torch.cuda.get_device_name(x.device))
-    return ceilings(gpu, str(x.dtype).removeprefix("torch."), dot_precision(x.dtype), config.fuse_min_gain)
+    return ceilings(devices.named(gpu), str(dtype).removeprefix("torch."), dot_precision(dtype), config.fuse_min_gain)
