@@ -6,6 +6,8 @@ import math
 
 import pytest
 import torch
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 import ksfx
@@ -19,6 +21,7 @@ from ksfx.pattern import Chain, DigitPerm, FactorStep, IndexPerm, KSPattern, spl
 from tests.realworld.layers import MonarchLinear
 from tests.test_kernels import dense_step, perm_matrix, random_index_perm
 from tests.test_ks_matmul import dense_of, random_factors
+from tests.test_properties_op import dense_reference
 
 TOL = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
 
@@ -396,3 +399,76 @@ def assert_matches_eager(y, y_eager, params, tol=1e-4, grad_tol=1e-4):
     want = torch.autograd.grad((y_eager * probe).sum(), params)
     for g_got, g_want in zip(got, want, strict=True):
         torch.testing.assert_close(g_got, g_want, rtol=grad_tol, atol=grad_tol)
+
+
+# ----------------------------------------------------------------------------- any cut, any chain
+#: Width-32 patterns of every kernel mode: small blocks, tensor-core blocks (d > 1 too).
+WIDTH_32 = [
+    (16, 2, 2, 1),
+    (4, 2, 2, 4),
+    (1, 2, 2, 16),
+    (8, 4, 4, 1),
+    (2, 4, 4, 4),
+    (2, 16, 16, 1),
+    (1, 32, 32, 1),
+    (1, 16, 16, 2),
+]
+
+
+#: Tensor-core factors FMA-bound 40-80x over their bytes, the bar at 1.8x: they run alone.
+SLOW_DOTS = Ceilings("toy", 1e12, 1e14, 1e11, 4, 1.8)
+#: Small-block pairs on either side of an FMA-bound tensor-core factor, a permutation at one cut.
+MIDDLE = Chain(
+    (KSPattern(16, 2, 2, 1), DigitPerm((4, 8), (1, 0)), KSPattern(2, 4, 4, 4), KSPattern(1, 16, 16, 2))
+    + (KSPattern(8, 4, 4, 1), KSPattern(1, 2, 2, 16))
+)
+
+
+@st.composite
+def cut_chains(draw):
+    """2-5 width-32 factors, a digit permutation sometimes between them, and toy ceilings
+    (FMA-bound or memory-bound tensor-core factors, memory-bound small blocks, a bar) that
+    make the planner cut the chain anywhere."""
+    steps = []
+    for k in range(draw(st.integers(2, 5))):
+        if k and draw(st.integers(0, 3)) == 0:
+            steps.append(DigitPerm((4, 8), (1, 0)))
+        steps.append(KSPattern(*draw(st.sampled_from(WIDTH_32))))
+    # per batch row a factor moves 256 bytes (0.26 ns); a 32x32 block's 2048 FLOPs take 0.02-20 ns
+    dots = draw(st.sampled_from([1e11, 1e12, 1e13, 1e14]))
+    toy = Ceilings("toy", 1e12, 1e14, dots, 4, draw(st.sampled_from([0.0, 1.3, 1.8])))
+    return Chain(tuple(steps)), toy
+
+
+@settings(max_examples=max(8, settings().max_examples // 2))
+@given(case=cut_chains(), batch_last=st.booleans())
+@example(
+    case=(Chain(tuple(KSPattern(*p) for p in [(16, 2, 2, 1), (4, 2, 2, 4), (1, 32, 32, 1)])), SLOW_DOTS),
+    batch_last=False,
+)
+@example(case=(MIDDLE, SLOW_DOTS), batch_last=True)
+@example(case=(MIDDLE, SLOW_DOTS), batch_last=False)
+def test_every_cut_the_planner_makes_on_a_gpu_matches_dense_with_gradients(
+    triton_interpret, monkeypatch, case, batch_last
+):
+    """Whatever runs fuse (their first factor in the middle of the chain, a permutation at
+    the cut), the op equals the float64 product, forward and backward."""
+    chain, toy = case
+    monkeypatch.setattr(dispatch, "fusion_ceilings", lambda x: toy)
+    fused = sum(s.fused for s in segments(split_chain(chain), batch_last, ceil=toy))
+    generator = torch.Generator().manual_seed(len(chain.steps))
+    factors = [torch.randn(p.as_tuple(), generator=generator).requires_grad_() for p in chain.patterns]
+    x = torch.randn((32, 5) if batch_last else (5, 32), generator=generator, requires_grad=True)
+    ksfx.stats(reset=True)
+    y = ksfx.ks_matmul(x, factors, chain=chain, batch_last=batch_last)
+    assert ksfx.stats().get("triton-interpret.forward_chain", 0) == fused
+    x64 = x.detach().double().requires_grad_()
+    f64 = [f.detach().double().requires_grad_() for f in factors]
+    w = dense_reference(chain, f64)
+    want = w @ x64 if batch_last else x64 @ w.T
+    _assert_close(y.detach(), want.detach(), torch.float32)
+    probe = torch.randn(y.shape, generator=generator)
+    grads = torch.autograd.grad((y * probe).sum(), [x, *factors])
+    expected = torch.autograd.grad((want * probe.double()).sum(), [x64, *f64])
+    for got, ref in zip(grads, expected, strict=True):
+        _assert_close(got, ref, torch.float32)
