@@ -9,6 +9,13 @@ every kernel's report, and a summary of which cases miss the bar and why)::
 
     python -m benchmarks.static_grid --out benchmarks/results/static_grid_triton39.json
     /tmp/venv36/bin/python -m benchmarks.static_grid --backward --sample 150 --out ...
+    python -m benchmarks.static_grid --out FILE --recheck --mode fma --layout batch-last --note "after ..."
+
+``--recheck`` re-checks, after a kernel change, only the cases of ``FILE`` that the
+selectors pick (``--failing``, ``--mode``, ``--dtype``, ``--layout``, ``--pattern``; all
+given must hold for one of the case's kernels), replaces their reports, recomputes the
+summary and records the re-check (date, cases, selection, note) under ``rechecks`` in the
+file's environment. It refuses a file written by another triton version.
 
 The triton version is the one of the interpreter running it: use a side venv with
 ``triton==3.6.0`` for what the GPU machine builds (``docs/kernels.md``).
@@ -44,6 +51,13 @@ def parse_args(argv):
     parser.add_argument("--device", default="H100")
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--chunk", type=int, default=24, help="patterns per worker process")
+    parser.add_argument("--recheck", action="store_true", help="re-check the selected cases of --out in place")
+    parser.add_argument("--failing", action="store_true", help="with --recheck: cases with a kernel under the bar")
+    parser.add_argument("--mode", help="with --recheck: cases with a kernel of this mode (fma, dot, dot3, ...)")
+    parser.add_argument("--dtype", choices=DTYPES, help="with --recheck: cases of this dtype")
+    parser.add_argument("--layout", choices=LAYOUTS, help="with --recheck: cases of this layout")
+    parser.add_argument("--pattern", help="with --recheck: cases of this pattern a,b,c,d")
+    parser.add_argument("--note", default="", help="with --recheck: why, recorded in the file")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--cases", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
@@ -107,19 +121,8 @@ def summarise(reports: list, crashes: list) -> dict:
     }
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    if args.worker:
-        return worker(args)
-    import torch
-    import triton
-
-    patterns = load_grid()
-    if args.sample:
-        patterns = spread(patterns, args.sample)
-    cases = [[list(p), dtype, layout] for p in patterns for dtype in DTYPES for layout in LAYOUTS]
+def _check_all(cases: list, args) -> tuple[list, list]:
     chunks = [cases[i : i + args.chunk] for i in range(0, len(cases), args.chunk)]
-    start = time.perf_counter()
     reports, crashes = [], []
     with ThreadPoolExecutor(args.jobs) as pool:
         for done, (r, c) in enumerate(pool.map(lambda chunk: _run(chunk, args), chunks), 1):
@@ -127,6 +130,87 @@ def main(argv=None) -> int:
             crashes += c
             print(f"\r{done}/{len(chunks)} chunks, {len(reports)} kernels, {len(crashes)} aborts", end="", flush=True)
     print()
+    return reports, crashes
+
+
+_DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16"}
+
+
+def _case_of(report: dict) -> tuple:
+    """The ``(pattern, dtype, layout)`` case a kernel report belongs to (dtype as given on the command line)."""
+    dtype = next(short for short, name in _DTYPE_NAMES.items() if name == report["dtype"])
+    a, b, c, d = report["pattern"]
+    return ((a, c, b, d) if report["kind"] == "dx" else (a, b, c, d), dtype, report["layout"])  # dx: the transpose
+
+
+def _picked(report: dict, args) -> bool:
+    pattern = tuple(int(v) for v in args.pattern.split(",")) if args.pattern else None
+    return (
+        (not args.failing or bool(report["problems"]))
+        and (args.mode is None or report["mode"] == args.mode)
+        and (args.dtype is None or report["dtype"] == _DTYPE_NAMES[args.dtype])
+        and (args.layout is None or report["layout"] == args.layout)
+        and (pattern is None or _case_of(report)[0] == pattern)
+    )
+
+
+def recheck(args) -> int:
+    """Re-check the cases of ``args.out`` the selectors pick; merge them into the file."""
+    import torch
+    import triton
+
+    data = json.loads(args.out.read_text())
+    if data.get("kind") != "static_grid" or data.get("backward") != args.backward:
+        backward = data.get("backward")
+        raise SystemExit(f"{args.out} is not a static_grid file with backward={args.backward} (it has {backward})")
+    if data["environment"]["triton"] != triton.__version__:
+        have = data["environment"]["triton"]
+        raise SystemExit(f"{args.out} was written by triton {have}; this is triton {triton.__version__}: run its venv")
+    picked = sorted({_case_of(r) for r in data["kernels"] if _picked(r, args)})
+    if not picked:
+        raise SystemExit("no case of the file matches the selection")
+    start = time.perf_counter()
+    reports, crashes = _check_all([[list(p), dtype, layout] for p, dtype, layout in picked], args)
+    # a pattern the grid lists twice has its reports twice: keep that multiplicity
+    old = collections.Counter(_case_of(r) for r in data["kernels"])
+    new = collections.Counter(_case_of(r) for r in reports)
+    reports = [r for r in reports for _ in range(max(1, old[_case_of(r)] // new[_case_of(r)]))]
+    keep = [r for r in data["kernels"] if _case_of(r) not in set(picked)]
+    old_crashes = [c for c in data["compile_aborts"] if (tuple(c["case"][0]), *c["case"][1:]) not in set(picked)]
+    data["kernels"], data["compile_aborts"] = keep + reports, old_crashes + crashes
+    data["summary"] = summarise(data["kernels"], data["compile_aborts"])
+    selection = {k: getattr(args, k) for k in ("failing", "mode", "dtype", "layout", "pattern") if getattr(args, k)}
+    data["environment"].setdefault("rechecks", []).append(
+        {
+            "date": time.strftime("%Y-%m-%d"),
+            "cases": len(picked),
+            "selection": selection,
+            "note": args.note,
+            "triton": triton.__version__,
+            "torch": torch.__version__,
+            "seconds": round(time.perf_counter() - start, 1),
+        }
+    )
+    args.out.write_text(json.dumps(data, indent=None, separators=(",", ":")) + "\n")
+    print(json.dumps({k: v for k, v in data["summary"].items() if k != "failing"}, indent=1))
+    return 0
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.worker:
+        return worker(args)
+    if args.recheck:
+        return recheck(args)
+    import torch
+    import triton
+
+    patterns = load_grid()
+    if args.sample:
+        patterns = spread(patterns, args.sample)
+    cases = [[list(p), dtype, layout] for p in patterns for dtype in DTYPES for layout in LAYOUTS]
+    start = time.perf_counter()
+    reports, crashes = _check_all(cases, args)
     summary = summarise(reports, crashes)
     data = {
         "kind": "static_grid",

@@ -207,3 +207,48 @@ def test_gpu_suite_summaries_leave_out_cases_that_fell_back(tmp_path):
     (row,) = gpu_suite.summarise_dispatch(path)
     assert row["cases"] == 1 and row["median_speedup_vs_torch_path"] == 2.0
     assert (row["mode"], row["policy"], row["agrees"]) == ("window", "triton", True)
+
+
+def test_static_grid_rechecks_the_selected_cases_in_place(tmp_path):
+    """A bogus failing report is replaced by a real sm_90 check; the other case, the
+    grid's duplicate reports and the environment stay; the re-check is recorded."""
+    import triton
+
+    from benchmarks import static_grid
+
+    def report(kind, pattern, problems):
+        return {"kind": kind, "pattern": pattern, "step": f"KS{tuple(pattern)}", "mode": "fma", "dtype": "float32",
+                "layout": "batch-last", "problems": problems}  # fmt: skip
+
+    bogus = [report("forward", [4, 2, 2, 4], ["bogus"])] * 2  # listed twice in the grid
+    other = report("forward", [2, 2, 2, 8], ["kept as it was"])
+    path = tmp_path / "grid.json"
+    environment = {"triton": triton.__version__, "date": "2026-01-01"}
+    data = {"kind": "static_grid", "environment": environment, "patterns": 2, "backward": False,
+            "summary": {}, "compile_aborts": [], "kernels": [*bogus, other]}  # fmt: skip
+    path.write_text(json.dumps(data))
+    assert static_grid.main(["--out", str(path), "--recheck", "--failing", "--pattern", "4,2,2,4", "--note", "t"]) == 0
+    data = json.loads(path.read_text())
+    fresh = [r for r in data["kernels"] if r["pattern"] == [4, 2, 2, 4]]
+    assert len(fresh) == 2 and all(r["problems"] == [] and r["spills"] == 0 and r["registers"] > 0 for r in fresh)
+    assert other in data["kernels"] and data["summary"]["kernels"] == 3 and data["summary"]["passing"] == 2
+    (entry,) = data["environment"]["rechecks"]
+    assert (
+        entry["cases"] == 1 and entry["selection"] == {"failing": True, "pattern": "4,2,2,4"} and entry["note"] == "t"
+    )
+    assert data["environment"]["date"] == "2026-01-01"
+    with pytest.raises(SystemExit, match="no case of the file matches"):
+        static_grid.main(["--out", str(path), "--recheck", "--mode", "dot3"])
+    data["environment"]["triton"] = "0.0"
+    path.write_text(json.dumps(data))
+    with pytest.raises(SystemExit, match="written by triton 0.0"):
+        static_grid.main(["--out", str(path), "--recheck", "--failing"])
+
+
+def test_static_grid_files_dx_reports_under_their_case():
+    """A dx kernel reports the transposed pattern; the re-check finds its case from it."""
+    from benchmarks.static_grid import _case_of
+
+    dx = {"kind": "dx", "pattern": [16, 256, 1869, 1], "dtype": "bfloat16", "layout": "batch-first"}
+    assert _case_of(dx) == ((16, 1869, 256, 1), "bf16", "batch-first")
+    assert _case_of({**dx, "kind": "grad"}) == ((16, 256, 1869, 1), "bf16", "batch-first")
