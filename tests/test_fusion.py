@@ -32,7 +32,7 @@ def butterfly(n: int) -> list[tuple[int, int, int, int]]:
 
 
 def plan_of(patterns) -> list[FactorStep]:
-    return split_chain(Chain(tuple(KSPattern(*p) for p in patterns)))
+    return split_chain(Chain(tuple(KSPattern(*p) if isinstance(p, tuple) else p for p in patterns)))
 
 
 # ----------------------------------------------------------------------------- the planner
@@ -361,6 +361,17 @@ def test_index_tables_are_read_in_the_fused_kernel():
     source = chain_forward_source(on_chip_steps(SEGMENTS["tables-and-odd-widths"]))
     assert "in_table1_ptr +" in source and "out_table_ptr +" in source and "in_table0_ptr +" not in source
     assert isinstance(SEGMENTS["tables-and-odd-widths"][1].in_perm, IndexPerm)
+
+
+@pytest.mark.parametrize("batch_last", [False, True], ids=["bfirst", "blast"])
+def test_a_tensor_core_factor_looks_its_table_up_in_gamma_runs(batch_last):
+    """The γ tile of one (α, δ) is one contiguous run of the table (feature order has the
+    entries d = 32 apart); a small-block factor keeps feature order (its rows run along δ)."""
+    steps = on_chip_steps(plan_of([(1, 32, 32, 32), random_index_perm(1024, seed=9), (32, 32, 32, 1)]))
+    source = chain_forward_source(steps, batch_last, "bfloat16", False, "-")
+    assert "tl.load(in_table1_ptr + 1024*alpha_1 + 32*delta_1 + gamma_1)" in source
+    small = on_chip_steps(plan_of([(1, 2, 2, 8), random_index_perm(16, seed=9), (8, 2, 2, 1)]))
+    assert "in_table1_ptr + 16*alpha_1 + delta_1 + 8*gamma_1" in chain_forward_source(small, batch_last)
 
 
 # ----------------------------------------------------------------------------- through torch.compile

@@ -27,9 +27,12 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 
+import sympy
+
 from ksfx.codegen.devices import Device
 from ksfx.codegen.tiling import MIN_DOT, cdiv, clamp_pow2, next_pow2, uses_tensor_cores
-from ksfx.pattern import FactorStep, KSPattern
+from ksfx.pattern import ALPHA, DELTA, GAMMA, FactorStep, IndexPerm, KSPattern
+from ksfx.pattern.ks import mixed_radix_compose
 from ksfx.pattern.perm import compose
 
 #: Widest feature vector a small-block segment holds per batch row (input, intermediates, output).
@@ -127,6 +130,23 @@ def value_strides(step: FactorStep, batch_last: bool) -> tuple[int, int, int, in
     for dim in reversed(values_order(step, batch_last)):
         strides[dim], size = size, size * shape[dim]
     return tuple(strides)
+
+
+def table_in_tile_order(step: FactorStep, batch_last: bool) -> bool:
+    """Whether a fused segment reads ``step``'s input index table in ``(α, δ, γ)`` order,
+    γ fastest, rather than in feature order. A tensor-core factor looks a γ tile of one
+    ``(α, δ)`` up at a time: in feature order its entries are ``d`` apart (an int32 load per
+    lane, the sm_90 census shows 4-byte ``cp.async``), in this order one contiguous run.
+    Small-block factors look a whole row vector up per γ, contiguous in δ: feature order."""
+    return isinstance(step.in_perm, IndexPerm) and is_dot(step, batch_last) and step.pattern.d > 1
+
+
+def table_position(step: FactorStep, batch_last: bool) -> sympy.Expr:
+    """Where ``step``'s input table holds the entry of ``x'[col(α, γ, δ)]`` (see :func:`table_in_tile_order`)."""
+    p = step.pattern
+    if table_in_tile_order(step, batch_last):
+        return mixed_radix_compose((ALPHA, DELTA, GAMMA), (p.a, p.d, p.c))
+    return p.col_expr
 
 
 def needs_input_whole(steps: tuple[FactorStep, ...], batch_last: bool) -> bool:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from ksfx.codegen import ChainKernelKey, KernelKey, TileConfig, get_autotuned, get_kernel, kernel_mode
-from ksfx.codegen.fusion import fused_tile
+from ksfx.codegen.fusion import fused_tile, table_in_tile_order
 from ksfx.codegen.fusion import values_order as fused_values_order
 from ksfx.codegen.tiling import (
     cdiv,
@@ -438,6 +438,21 @@ def chain_plan(steps: tuple[FactorStep, ...], batch_last, dtype, n, target: Targ
     return key, tile, cdiv(n, tile.block_m)
 
 
+def _fused_in_table(step: FactorStep, batch_last: bool, device: torch.device, dummy: torch.Tensor) -> torch.Tensor:
+    """``step``'s input table as a fused segment reads it (:func:`~ksfx.codegen.fusion.table_in_tile_order`)."""
+    if not table_in_tile_order(step, batch_last):
+        return _tables(step, device, dummy)[0]
+    return (_cached_tile_table.__wrapped__ if _under_fake_mode() else _cached_tile_table)(step, device)
+
+
+@functools.lru_cache(maxsize=256)
+def _cached_tile_table(step: FactorStep, device: torch.device) -> torch.Tensor:
+    p = step.pattern
+    tile_order = torch.arange(p.in_features).reshape(p.a, p.c, p.d).transpose(1, 2).reshape(-1)
+    # entry (α, δ, γ) holds the one of feature col(α, γ, δ)
+    return step.in_perm.indices()[tile_order].to(device=device, dtype=torch.int32)
+
+
 def chain_arguments(x, values, y, steps: tuple[FactorStep, ...], batch_last: bool, bias=None, taps=()) -> tuple:
     """Positional arguments and flags of a fused segment's launch (any device, ``meta`` included).
 
@@ -445,7 +460,7 @@ def chain_arguments(x, values, y, steps: tuple[FactorStep, ...], batch_last: boo
     """
     n, stride_xm, stride_xf = _layout(x, batch_last)
     _, stride_ym, stride_yf = _layout(y, batch_last)
-    tables = [_tables(s, x.device, y)[0] for s in steps]
+    tables = [_fused_in_table(s, batch_last, x.device, y) for s in steps]
     out_table = _tables(steps[-1], x.device, y)[1]
     # the kernel indexes them with the strides of fusion.values_order
     values = [_laid_out(v, fused_values_order(s, batch_last)) for v, s in zip(values, steps, strict=True)]
