@@ -23,11 +23,21 @@ if __package__ in (None, ""):
 
 from benchmarks.chains import CHAINS
 
+#: Monarch-style pairs (1, k1, k1, n / k1) then (n / k2, k2, k2, 1): every block size
+#: 16-64 at n = 512-2048, beyond the chains above (``--grid monarch``).
+MONARCH_GRID = {
+    f"monarch-{n}-{k1}x{k2}": [(1, k1, k1, n // k1), (n // k2, k2, k2, 1)]
+    for n in (512, 1024, 2048)
+    for k1 in (16, 32, 64)
+    for k2 in (16, 32, 64)
+}
+
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--chain", default=",".join(CHAINS))
+    parser.add_argument("--chain", help=f"comma-separated names (default: {','.join(CHAINS)})")
+    parser.add_argument("--grid", choices=["monarch"], help="the chains of MONARCH_GRID instead")
     parser.add_argument("--backward", action="store_true")
     parser.add_argument("--batch", type=int, default=25088)
     parser.add_argument("--device", default="H100")
@@ -41,8 +51,10 @@ def main(argv=None) -> int:
     torch.set_float32_matmul_precision("highest")
     device = static_check.DEVICES[args.device]
     reports = []
-    for name in args.chain.split(","):
-        chain = Chain(tuple(KSPattern(*p) for p in CHAINS[name]))
+    known = {**CHAINS, **MONARCH_GRID}
+    names = list(MONARCH_GRID) if args.grid == "monarch" else (args.chain or ",".join(CHAINS)).split(",")
+    for name in names:
+        chain = Chain(tuple(KSPattern(*p) for p in known[name]))
         for dtype in (torch.float32, torch.bfloat16):
             for batch_last in (False, True):
                 start = time.monotonic()
