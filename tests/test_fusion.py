@@ -130,16 +130,7 @@ def test_a_chain_cut_between_fused_runs_matches_dense_with_gradients(triton_inte
     ksfx.stats(reset=True)
     y = ksfx.ks_matmul(x, factors, batch_last=batch_last)
     assert ksfx.stats() == {"triton-interpret.forward_chain": 2, "triton-interpret.forward": 1}
-    x64 = x.detach().double().requires_grad_()
-    f64 = [f.detach().double().requires_grad_() for f in factors]
-    w = dense_of(f64)
-    want = w @ x64 if batch_last else x64 @ w.T
-    _assert_close(y.detach(), want.detach(), torch.float32)
-    probe = torch.randn(y.shape, generator=g)
-    grads = torch.autograd.grad((y * probe).sum(), [x, *factors])
-    expected = torch.autograd.grad((want * probe.double()).sum(), [x64, *f64])
-    for got, ref in zip(grads, expected, strict=True):
-        _assert_close(got, ref, torch.float32)
+    _assert_fp32_matches_float64(y, x, factors, dense_of, batch_last, g)
 
 
 def test_explain_shows_the_cut_under_the_interpreter_and_on_a_gpu(monkeypatch):
@@ -206,6 +197,21 @@ def _assert_close(actual, expected, dtype):
     scale = expected.abs().max().clamp_min(1.0)
     err = (actual.double() - expected).abs().max() / scale
     assert err < TOL[dtype], f"max error {err:.3g} > {TOL[dtype]} ({dtype})"
+
+
+def _assert_fp32_matches_float64(y, x, factors, dense, batch_last, generator):
+    """``y`` (fp32, from ``x`` and ``factors``) and the gradients of ``(y * probe).sum()``
+    in ``x`` and ``factors`` equal float64 autograd through ``dense(factors)``."""
+    x64 = x.detach().double().requires_grad_()
+    f64 = [f.detach().double().requires_grad_() for f in factors]
+    w = dense(f64)
+    want = w @ x64 if batch_last else x64 @ w.T
+    _assert_close(y.detach(), want.detach(), torch.float32)
+    probe = torch.randn(y.shape, generator=generator)
+    grads = torch.autograd.grad((y * probe).sum(), [x, *factors])
+    expected = torch.autograd.grad((want * probe.double()).sum(), [x64, *f64])
+    for got, ref in zip(grads, expected, strict=True):
+        _assert_close(got, ref, torch.float32)
 
 
 SEGMENTS = {
@@ -473,13 +479,4 @@ def test_every_cut_the_planner_makes_on_a_gpu_matches_dense_with_gradients(
     ksfx.stats(reset=True)
     y = ksfx.ks_matmul(x, factors, chain=chain, batch_last=batch_last)
     assert ksfx.stats().get("triton-interpret.forward_chain", 0) == fused
-    x64 = x.detach().double().requires_grad_()
-    f64 = [f.detach().double().requires_grad_() for f in factors]
-    w = dense_reference(chain, f64)
-    want = w @ x64 if batch_last else x64 @ w.T
-    _assert_close(y.detach(), want.detach(), torch.float32)
-    probe = torch.randn(y.shape, generator=generator)
-    grads = torch.autograd.grad((y * probe).sum(), [x, *factors])
-    expected = torch.autograd.grad((want * probe.double()).sum(), [x64, *f64])
-    for got, ref in zip(grads, expected, strict=True):
-        _assert_close(got, ref, torch.float32)
+    _assert_fp32_matches_float64(y, x, factors, lambda f64: dense_reference(chain, f64), batch_last, generator)
