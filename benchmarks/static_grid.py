@@ -143,8 +143,7 @@ def _case_of(report: dict) -> tuple:
     return ((a, c, b, d) if report["kind"] == "dx" else (a, b, c, d), dtype, report["layout"])  # dx: the transpose
 
 
-def _picked(report: dict, args) -> bool:
-    pattern = tuple(int(v) for v in args.pattern.split(",")) if args.pattern else None
+def _picked(report: dict, args, pattern: tuple | None) -> bool:
     return (
         (not args.failing or bool(report["problems"]))
         and (args.mode is None or report["mode"] == args.mode)
@@ -166,7 +165,8 @@ def recheck(args) -> int:
     if data["environment"]["triton"] != triton.__version__:
         have = data["environment"]["triton"]
         raise SystemExit(f"{args.out} was written by triton {have}; this is triton {triton.__version__}: run its venv")
-    picked = sorted({_case_of(r) for r in data["kernels"] if _picked(r, args)})
+    pattern = tuple(int(v) for v in args.pattern.split(",")) if args.pattern else None
+    picked = sorted({_case_of(r) for r in data["kernels"] if _picked(r, args, pattern)})
     if not picked:
         raise SystemExit("no case of the file matches the selection")
     start = time.perf_counter()
@@ -175,8 +175,9 @@ def recheck(args) -> int:
     old = collections.Counter(_case_of(r) for r in data["kernels"])
     new = collections.Counter(_case_of(r) for r in reports)
     reports = [r for r in reports for _ in range(max(1, old[_case_of(r)] // new[_case_of(r)]))]
-    keep = [r for r in data["kernels"] if _case_of(r) not in set(picked)]
-    old_crashes = [c for c in data["compile_aborts"] if (tuple(c["case"][0]), *c["case"][1:]) not in set(picked)]
+    again = set(picked)
+    keep = [r for r in data["kernels"] if _case_of(r) not in again]
+    old_crashes = [c for c in data["compile_aborts"] if (tuple(c["case"][0]), *c["case"][1:]) not in again]
     data["kernels"], data["compile_aborts"] = keep + reports, old_crashes + crashes
     data["summary"] = summarise(data["kernels"], data["compile_aborts"])
     selection = {k: getattr(args, k) for k in ("failing", "mode", "dtype", "layout", "pattern") if getattr(args, k)}

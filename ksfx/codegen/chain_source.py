@@ -185,9 +185,9 @@ def _dot_tile(k: int, step: FactorStep, tiles: DotTiles, beta0: str, position, o
     p = step.pattern
     bk = tiles.block_k
     whole_k = p.c % bk == 0
+    feature = im.through(step.in_perm, table_position(step, opts.batch_last), f"in_table{k}_ptr")
     if on_chip:
-        table_at = table_position(step, opts.batch_last)
-        col = im.code(im.through(step.in_perm, table_at, f"in_table{k}_ptr"), mask=None if whole_k else "mask_k")
+        col = im.code(feature, mask=None if whole_k else "mask_k")
         read = READ_ON_CHIP.format(
             col=col if whole_k else f"tl.where(mask_k, {col}, 0)",
             position=_position(position, "    "),
@@ -198,9 +198,7 @@ def _dot_tile(k: int, step: FactorStep, tiles: DotTiles, beta0: str, position, o
         )
     else:
         read = READ_MEMORY.format(
-            x_feature=im.code(
-                im.through(step.in_perm, table_position(step, opts.batch_last), f"in_table{k}_ptr"), mask="mask_k"
-            ),
+            x_feature=im.code(feature, mask="mask_k"),
             mask="mask_m[:, None]" if whole_k else "mask_m[:, None] & mask_k[None, :]",
         )
     masks = ([] if whole_k else ["mask_k[:, None]"]) + ([] if p.b % tiles.block_n == 0 else ["mask_b[None, :]"])

@@ -256,8 +256,8 @@ def segments(
 
     ``dense[k]``: step ``k`` stands for a dense product (its own launch, see the op).
     ``ceil``: on a GPU, each stretch of steps that could fuse is cut where the roofline
-    says it runs fastest, a fused run counted :attr:`Ceilings.min_gain` times its roofline
-    time (so a run fuses only where :func:`roofline_gain` reaches it; :func:`_cheapest_cut`).
+    says it runs fastest, every fused run reaching ``ceil.min_gain`` by :func:`roofline_gain`
+    (:func:`_cheapest_cut`).
     ``None``: every stretch fuses whole, as under the interpreter, which exists to test the kernels.
     """
     return list(_segments(tuple(steps), batch_last, tuple(dense or [False] * len(steps)), ceil))
@@ -302,10 +302,10 @@ def _cheapest_cut(
         options = [(alone[i - start] + time, launches + 1, [Segment(i, i + 1, False), *cut])]
         for j in range(i + 2, stop + 1):
             run = moved[i:j]
-            if (j - i < stop - start and _overflow(run, batch_last)) or roofline_gain(
-                run, batch_last, ceil
-            ) < ceil.min_gain:
-                continue  # (a sub-run may read its first input whole where the stretch did not)
+            # a sub-run may read its first input whole where the stretch did not
+            fits = j - i == stop - start or not _overflow(run, batch_last)
+            if not fits or roofline_gain(run, batch_last, ceil) < ceil.min_gain:
+                continue
             time, launches, cut = best[j]
             options.append((_fused_time(run, batch_last, ceil) + time, launches + 1, [Segment(i, j, True), *cut]))
         best[i] = min(options, key=lambda option: option[:2])
