@@ -10,6 +10,9 @@ chains), dtype and layout, the contenders run the same product:
   on a GPU, runs whose roofline gain is under ``fusion.MIN_GAIN`` stay per factor);
 * ``fused-all``: on a GPU, every run that fits fused (``fuse_min_gain = 0``): where it
   beats ``fused``, the roofline rule was wrong;
+* ``auto``: the defaults users get (``fuse = "auto"``: on a GPU each segment's first call,
+  during the warm-up, times it fused against per factor and keeps the faster;
+  ``dispatch = "auto"``);
 * ``per-factor``: the generated kernels, one launch per factor (``fuse = "never"``);
 * ``bmm``: one cuBLAS bmm per factor with its layout copies (``ksfx.config.dispatch = "torch"``);
 * ``dense``: ``x @ W.T`` / ``W @ x`` with ``W`` materialised (cuBLAS).
@@ -138,6 +141,7 @@ def contenders(x, factors, dense, batch_last: bool) -> dict:
     return {
         "fused": with_config(fuse="always", dispatch="triton"),
         **fused_all,
+        "auto": with_config(fuse="auto", dispatch="auto"),
         "per-factor": with_config(fuse="never", dispatch="triton"),
         "bmm": with_config(fuse="never", dispatch="torch"),
         "dense": (lambda: dense @ x) if batch_last else (lambda: x @ dense.T),
@@ -164,6 +168,9 @@ def run_case(name, patterns, dtype_name, layout, args, device, bandwidth) -> dic
     case = {"key": f"{name}|{dtype_name}|{layout}|{n}", "chain": name, "patterns": [list(p) for p in patterns],
             "dtype": dtype_name, "layout": layout, "batch": n, "errors": {}, "failed": {}}  # fmt: skip
     case.update(model_bytes(patterns, dtype, batch_last, n, fusion_ceilings(x)))
+    from ksfx.ops import fusion_race
+
+    raced = len(fusion_race.races())
     working = {}
     for label, fn in fns.items():
         try:
@@ -179,6 +186,7 @@ def run_case(name, patterns, dtype_name, layout, args, device, bandwidth) -> dic
     case["times"] = measure_interleaved(
         working, device, args.rounds, rep_ms=args.rep_ms, cpu_min_time=args.cpu_min_time
     )
+    case["fusion_races"] = [str(race) for race in fusion_race.races()[raced:]]  # auto's first call
     fused = case["times"].get("fused")
     if fused:
         case["fused_speedup"] = {k: t / fused for k, t in case["times"].items() if k != "fused"}

@@ -57,7 +57,7 @@ def _kernels(args) -> int:
         raise SystemExit(str(error)) from None
     torch.set_float32_matmul_precision(args.fp32_precision)
     launches = static_check.chain_launches(
-        chain, DTYPES[args.dtype], args.layout == "batch-last", args.batch, device, args.backward, args.fuse or None
+        chain, DTYPES[args.dtype], args.layout == "batch-last", args.batch, device, args.backward, args.fuse
     )
     reports = [static_check.check(launch, device, args.dump_dir) for launch in launches]
     for report in reports:
@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     kernels.add_argument("--fp32-precision", default="highest", choices=("highest", "high", "medium"))
     kernels.add_argument("--backward", action="store_true", help="also the weight-gradient and dx kernels")
     kernels.add_argument(
-        "--fuse", action="store_true", help="fused segments, as the op runs them with ksfx.config.fuse='always'"
+        "--fuse", action="store_true", help="the roofline's fused segments (which the op times on a GPU first)"
     )
     kernels.add_argument("--dump-dir", type=Path, help="write each kernel's cubin here")
     kernels.add_argument("--json", action="store_true", help="print a JSON list, one object per kernel")

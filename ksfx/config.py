@@ -29,8 +29,9 @@ class Config:
     #: ksfx.ops.dispatch), "triton" (always the generated kernels) or "torch" (cuBLAS bmm).
     dispatch: str = os.environ.get("KSFX_DISPATCH", "auto")
     #: Fuse runs of factors into one launch (ksfx.codegen.fusion): "auto" (under the
-    #: interpreter; on CUDA once timed there, see ksfx.ops.dispatch), "always" (on CUDA where
-    #: the roofline says fusing pays) or "never".
+    #: interpreter every run that fits; on CUDA where the roofline says fusing pays and the
+    #: segment's first call timed it faster than its steps one by one, ksfx.ops.fusion_race),
+    #: "always" (on CUDA where the roofline says fusing pays, untimed) or "never".
     fuse: str = os.environ.get("KSFX_FUSE", "auto")
     #: On CUDA, the least roofline gain for which a run fuses (None: ksfx.codegen.fusion.MIN_GAIN;
     #: 0 fuses every run that fits, as the chains benchmark does to time the rule).

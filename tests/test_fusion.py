@@ -149,8 +149,9 @@ def test_explain_shows_the_cut_under_the_interpreter_and_on_a_gpu(monkeypatch):
     fused = "steps 1-2 fused in one launch under the interpreter"
     apart = "step 1 alone (fusing steps 1-2 gains 1.08x by the roofline on H100, under 1.1x)"
     assert fp32.split("generated kernels: ")[1].startswith(f"{fused}; on H100 in float32 (matmul precision 'highest')")
-    assert f"with ksfx.config.fuse='always': {apart}; step 2 alone" in fp32
-    assert bf16.endswith(f"{fused}; on H100 in bfloat16 with ksfx.config.fuse='always': the same")
+    timed = "(each fused segment timed at its first call)"
+    assert f"by the roofline: {apart}; step 2 alone" in fp32 and fp32.endswith(timed)
+    assert bf16.endswith(f"{fused}; on H100 in bfloat16 by the roofline: the same {timed}")
 
 
 def test_permutations_move_to_the_next_loads_without_changing_the_product():

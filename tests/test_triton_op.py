@@ -28,7 +28,7 @@ from ksfx.backend import compile as compile_module
 from ksfx.backend.compile import EPILOGUE_FUSION
 from ksfx.codegen.census import compile_cubin
 from ksfx.config import config
-from ksfx.ops import triton_path
+from ksfx.ops import fusion_race, triton_path
 from ksfx.pattern import Chain, KSPattern
 from tests.test_fusion import ONE_LAUNCH, MonarchMLP, _assert_close, _dense_chain, assert_matches_eager, butterfly
 from tests.test_kernels import random_index_perm
@@ -208,6 +208,43 @@ def test_the_backend_hands_inductor_the_launches_of_a_ks_mlp_block(cuda_launches
     assert not [n for n in graphs[0].graph.nodes if "ksfx" in str(n.target)]
     assert_matches_eager(y, model(x.clone().requires_grad_()), list(model.parameters()))
     assert _launches(graphs[1])  # the backward's kernels, traced the same way
+
+
+@pytest.mark.parametrize(
+    "fused_wins, dynamic", [(True, False), (False, False), (True, True)], ids=["fused-wins", "steps-win", "dynamic"]
+)
+def test_the_backend_times_each_chain_before_the_trace_launches_the_faster(
+    cuda_launches_on_cpu, monkeypatch, fused_wins, dynamic
+):
+    """Under ``fuse = "auto"`` on CUDA the trace cannot time a fused segment: the backend
+    runs each chain first (forward and dx here; a symbolic batch at its hint), and the
+    trace launches what won."""
+    monkeypatch.setattr(compile_module, "_device_type", lambda example_inputs: "cuda")
+    monkeypatch.setattr(config, "fuse", "auto")
+    monkeypatch.setattr(fusion_race, "applies", lambda x: True)
+    monkeypatch.setattr(
+        fusion_race, "_measure", lambda fused, steps: (fused(), steps()) and ((1.0, 2.0) if fused_wins else (2.0, 1.0))
+    )
+    fusion_race.forget()
+    torch.manual_seed(0)
+    model = MonarchMLP(256, 512, 16)
+    x = torch.randn(6, 256)
+    graphs = []
+
+    def keep(gm, example_inputs):
+        graphs.append(gm)
+        return make_boxed_func(gm)
+
+    inner = aot_autograd(fw_compiler=keep, bw_compiler=keep)
+    compiled = torch.compile(model, backend=KsfxCompiler(rewrite="always", inner=inner), dynamic=dynamic)
+    y = compiled(x.clone().requires_grad_())
+    races = fusion_race.races()
+    fusion_race.forget()
+    assert [(r.taps, r.fused, r.batch) for r in races] == [(False, fused_wins, 6), (True, fused_wins, 6)] * 2
+    launches = _launches(graphs[0])
+    assert len(launches) == (2 if fused_wins else 4)
+    assert all(isinstance(launch.kwargs["kwargs"]["n"], torch.fx.Node) == dynamic for launch in launches)
+    assert_matches_eager(y, model(x.clone().requires_grad_()), list(model.parameters()))
 
 
 def test_ks_linear_under_the_backend_on_cuda_is_the_launches_too(cuda_launches_on_cpu, monkeypatch):

@@ -97,8 +97,8 @@ def _kernel_plan(chain: ChainReport) -> str:
     where = f"on {ceil.device} in {str(dtype).removeprefix('torch.')}"
     if dtype == torch.float32:
         where += f" (matmul precision {torch.get_float32_matmul_precision()!r})"
-    where += " with ksfx.config.fuse='always'"
-    return f"{here} under the interpreter; {where}: {'the same' if there == here else there}"
+    there = ("the same" if there == here else there) + " (each fused segment timed at its first call)"
+    return f"{here} under the interpreter; {where} by the roofline: {there}"
 
 
 def _find_graph_breaks(model, example_inputs):

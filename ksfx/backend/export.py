@@ -43,6 +43,7 @@ from torch.fx.node import map_arg
 
 from ksfx.backend.compile import GraphReport, _device_type, _support_signature
 from ksfx.backend.explain import Report
+from ksfx.backend.fusion_timing import time_chains
 from ksfx.passes import LAUNCHED_BY_INDUCTOR, retarget, run_pass
 from ksfx.passes.cost import MODES
 from ksfx.passes.weights import DATA_MOVEMENT
@@ -116,6 +117,7 @@ def _rewrite(ep: ExportedProgram, mode: str, graph_report: GraphReport) -> Expor
         return ep
     if device_type == "cuda":  # AOTInductor decomposes it into kernels it packages: no Python op left
         retarget(gm, LAUNCHED_BY_INDUCTOR)
+        time_chains(gm, backward=False)  # AOTInductor's trace, in this process, finds the timings
     names = {node: spec.target for node, spec in zip(placeholders, ep.graph_signature.input_specs, strict=True)}
     for node in sorted({g for c in rewritten for g in c.plan.guards}, key=placeholders.index):
         if node not in known:

@@ -19,7 +19,7 @@ from types import ModuleType
 import torch
 
 from ksfx.codegen.fusion import backward_plan, on_chip_steps
-from ksfx.ops import stats, torch_path
+from ksfx.ops import fusion_race, stats, torch_path
 from ksfx.ops.dispatch import chain_implementation, chain_segments, step_implementation
 from ksfx.pattern import Chain, FactorStep, PermStep, split_chain
 
@@ -173,17 +173,46 @@ def run_forward(x, factors, chain: Chain, batch_last: bool, bias=None, dense: in
     steps = factor_steps(factors, plan, dense)
     for segment in chain_segments(x, plan, batch_last, [as_dense for *_, as_dense in steps]):
         run = slice(segment.start, segment.stop)
+        segment_bias = bias if segment.stop == len(plan) else None
         if segment.fused:
-            segment_bias = bias if segment.stop == len(plan) else None
-            y = _fused(x, [v for v, *_ in steps[run]], on_chip_steps(plan[run]), batch_last, segment_bias)
-            if y is not None:
-                x = y
-                continue
+            values, fused = [v for v, *_ in steps[run]], on_chip_steps(plan[run])
+            one_by_one = functools.partial(_one_by_one, x, values, plan[run], batch_last, segment_bias)
+            if _runs_fused(x, values, fused, batch_last, segment_bias, False, one_by_one):
+                y = _fused(x, values, fused, batch_last, segment_bias)
+                if y is not None:
+                    x = y
+                    continue
         for k in range(segment.start, segment.stop):
             values, step, as_dense = steps[k]
             y = _forward_step(x, values, step, batch_last, bias if k == len(plan) - 1 else None)
             x = _nonfinite_as_dense(x, y, step, batch_last) if as_dense else y
     return x
+
+
+def _one_by_one(x, values, steps, batch_last: bool, bias=None) -> list[torch.Tensor]:
+    """Every step's output, the steps one launch each (``bias`` added by the last)."""
+    outputs: list[torch.Tensor] = []
+    for k, (v, step) in enumerate(zip(values, steps, strict=True)):
+        last = k == len(steps) - 1
+        outputs.append(_forward_step(outputs[-1] if outputs else x, v, step, batch_last, bias if last else None))
+    return outputs
+
+
+def _runs_fused(x, values, steps, batch_last: bool, bias, taps: bool, one_by_one) -> bool:
+    """Whether a fused segment runs fused: always, but on CUDA under ``fuse = "auto"``,
+    where its first call timed it faster than its steps one by one (:mod:`~ksfx.ops.fusion_race`)."""
+    if not fusion_race.applies(x):
+        return True
+    key = fusion_race.race_key(steps, batch_last, x, bias is not None, taps)
+
+    def describe():
+        n = x.shape[1] if batch_last else x.shape[0]
+        layout = "batch-last" if batch_last else "batch-first"
+        return " -> ".join(map(str, steps)), layout, str(x.dtype).removeprefix("torch."), n, taps
+
+    return fusion_race.runs_fused(
+        key, x, lambda: _fused(x, values, steps, batch_last, bias, taps=taps), one_by_one, describe
+    )
 
 
 def run_steps(x, values: list[torch.Tensor], steps: tuple[FactorStep, ...], batch_last: bool) -> list[torch.Tensor]:
@@ -192,12 +221,11 @@ def run_steps(x, values: list[torch.Tensor], steps: tuple[FactorStep, ...], batc
     outputs: list[torch.Tensor] = []
     for segment in chain_segments(x, list(steps), batch_last, [False] * len(steps)):
         run = slice(segment.start, segment.stop)
-        fused = _fused(x, values[run], steps[run], batch_last, taps=True) if segment.fused else None
-        if fused is not None:
-            outputs += fused
-        else:
-            for k in range(segment.start, segment.stop):
-                outputs.append(_forward_step(outputs[-1] if outputs else x, values[k], steps[k], batch_last, None))
+        one_by_one = functools.partial(_one_by_one, x, values[run], steps[run], batch_last)
+        fused = None
+        if segment.fused and _runs_fused(x, values[run], steps[run], batch_last, None, True, one_by_one):
+            fused = _fused(x, values[run], steps[run], batch_last, taps=True)
+        outputs += one_by_one() if fused is None else fused
         x = outputs[-1]
     return outputs
 

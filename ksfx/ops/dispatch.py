@@ -72,19 +72,17 @@ def prefers_triton(step: FactorStep, batch_last: bool, dtype: torch.dtype) -> bo
 def chain_segments(x: torch.Tensor, plan: list[FactorStep], batch_last: bool, dense: list[bool]) -> list[Segment]:
     """The plan cut into fused segments and single steps, for the implementation running ``x``.
 
-    Fused segments exist only for the generated kernels: always under the interpreter (which
-    exists to test them); on CUDA only with ``ksfx.config.fuse = "always"`` until
-    ``benchmarks.gpu_suite`` has timed them against the per-factor kernels (untimed so far;
-    the traffic model: a butterfly segment of ``k`` factors moves about ``1/k`` of their
-    bytes, a tensor-core segment re-reads its values once per 16-32-row batch tile). On
-    CUDA a run fuses only where the roofline on this GPU's ceilings says fusing pays
-    (:func:`~ksfx.codegen.fusion.roofline_gain`).
+    Fused segments exist only for the generated kernels: under the interpreter (which
+    exists to test them) every run that fits fuses; on CUDA a run is cut where the roofline
+    on this GPU's ceilings says fusing pays (:func:`~ksfx.codegen.fusion.roofline_gain`),
+    and under ``ksfx.config.fuse = "auto"`` each segment then runs fused only where its
+    first call timed it faster than its steps one by one (:mod:`ksfx.ops.fusion_race`);
+    ``"always"`` skips the timing, ``"never"`` fuses nothing.
     """
     if config.fuse not in ("auto", "always", "never"):
         raise ValueError(f"ksfx.config.fuse must be 'auto', 'always' or 'never', got {config.fuse!r}")
     name, _ = chain_implementation(x)
-    on = config.fuse == "always" or (config.fuse == "auto" and name == "triton-interpret")
-    if not on or not name.startswith("triton") or (x.is_cuda and config.dispatch == "torch"):
+    if config.fuse == "never" or not name.startswith("triton") or (x.is_cuda and config.dispatch == "torch"):
         return [Segment(k, k + 1, False, "fusion off") for k in range(len(plan))]
     return segments(plan, batch_last, dense, fusion_ceilings(x))
 

@@ -115,13 +115,14 @@ def chain_launches(
     n: int,
     device: Device,
     backward: bool = False,
-    fuse: bool | None = None,
+    fuse: bool = False,
 ) -> list[PlannedLaunch]:
     """The launches of one forward (and, with ``backward``, one backward) of ``chain``.
 
     Mirrors :func:`ksfx.ops.chain_op.run_forward` / ``run_backward``: the forward runs
-    the plan's fused segments (``fuse``; default: as the op on a GPU, with
-    ``ksfx.config.fuse == "always"``) and one launch per other step; the backward
+    the plan's fused segments (with ``fuse``: the roofline's cut on ``device``, which the
+    op runs under ``ksfx.config.fuse = "always"`` and times under ``"auto"``) and one
+    launch per other step; the backward
     (:func:`~ksfx.codegen.fusion.backward_plan`) recomputes the intermediates, runs ``dx``
     as the transposed chain on the transposed values views, and one weight-gradient
     launch per step.
@@ -129,8 +130,6 @@ def chain_launches(
     plan = _plan(chain)
     if not isinstance(plan, list):
         return []  # a lone permutation is a torch gather, no generated kernel
-    if fuse is None:
-        fuse = config.fuse == "always"
     target = triton_path.Target((device.capability // 10, device.capability % 10), device.sms, False)
     values = [torch.empty(step.pattern.as_tuple(), dtype=dtype, device="meta") for step in plan]
     ceil = ceilings(device, str(dtype).removeprefix("torch."), triton_path.dot_precision(dtype)) if fuse else None
