@@ -10,9 +10,9 @@ chains), dtype and layout, the contenders run the same product:
   on a GPU, runs whose roofline gain is under ``fusion.MIN_GAIN`` stay per factor);
 * ``fused-all``: on a GPU, every run that fits fused (``fuse_min_gain = 0``): where it
   beats ``fused``, the roofline rule was wrong;
-* ``auto``: the defaults users get (``fuse = "auto"``: on a GPU each segment's first call,
-  during the warm-up, times it fused against per factor and keeps the faster;
-  ``dispatch = "auto"``);
+* ``auto``: the defaults users get (``fuse = "auto"``, ``dispatch = "auto"``: on a GPU
+  each segment's and each step's first call, during the warm-up, times the choices, fused
+  or per factor, generated kernel or bmm, and keeps the fastest);
 * ``per-factor``: the generated kernels, one launch per factor (``fuse = "never"``);
 * ``bmm``: one cuBLAS bmm per factor with its layout copies (``ksfx.config.dispatch = "torch"``);
 * ``dense``: ``x @ W.T`` / ``W @ x`` with ``W`` materialised (cuBLAS).
@@ -168,9 +168,9 @@ def run_case(name, patterns, dtype_name, layout, args, device, bandwidth) -> dic
     case = {"key": f"{name}|{dtype_name}|{layout}|{n}", "chain": name, "patterns": [list(p) for p in patterns],
             "dtype": dtype_name, "layout": layout, "batch": n, "errors": {}, "failed": {}}  # fmt: skip
     case.update(model_bytes(patterns, dtype, batch_last, n, fusion_ceilings(x)))
-    from ksfx.ops import fusion_race
+    from ksfx.ops import race
 
-    raced = len(fusion_race.races())
+    raced = len(race.races())
     working = {}
     for label, fn in fns.items():
         try:
@@ -186,7 +186,7 @@ def run_case(name, patterns, dtype_name, layout, args, device, bandwidth) -> dic
     case["times"] = measure_interleaved(
         working, device, args.rounds, rep_ms=args.rep_ms, cpu_min_time=args.cpu_min_time
     )
-    case["fusion_races"] = [str(race) for race in fusion_race.races()[raced:]]  # auto's first call
+    case["races"] = [str(timed) for timed in race.races()[raced:]]  # auto's first calls
     fused = case["times"].get("fused")
     if fused:
         case["fused_speedup"] = {k: t / fused for k, t in case["times"].items() if k != "fused"}

@@ -7,7 +7,7 @@ detection and rewrite) → ``backend`` (torch.compile glue).
 
 from ksfx.backend import Report, backend, explain, export  # the function `ksfx.backend` shadows the subpackage name
 from ksfx.nn import KSLinear
-from ksfx.ops import ks_matmul, stats
+from ksfx.ops import ks_matmul, races, stats
 from ksfx.passes.graph_breaks import make_traceable, trace_autograd_functions
 from ksfx.pattern import Chain, DigitPerm, IndexPerm, KSPattern
 
@@ -25,6 +25,7 @@ __all__ = [
     "export",
     "ks_matmul",
     "make_traceable",
+    "races",
     "stats",
     "trace_autograd_functions",
 ]

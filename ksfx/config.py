@@ -25,12 +25,13 @@ class Config:
     #: Autotune the forward kernels' tiles (per pattern, layout, dtype and batch size)
     #: instead of using the heuristic config. GPU only; costs a few seconds per new shape.
     autotune: bool = os.environ.get("KSFX_AUTOTUNE", "0") == "1"
-    #: Which implementation runs a factor step on CUDA: "auto" (the measured policy of
+    #: Which implementation runs a factor step on CUDA: "auto" (the one the step's first
+    #: call timed fastest, ksfx.ops.race; where nothing can be timed, the measured policy of
     #: ksfx.ops.dispatch), "triton" (always the generated kernels) or "torch" (cuBLAS bmm).
     dispatch: str = os.environ.get("KSFX_DISPATCH", "auto")
     #: Fuse runs of factors into one launch (ksfx.codegen.fusion): "auto" (under the
     #: interpreter every run that fits; on CUDA where the roofline says fusing pays and the
-    #: segment's first call timed it faster than its steps one by one, ksfx.ops.fusion_race),
+    #: segment's first call timed it faster than its steps one by one, ksfx.ops.race),
     #: "always" (on CUDA where the roofline says fusing pays, untimed) or "never".
     fuse: str = os.environ.get("KSFX_FUSE", "auto")
     #: On CUDA, the least roofline gain for which a run fuses (None: ksfx.codegen.fusion.MIN_GAIN;

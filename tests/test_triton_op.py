@@ -28,10 +28,11 @@ from ksfx.backend import compile as compile_module
 from ksfx.backend.compile import EPILOGUE_FUSION
 from ksfx.codegen.census import compile_cubin
 from ksfx.config import config
-from ksfx.ops import fusion_race, triton_path
+from ksfx.ops import race, triton_path
 from ksfx.pattern import Chain, KSPattern
 from tests.test_fusion import ONE_LAUNCH, MonarchMLP, _assert_close, _dense_chain, assert_matches_eager, butterfly
 from tests.test_kernels import random_index_perm
+from tests.test_race import TIMES, stand_in_clock
 
 WRAPPER = torch.ops.higher_order.triton_kernel_wrapper_functional
 TENSOR_CORE_CHAINS = {
@@ -210,6 +211,18 @@ def test_the_backend_hands_inductor_the_launches_of_a_ks_mlp_block(cuda_launches
     assert _launches(graphs[1])  # the backward's kernels, traced the same way
 
 
+def test_a_trace_without_a_decision_times_nothing_and_launches_per_step(cuda_launches_on_cpu, monkeypatch):
+    """AOT traces the op's body with functional tensors wrapping fake ones: no race can run
+    there, and a segment nobody timed runs one launch per step."""
+    monkeypatch.setattr(config, "fuse", "auto")
+    monkeypatch.setattr(race, "applies", lambda x: True)
+    monkeypatch.setattr(race, "_measure", lambda sides: pytest.fail("timed inside a trace"))
+    race.forget()
+    graphs, y, inputs, reference = _traced(butterfly(16), False, torch.float32, n=24)
+    assert len(_launches(graphs[0])) == 4 and not race.races()
+    _assert_matches(y, inputs, reference, torch.float32)
+
+
 @pytest.mark.parametrize(
     "fused_wins, dynamic", [(True, False), (False, False), (True, True)], ids=["fused-wins", "steps-win", "dynamic"]
 )
@@ -221,11 +234,9 @@ def test_the_backend_times_each_chain_before_the_trace_launches_the_faster(
     trace launches what won."""
     monkeypatch.setattr(compile_module, "_device_type", lambda example_inputs: "cuda")
     monkeypatch.setattr(config, "fuse", "auto")
-    monkeypatch.setattr(fusion_race, "applies", lambda x: True)
-    monkeypatch.setattr(
-        fusion_race, "_measure", lambda fused, steps: (fused(), steps()) and ((1.0, 2.0) if fused_wins else (2.0, 1.0))
-    )
-    fusion_race.forget()
+    monkeypatch.setattr(race, "applies", lambda x: True)
+    monkeypatch.setattr(race, "_measure", stand_in_clock({**TIMES, "fused": 1.0 if fused_wins else 3.0}))
+    race.forget()
     torch.manual_seed(0)
     model = MonarchMLP(256, 512, 16)
     x = torch.randn(6, 256)
@@ -238,9 +249,12 @@ def test_the_backend_times_each_chain_before_the_trace_launches_the_faster(
     inner = aot_autograd(fw_compiler=keep, bw_compiler=keep)
     compiled = torch.compile(model, backend=KsfxCompiler(rewrite="always", inner=inner), dynamic=dynamic)
     y = compiled(x.clone().requires_grad_())
-    races = fusion_race.races()
-    fusion_race.forget()
-    assert [(r.taps, r.fused, r.batch) for r in races] == [(False, fused_wins, 6), (True, fused_wins, 6)] * 2
+    fusions = [
+        (r.subject.endswith("storing every step"), r.winner, r.batch) for r in race.races() if "fusing" in r.subject
+    ]
+    race.forget()
+    winner = "fused" if fused_wins else "one by one"
+    assert fusions == [(False, winner, 6), (True, winner, 6)] * 2  # up and down, forward and dx
     launches = _launches(graphs[0])
     assert len(launches) == (2 if fused_wins else 4)
     assert all(isinstance(launch.kwargs["kwargs"]["n"], torch.fx.Node) == dynamic for launch in launches)

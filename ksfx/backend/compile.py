@@ -28,7 +28,7 @@ from torch._guards import detect_fake_mode
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from ksfx.backend import lowerings
-from ksfx.backend.fusion_timing import time_chains
+from ksfx.backend.timing import time_chains
 from ksfx.backend.widths import specialise_widths
 from ksfx.config import config
 from ksfx.passes import AS_CUSTOM_OP, INLINE_ON_CPU, LAUNCHED_BY_INDUCTOR, ChainReport, retarget, run_pass
@@ -348,7 +348,7 @@ class KsfxCompiler:
         from torch._inductor import config as inductor
 
         patches = {EPILOGUE_FUSION: True} if self.epilogue_fusion else {}
-        time_chains(aten_gm)  # the trace cannot time fused segments: decide them here
+        time_chains(aten_gm)  # the trace cannot time the kernels: decide here
         try:
             with inductor.patch(patches):
                 return inner(aten_gm, example_inputs)

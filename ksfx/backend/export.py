@@ -43,7 +43,7 @@ from torch.fx.node import map_arg
 
 from ksfx.backend.compile import GraphReport, _device_type, _support_signature
 from ksfx.backend.explain import Report
-from ksfx.backend.fusion_timing import time_chains
+from ksfx.backend.timing import time_chains
 from ksfx.passes import LAUNCHED_BY_INDUCTOR, retarget, run_pass
 from ksfx.passes.cost import MODES
 from ksfx.passes.weights import DATA_MOVEMENT

@@ -19,7 +19,7 @@ from types import ModuleType
 import torch
 
 from ksfx.codegen.fusion import backward_plan, on_chip_steps
-from ksfx.ops import fusion_race, stats, torch_path
+from ksfx.ops import race, stats, torch_path
 from ksfx.ops.dispatch import chain_implementation, chain_segments, step_implementation
 from ksfx.pattern import Chain, FactorStep, PermStep, split_chain
 
@@ -77,10 +77,28 @@ def _fall_back(x: torch.Tensor, error: Exception) -> tuple[str, ModuleType]:
     return name, torch_path
 
 
-def _run_step(x, step: FactorStep, batch_last: bool, kind: str, run):
-    """``run(impl)`` on the implementation dispatch picks for the step, counted as
-    ``<impl>.<kind>``; on the plain-torch path where Triton could not build the kernel."""
+def _run_step(x, step: FactorStep, batch_last: bool, kind: str, run, variant: tuple = ()):
+    """``run(impl)`` on the implementation dispatch picks for the step (on CUDA the one its
+    first call timed fastest, :mod:`~ksfx.ops.race`), counted as ``<impl>.<kind>``; on the
+    plain-torch path where Triton could not build the kernel. ``variant``: what else tells
+    the step's calls apart (a bias)."""
     name, impl = step_implementation(x, step, batch_last)
+    generated_name, generated = chain_implementation(x)
+    if generated is not torch_path and race.dispatch_applies(x):
+        torch_name = "cpu" if x.device.type == "cpu" else f"torch-{x.device.type}"
+
+        def generated_side():
+            try:
+                return run(generated)
+            except generated.KernelUnavailable:
+                return None
+
+        sides = {"generated kernel": generated_side, "torch": lambda: run(torch_path)}
+        subject = f"{kind.replace('_', ' ')} of {step}"
+        key = race.race_key(("step", kind, step, variant), batch_last, x)
+        default = "generated kernel" if impl is generated else "torch"
+        winner = race.decide(key, x, sides, subject, batch_last, default)
+        name, impl = (generated_name, generated) if winner == "generated kernel" else (torch_name, torch_path)
     if impl is not torch_path:
         try:
             out = run(impl)
@@ -94,7 +112,12 @@ def _run_step(x, step: FactorStep, batch_last: bool, kind: str, run):
 
 def _forward_step(x, values, step: FactorStep, batch_last: bool, bias) -> torch.Tensor:
     return _run_step(
-        x, step, batch_last, "forward", lambda impl: impl.factor_forward(x, values, step, batch_last, bias)
+        x,
+        step,
+        batch_last,
+        "forward",
+        lambda impl: impl.factor_forward(x, values, step, batch_last, bias),
+        (bias is not None,),
     )
 
 
@@ -200,19 +223,13 @@ def _one_by_one(x, values, steps, batch_last: bool, bias=None) -> list[torch.Ten
 
 def _runs_fused(x, values, steps, batch_last: bool, bias, taps: bool, one_by_one) -> bool:
     """Whether a fused segment runs fused: always, but on CUDA under ``fuse = "auto"``,
-    where its first call timed it faster than its steps one by one (:mod:`~ksfx.ops.fusion_race`)."""
-    if not fusion_race.applies(x):
+    where its first call timed it faster than its steps one by one (:mod:`~ksfx.ops.race`)."""
+    if not race.fusion_applies(x):
         return True
-    key = fusion_race.race_key(steps, batch_last, x, bias is not None, taps)
-
-    def describe():
-        n = x.shape[1] if batch_last else x.shape[0]
-        layout = "batch-last" if batch_last else "batch-first"
-        return " -> ".join(map(str, steps)), layout, str(x.dtype).removeprefix("torch."), n, taps
-
-    return fusion_race.runs_fused(
-        key, x, lambda: _fused(x, values, steps, batch_last, bias, taps=taps), one_by_one, describe
-    )
+    sides = {"fused": lambda: _fused(x, values, steps, batch_last, bias, taps=taps), "one by one": one_by_one}
+    subject = "fusing " + " -> ".join(map(str, steps)) + (", storing every step" if taps else "")
+    key = race.race_key(("fused", steps, taps, bias is not None), batch_last, x)
+    return race.decide(key, x, sides, subject, batch_last, default="one by one") == "fused"
 
 
 def run_steps(x, values: list[torch.Tensor], steps: tuple[FactorStep, ...], batch_last: bool) -> list[torch.Tensor]:

@@ -15,9 +15,12 @@ Those steps run the plain-torch path (reshape/einsum, i.e. cuBLAS bmm) on CUDA. 
 timings are of the one-δ-per-program kernel: batch-first ``d > 1`` now runs the δ-tiled
 ``forward_dot3`` (contiguous runs, wgmma in the sm_90 census), not measured on a GPU yet;
 ``benchmarks.gpu_suite`` times the generated kernels on every case, the data to re-derive
-this policy from (``KSFX_DISPATCH=triton`` runs them meanwhile). The
-interpreter always runs the kernels (it exists to test them), and
-``ksfx.config.dispatch`` = ``"triton"`` / ``"torch"`` overrides the policy.
+this policy from (``KSFX_DISPATCH=triton`` runs them meanwhile). Under
+``ksfx.config.dispatch = "auto"`` a step's first call on CUDA times both and keeps the
+faster (:mod:`ksfx.ops.race`): this policy picks only where nothing can be timed (a trace
+without an earlier decision, a CUDA graph capture). The interpreter always runs the
+kernels (it exists to test them), and ``ksfx.config.dispatch`` = ``"triton"`` /
+``"torch"`` overrides both.
 """
 
 from __future__ import annotations
@@ -76,7 +79,7 @@ def chain_segments(x: torch.Tensor, plan: list[FactorStep], batch_last: bool, de
     exists to test them) every run that fits fuses; on CUDA a run is cut where the roofline
     on this GPU's ceilings says fusing pays (:func:`~ksfx.codegen.fusion.roofline_gain`),
     and under ``ksfx.config.fuse = "auto"`` each segment then runs fused only where its
-    first call timed it faster than its steps one by one (:mod:`ksfx.ops.fusion_race`);
+    first call timed it faster than its steps one by one (:mod:`ksfx.ops.race`);
     ``"always"`` skips the timing, ``"never"`` fuses nothing.
     """
     if config.fuse not in ("auto", "always", "never"):
