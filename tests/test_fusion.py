@@ -291,7 +291,35 @@ ONE_LAUNCH = {
     "vit-mlp-up": [(1, 768, 192, 2), (6, 64, 64, 1)],
     "vit-mlp-down": [(1, 128, 128, 3), (6, 64, 256, 1)],
     "table-between": [(4, 16, 16, 2), random_index_perm(128, seed=9), (2, 16, 16, 4)],
+    "monarch-256": [(1, 16, 16, 16), (16, 16, 16, 1)],  # 16-bit: blocks merged in δ pairs and α pairs
 }
+
+
+@pytest.mark.parametrize("dtype, precision", [(torch.float16, "highest"), (torch.float32, "high"),
+                                              (torch.float32, "highest")], ids=["fp16", "tf32", "ieee"])  # fmt: skip
+def test_small_tensor_core_blocks_run_merged_into_zero_padded_ones(triton_interpret, monkeypatch, dtype, precision):
+    """The fused kernel of a 16x16-block Monarch pair multiplies 32x32 blocks on tensor
+    cores (δ pairs, α pairs, zeros between), FMA dots under IEEE keep theirs; the product
+    is the same (the one-launch test above checks values and gradients)."""
+    launched = []
+    real = triton_path.chain_plan
+    monkeypatch.setattr(
+        triton_path, "chain_plan", lambda steps, *a, **k: launched.append(steps) or real(steps, *a, **k)
+    )
+    patterns = ONE_LAUNCH["monarch-256"]
+    factors = [torch.randn(p).to(dtype) / 4 for p in patterns]
+    x = torch.randn(5, 256).to(dtype)
+    saved = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(precision)
+    try:
+        y = ksfx.ks_matmul(x, factors)
+    finally:
+        torch.set_float32_matmul_precision(saved)
+    merged = [(8, 32, 32, 1), (1, 32, 32, 8)] if precision != "highest" or dtype != torch.float32 else None
+    assert [s.pattern.as_tuple() for s in launched[0]] == (merged or [p for p in reversed(patterns)])
+    want = x.double() @ dense_of([f.double() for f in factors]).T
+    tol = 2e-2 if precision == "high" else TOL[dtype] * 4  # TF32 rounds the operands to 10 bits
+    torch.testing.assert_close(y.double(), want, rtol=tol, atol=tol)
 
 
 def _dense_chain(steps, factors):

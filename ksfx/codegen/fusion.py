@@ -349,6 +349,53 @@ def on_chip_steps(steps: list[FactorStep] | tuple[FactorStep, ...]) -> tuple[Fac
     return _on_chip(tuple(steps))
 
 
+#: Fewest rows and columns of a block that a fused tensor-core factor multiplies: smaller
+#: blocks are merged, several to a block padded with zeros (:func:`merged_steps`).
+MERGED_BLOCK = 32
+
+
+def block_merge(step: FactorStep, batch_last: bool) -> tuple[int, int]:
+    """``(ga, gd)``: how many blocks of ``step`` one merged block holds, neighbours in α
+    (``ga``) or in δ (``gd``), one of them 1; ``(1, 1)`` for blocks of at least
+    :data:`MERGED_BLOCK` or a count that divides neither ``a`` nor ``d``.
+
+    ``I_a ⊗ 1_{b×c} ⊗ I_d`` lies inside ``I_{a/g} ⊗ 1_{gb×gc} ⊗ I_d`` and inside
+    ``I_a ⊗ 1_{gb×gc} ⊗ I_{d/g}`` (blocks ``δ = j·d/g + δ'``, ``j < g``, on the diagonal):
+    the same features, ``g`` times the FLOPs, ``1/g`` the tiles. Compiled for sm_90
+    (triton 3.6, batch 25,088, ``benchmarks.fused_census --grid monarch``), Monarch pairs
+    with 16x16 blocks spilled 400-2000 instructions in bf16 and 32x32 ones none at n = 1024.
+    """
+    p = step.pattern
+    side = min(p.b, p.c)
+    if not is_dot(step, batch_last) or side >= MERGED_BLOCK:
+        return 1, 1
+    g = next_pow2(cdiv(MERGED_BLOCK, side))
+    while g > 1 and p.a % g and p.d % g:
+        g //= 2
+    if g == 1:
+        return 1, 1
+    return (g, 1) if p.a % g == 0 else (1, g)
+
+
+def merged_step(step: FactorStep, ga: int, gd: int) -> FactorStep:
+    """``step`` on the pattern whose blocks hold ``ga`` x ``gd`` of its own (:func:`block_merge`)."""
+    p = step.pattern
+    g = ga * gd
+    return FactorStep(KSPattern(p.a // ga, p.b * g, p.c * g, p.d // gd), step.in_perm, step.out_perm)
+
+
+def merged_steps(steps: tuple[FactorStep, ...], batch_last: bool, fma_dots: bool) -> tuple[tuple[int, int], ...]:
+    """:func:`block_merge` of each step of a fused segment; none where its tensor-core
+    factors run as FMA dots (``fma_dots``: fp32 under IEEE, where FLOPs cost) or where
+    the merged segment would no longer fit."""
+    none = ((1, 1),) * len(steps)
+    if fma_dots:
+        return none
+    merges = tuple(block_merge(step, batch_last) for step in steps)
+    merged = tuple(merged_step(step, *g) for step, g in zip(steps, merges, strict=True))
+    return merges if merges != none and not _overflow(merged, batch_last) else none
+
+
 @dataclass(frozen=True)
 class FusedTile:
     """Batch rows per program and warps of a fused launch."""

@@ -41,6 +41,9 @@ class PlannedLaunch:
     n: int
     dtype: torch.dtype
     batch_last: bool
+    #: a fused segment's steps as the chain has them, where its kernel merged blocks
+    #: (:func:`~ksfx.ops.triton_path.merged_segment`): the floor counts these
+    unmerged: tuple[FactorStep, ...] = ()
 
     @property
     def step(self) -> FactorStep:
@@ -58,7 +61,11 @@ class PlannedLaunch:
         """``|X| + |W| + |Y|`` of what the launch computes."""
         if not self.fused:
             return self.step.pattern.min_bytes(self.n, self.dtype.itemsize)
-        return traffic.segment_min_bytes(self.steps, self.n, self.dtype.itemsize)
+        return traffic.segment_min_bytes(self.unmerged or self.steps, self.n, self.dtype.itemsize)
+
+    def flops(self) -> int:
+        """The FLOPs of what the launch computes (merged blocks' zeros not counted)."""
+        return sum(step.pattern.flops(self.n) for step in self.unmerged or self.steps)
 
 
 def _activation(features: int, n: int, dtype, batch_last: bool) -> torch.Tensor:
@@ -75,12 +82,16 @@ def _forward(kind, step, values, n, dtype, batch_last, target) -> PlannedLaunch:
 
 
 def _segment(kind, steps, values, n, dtype, batch_last, target, taps: bool = False) -> PlannedLaunch:
+    unmerged = steps
+    steps, values = triton_path.merged_segment(steps, values, batch_last, dtype)
     first, last = steps[0].pattern, steps[-1].pattern
     x, y = _activation(first.in_features, n, dtype, batch_last), _activation(last.out_features, n, dtype, batch_last)
     tapped = [_activation(s.pattern.out_features, n, dtype, batch_last) for s in steps[:-1]] if taps else []
     key, tile, programs = triton_path.chain_plan(steps, batch_last, dtype, n, target, taps)
     args, flags = triton_path.chain_arguments(x, values, y, steps, batch_last, None, tapped)
-    return PlannedLaunch(kind, steps, key, tile, programs, args, flags, n, dtype, batch_last)
+    return PlannedLaunch(
+        kind, steps, key, tile, programs, args, flags, n, dtype, batch_last, unmerged if steps != unmerged else ()
+    )
 
 
 def _run(kind, steps, values, n, dtype, batch_last, target, ceil, taps: bool) -> list[PlannedLaunch]:
@@ -172,7 +183,7 @@ def check(launch: PlannedLaunch, device: Device, dump_dir: Path | None = None) -
         cubin_path = dump_dir / f"{launch.kind}_{mode}_{slug}_{key.dtype}.cubin"
         cubin_path.write_bytes(cubin)
     model, lower = _launch_bytes(launch), launch.min_bytes()
-    flops = sum(step.pattern.flops(launch.n) for step in launch.steps)
+    flops = launch.flops()
     summary = counts.summary()
     unit = unit_of(summary["hgmma"], summary["hmma"], key.dtype)
     dispatch = "triton" if launch.fused or prefers_triton(launch.step, launch.batch_last, launch.dtype) else "torch"
@@ -180,6 +191,7 @@ def check(launch: PlannedLaunch, device: Device, dump_dir: Path | None = None) -
         "kind": launch.kind,
         "pattern": launch.patterns() if launch.fused else launch.patterns()[0],
         "step": "; ".join(str(step) for step in launch.steps),
+        "merged_from": [list(step.pattern.as_tuple()) for step in launch.unmerged],  # the chain's own blocks
         "mode": mode,
         "tensor_core_steps": sum(uses_tensor_cores(s.pattern, launch.batch_last) for s in launch.steps),
         "dtype": key.dtype,

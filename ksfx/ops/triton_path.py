@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from ksfx.codegen import ChainKernelKey, KernelKey, TileConfig, get_autotuned, get_kernel, kernel_mode
-from ksfx.codegen.fusion import fused_tile, table_in_tile_order
+from ksfx.codegen.fusion import fused_tile, merged_step, merged_steps, table_in_tile_order
 from ksfx.codegen.fusion import values_order as fused_values_order
 from ksfx.codegen.tiling import (
     cdiv,
@@ -470,6 +470,35 @@ def chain_arguments(x, values, y, steps: tuple[FactorStep, ...], batch_last: boo
     return args, {"HAS_BIAS": bias is not None, "INT64": _needs_int64(x, y, *taps)}
 
 
+def merged_segment(steps: tuple[FactorStep, ...], values: list[torch.Tensor], batch_last: bool, dtype):
+    """The segment as its kernel runs it: small tensor-core blocks merged into larger ones
+    padded with zeros (:func:`~ksfx.codegen.fusion.merged_steps`), and their values so laid out."""
+    fma_dots = dtype == torch.float32 and dot_precision(dtype) == "ieee"
+    merges = merged_steps(steps, batch_last, fma_dots)
+    if all(g == (1, 1) for g in merges):
+        return steps, values
+    merged = tuple(merged_step(step, *g) for step, g in zip(steps, merges, strict=True))
+    return merged, [_merged_values(v, *g) for v, g in zip(values, merges, strict=True)]
+
+
+def _merged_values(values: torch.Tensor, ga: int, gd: int) -> torch.Tensor:
+    """``values`` of ``(a, b, c, d)`` as those of ``(a/ga, b·g, c·g, d/gd)``, ``g = ga·gd``:
+    each group of ``g`` blocks on the diagonal of one block, zeros elsewhere (written, not
+    multiplied: a non-finite value stays in its own block)."""
+    if ga == gd == 1:
+        return values
+    a, b, c, d = values.shape
+    if ga > 1:
+        merged = values.new_zeros(a // ga, ga, b, ga, c, d)
+        diagonal = torch.arange(ga, device=values.device)
+        merged[:, diagonal, :, diagonal] = values.reshape(a // ga, ga, b, c, d).transpose(0, 1)
+        return merged.reshape(a // ga, ga * b, ga * c, d)
+    merged = values.new_zeros(a, b, gd, c, gd, d // gd)
+    diagonal = torch.arange(gd, device=values.device)
+    merged[:, :, diagonal, :, diagonal] = values.reshape(a, b, c, gd, d // gd).permute(3, 0, 1, 2, 4)
+    return merged.reshape(a, b * gd, c * gd, d // gd)
+
+
 def chain_forward(
     x: torch.Tensor,
     values: list[torch.Tensor],
@@ -498,6 +527,7 @@ def chain_forward(
 
     outs = [output(s.pattern.out_features) for s in (steps if taps else steps[-1:])]
     if n > 0:
+        steps, values = merged_segment(steps, values, batch_last, x.dtype)
         key, tile, programs = chain_plan(steps, batch_last, x.dtype, n, device_target(x.device), taps)
         kernel = get_kernel(key, config.cache_dir)
         args, flags = chain_arguments(x, values, outs[-1], steps, batch_last, bias, outs[:-1])
