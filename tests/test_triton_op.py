@@ -117,6 +117,16 @@ def _assert_matches(y, inputs, reference, dtype):
         _assert_close(got, ref, dtype)
 
 
+def _aot_keeping(graphs: list):
+    """AOT autograd as the inner compiler, appending each forward and backward graph to ``graphs``."""
+
+    def keep(gm, example_inputs):
+        graphs.append(gm)
+        return make_boxed_func(gm)
+
+    return aot_autograd(fw_compiler=keep, bw_compiler=keep)
+
+
 def _launches(gm) -> list[torch.fx.Node]:
     return [node for node in gm.graph.nodes if node.target is WRAPPER]
 
@@ -197,11 +207,7 @@ def test_the_backend_hands_inductor_the_launches_of_a_ks_mlp_block(cuda_launches
     x = torch.randn(6, 256)
     graphs, reports = [], []
 
-    def keep(gm, example_inputs):
-        graphs.append(gm)
-        return make_boxed_func(gm)
-
-    inner = aot_autograd(fw_compiler=keep, bw_compiler=keep)
+    inner = _aot_keeping(graphs)
     compiled = torch.compile(model, backend=KsfxCompiler(rewrite="always", inner=inner, reports=reports))
     y = compiled(x.clone().requires_grad_())
     assert "ksfx.ks_chain_triton.default" in reports[0].code and "ksfx.ks_chain.default" not in reports[0].code
@@ -242,11 +248,7 @@ def test_the_backend_times_each_chain_before_the_trace_launches_the_faster(
     x = torch.randn(6, 256)
     graphs = []
 
-    def keep(gm, example_inputs):
-        graphs.append(gm)
-        return make_boxed_func(gm)
-
-    inner = aot_autograd(fw_compiler=keep, bw_compiler=keep)
+    inner = _aot_keeping(graphs)
     compiled = torch.compile(model, backend=KsfxCompiler(rewrite="always", inner=inner), dynamic=dynamic)
     y = compiled(x.clone().requires_grad_())
     fusions = [
@@ -270,11 +272,7 @@ def test_ks_linear_under_the_backend_on_cuda_is_the_launches_too(cuda_launches_o
     x = torch.randn(5, 16)
     graphs = []
 
-    def keep(gm, example_inputs):
-        graphs.append(gm)
-        return make_boxed_func(gm)
-
-    inner = aot_autograd(fw_compiler=keep, bw_compiler=keep)
+    inner = _aot_keeping(graphs)
     for backend, launches in ((inner, 0), (KsfxCompiler(inner=inner), 1)):  # 1: the fused butterfly
         graphs.clear()
         torch._dynamo.reset()
@@ -316,11 +314,7 @@ def test_a_symbolic_batch_gives_symbolic_grids_one_compile_for_every_batch(cuda_
     model = MonarchMLP(64, 128, 8)
     graphs = []
 
-    def keep(gm, example_inputs):
-        graphs.append(gm)
-        return make_boxed_func(gm)
-
-    inner = aot_autograd(fw_compiler=keep, bw_compiler=keep)
+    inner = _aot_keeping(graphs)
     compiled = torch.compile(model, backend=KsfxCompiler(rewrite="always", inner=inner), dynamic=True)
     for n in (40, 77):
         x = torch.randn(n, 64, requires_grad=True)
