@@ -129,3 +129,26 @@ def test_a_trace_and_a_cuda_graph_capture_time_nothing_and_use_what_was_decided(
     assert race.decide("k", fake, sides, "s", False, default="a") == "b" and calls == [1]
     race.forget()
     assert race.bucket(25088) == 32768 and race.bucket(1) == 1 and race.bucket(4) == 4
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_cuda_races_time_every_side_and_the_product_stays(dtype):
+    """On a GPU with the defaults: a 256 butterfly and a 16x16-block Monarch pair, forward
+    and backward, each choice timed once with real times, the product equal to dense."""
+    race.forget()
+    for patterns in (butterfly(256), [(1, 16, 16, 16), (16, 16, 16, 1)]):
+        factors = [(f / f.shape[2] ** 0.5).cuda().to(dtype).requires_grad_() for f in random_factors(patterns, dtype)]
+        x = torch.randn(4096, 256, device="cuda", dtype=dtype, requires_grad=True)
+        y = ksfx.ks_matmul(x, factors)
+        y.sum().backward()
+        want = x.detach().double() @ dense_of([f.detach().double().cpu() for f in factors]).cuda().T
+        tol = 2e-3 if dtype == torch.float32 else 5e-2
+        torch.testing.assert_close(y.double(), want, rtol=tol, atol=tol)
+    races = race.races()
+    assert any(r.subject.startswith("fusing") for r in races) and any(" of KS(" in r.subject for r in races)
+    assert all(us is None or us > 0 for r in races for _, us in r.times)
+    timed = len(races)
+    ksfx.ks_matmul(x, factors)
+    assert len(race.races()) == timed  # decided once
+    race.forget()
