@@ -196,8 +196,8 @@ def run_forward(x, factors, chain: Chain, batch_last: bool, bias=None, dense: in
     steps = factor_steps(factors, plan, dense)
     for segment in chain_segments(x, plan, batch_last, [as_dense for *_, as_dense in steps]):
         run = slice(segment.start, segment.stop)
-        segment_bias = bias if segment.stop == len(plan) else None
         if segment.fused:
+            segment_bias = bias if segment.stop == len(plan) else None
             values, fused = [v for v, *_ in steps[run]], on_chip_steps(plan[run])
             one_by_one = functools.partial(_one_by_one, x, values, plan[run], batch_last, segment_bias)
             if _runs_fused(x, values, fused, batch_last, segment_bias, False, one_by_one):
