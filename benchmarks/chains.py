@@ -87,7 +87,7 @@ def model_bytes(patterns, dtype: torch.dtype, batch_last: bool, n: int, ceil=Non
     ``ceil``: the :class:`~ksfx.codegen.fusion.Ceilings` the op cuts the chain with on a GPU
     (``None``: the interpreter's cut)."""
     from ksfx.codegen import traffic
-    from ksfx.codegen.fusion import fused_tile, on_chip_steps, segments
+    from ksfx.codegen.fusion import fused_tile, merged_steps, on_chip_steps, segments
     from ksfx.codegen.tiling import forward_heuristic
     from ksfx.ops.triton_path import dot_precision
     from ksfx.pattern import Chain, KSPattern, split_chain
@@ -104,8 +104,13 @@ def model_bytes(patterns, dtype: torch.dtype, batch_last: bool, n: int, ceil=Non
     for segment in cut:
         steps = on_chip_steps(plan[segment.start : segment.stop])
         if segment.fused:
-            tile = fused_tile(steps, n, batch_last, str(dtype).removeprefix("torch."), dot_precision(dtype))
-            fused.append(traffic.segment_bytes(steps, n, batch_last, tile.block_m, itemsize, 32, tile.num_warps))
+            name, precision = str(dtype).removeprefix("torch."), dot_precision(dtype)
+            fma_dots = name == "float32" and precision == "ieee"
+            steps, _ = merged_steps(steps, batch_last, fma_dots)  # small blocks merged, as the op runs them
+            tile = fused_tile(steps, n, batch_last, name, precision)
+            fused.append(
+                traffic.segment_bytes(steps, n, batch_last, tile.block_m, itemsize, 32, tile.num_warps, fma_dots)
+            )
         else:
             fused.append(per_factor(steps[0]))
     factors = [per_factor(s) for s in plan]

@@ -137,6 +137,11 @@ class _Options:
     def itemsize(self) -> int:
         return _itemsize(self.dtype)
 
+    @property
+    def fma_dots(self) -> bool:
+        """Whether the tensor-core factors' ``tl.dot`` runs as FMAs (fp32 under IEEE)."""
+        return self.dtype == "float32" and self.precision == "ieee"
+
 
 def _itemsize(dtype: str) -> int:
     return 4 if dtype == "float32" else 2
@@ -231,7 +236,7 @@ def _join(names: list[str], lines: list[str], block_n: int, prefix: str) -> str:
 def _inner_dot(k: int, step: FactorStep, position, on_chip: bool, opts: _Options) -> tuple[str, sympy.Expr]:
     """A tensor-core factor inside the segment: its tiles unrolled and joined into ``h``."""
     p = step.pattern
-    tiles = dot_tiles(p, opts.itemsize, 0 if on_chip else opts.rows_from_memory, opts.warps)
+    tiles = dot_tiles(p, opts.itemsize, 0 if on_chip else opts.rows_from_memory, opts.warps, opts.fma_dots)
     lines = [f"    # step {k}: {step}, {tiles.tiles} tiles of {tiles.block_n} rows joined on chip\n"]
     names = []
     for t in range(tiles.tiles):
@@ -253,7 +258,7 @@ def _inner_dot(k: int, step: FactorStep, position, on_chip: bool, opts: _Options
 
 def _last_dot(k: int, step: FactorStep, position, on_chip: bool, opts: _Options) -> str:
     p = step.pattern
-    tiles = dot_tiles(p, opts.itemsize, 0 if on_chip else opts.rows_from_memory, opts.warps)
+    tiles = dot_tiles(p, opts.itemsize, 0 if on_chip else opts.rows_from_memory, opts.warps, opts.fma_dots)
     alpha, delta = im.group_digits(step, GROUP)
     body = _dot_tile(k, step, tiles, f"(tile % {tiles.beta_tiles}) * {tiles.block_n}", position, on_chip, opts)
     epilogue = FORWARD_EPILOGUE.format(

@@ -85,17 +85,24 @@ class DotTiles:
         return self.padded * self.block_n
 
 
-def dot_tiles(pattern: KSPattern, itemsize: int = 2, rows_from_memory: int = 0, warps: int = FUSED_WARPS) -> DotTiles:
+def dot_tiles(
+    pattern: KSPattern, itemsize: int = 2, rows_from_memory: int = 0, warps: int = FUSED_WARPS, fma_dots: bool = False
+) -> DotTiles:
     """γ tiles of 16 in fp32 on chip: compiled for sm_90 (triton 3.9, batch 25,088), the
     ViT-S/16 MLP segments spilled 2184-4671 instructions with 64 and none with 16 (FMA dots
     under IEEE); 32 gave the MLP-down segment 1385-1433 in its loop.
+
+    ``fma_dots`` (fp32 under IEEE) on :data:`FUSED_WARPS`: β tiles of at most 32. Compiled
+    for sm_90 (triton 3.6, ``benchmarks.fused_census --grid monarch``), the n = 1024 pairs
+    with 64-wide blocks (16 batch rows, 8 warps) spilled 247-1,836 instructions in loops
+    with 64 and 0-2 with 32; on 16 warps (n = 512, 32 rows) 32 spilled more.
 
     ``rows_from_memory``: the batch rows of a first factor that reads its γ tiles from
     memory. Its tile is then wide enough for :data:`WIDE_BYTES` a thread of ``warps``:
     16 rows x 16 fp32 is one 4-byte load a thread on 8 warps; 32 made the Monarch n = 1024
     segment load 70/70 wide (70/134 with 16), both layouts.
     """
-    block_n = clamp_pow2(pattern.b, MIN_DOT, 64)
+    block_n = clamp_pow2(pattern.b, MIN_DOT, 32 if fma_dots and warps == FUSED_WARPS else 64)
     beta_tiles = cdiv(pattern.b, block_n)
     widest = 64 if itemsize <= 2 else MIN_DOT
     if rows_from_memory:
@@ -384,16 +391,18 @@ def merged_step(step: FactorStep, ga: int, gd: int) -> FactorStep:
     return FactorStep(KSPattern(p.a // ga, p.b * g, p.c * g, p.d // gd), step.in_perm, step.out_perm)
 
 
-def merged_steps(steps: tuple[FactorStep, ...], batch_last: bool, fma_dots: bool) -> tuple[tuple[int, int], ...]:
-    """:func:`block_merge` of each step of a fused segment; none where its tensor-core
-    factors run as FMA dots (``fma_dots``: fp32 under IEEE, where FLOPs cost) or where
-    the merged segment would no longer fit."""
+def merged_steps(
+    steps: tuple[FactorStep, ...], batch_last: bool, fma_dots: bool
+) -> tuple[tuple[FactorStep, ...], tuple[tuple[int, int], ...]]:
+    """A fused segment's steps as its kernel runs them, and the :func:`block_merge` of each;
+    nothing merged where its tensor-core factors run as FMA dots (``fma_dots``: fp32 under
+    IEEE, where FLOPs cost) or where the merged segment would no longer fit."""
     none = ((1, 1),) * len(steps)
-    if fma_dots:
-        return none
-    merges = tuple(block_merge(step, batch_last) for step in steps)
+    merges = none if fma_dots else tuple(block_merge(step, batch_last) for step in steps)
+    if merges == none:
+        return steps, none
     merged = tuple(merged_step(step, *g) for step, g in zip(steps, merges, strict=True))
-    return merges if merges != none and not _overflow(merged, batch_last) else none
+    return (steps, none) if _overflow(merged, batch_last) else (merged, merges)
 
 
 @dataclass(frozen=True)

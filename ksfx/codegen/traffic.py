@@ -232,7 +232,7 @@ def segment_min_bytes(steps, n: int, itemsize: int) -> int:
 
 
 def segment_bytes(steps: tuple[FactorStep, ...], n: int, batch_last: bool, block_m: int, itemsize: int,
-                  sector: int = 0, warps: int = FUSED_WARPS) -> Traffic:  # fmt: skip
+                  sector: int = 0, warps: int = FUSED_WARPS, fma_dots: bool = False) -> Traffic:  # fmt: skip
     """Global bytes of a fused segment's launch (:mod:`~ksfx.codegen.chain_source`).
 
     One program per batch tile reads each input feature and writes each output feature
@@ -252,7 +252,7 @@ def segment_bytes(steps: tuple[FactorStep, ...], n: int, batch_last: bool, block
                 lookups += p.c * next_pow2(p.out_features)
             else:
                 rows = first_rows_from_memory(steps, batch_last, itemsize, warps) if k == 0 else 0
-                tiles = dot_tiles(p, itemsize, rows, warps)
+                tiles = dot_tiles(p, itemsize, rows, warps, fma_dots)
                 lookups += tiles.tiles * cdiv(p.c, tiles.block_k) * tiles.block_k
     if isinstance(steps[-1].out_perm, IndexPerm):
         lookups += last.out_features

@@ -161,8 +161,9 @@ def _launch_bytes(launch: PlannedLaunch) -> traffic.Traffic | None:
         return None
     if launch.fused:
         tile = launch.tile
+        fma_dots = launch.key.dtype == "float32" and launch.key.precision == "ieee"
         return traffic.segment_bytes(
-            launch.steps, launch.n, launch.batch_last, tile.block_m, itemsize, 32, tile.num_warps
+            launch.steps, launch.n, launch.batch_last, tile.block_m, itemsize, 32, tile.num_warps, fma_dots
         )
     return traffic.bytes_moved(launch.step, launch.n, launch.batch_last, launch.tile, itemsize, sector=32)
 

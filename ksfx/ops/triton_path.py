@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from ksfx.codegen import ChainKernelKey, KernelKey, TileConfig, get_autotuned, get_kernel, kernel_mode
-from ksfx.codegen.fusion import fused_tile, merged_step, merged_steps, table_in_tile_order
+from ksfx.codegen.fusion import fused_tile, merged_steps, table_in_tile_order
 from ksfx.codegen.fusion import values_order as fused_values_order
 from ksfx.codegen.tiling import (
     cdiv,
@@ -474,10 +474,7 @@ def merged_segment(steps: tuple[FactorStep, ...], values: list[torch.Tensor], ba
     """The segment as its kernel runs it: small tensor-core blocks merged into larger ones
     padded with zeros (:func:`~ksfx.codegen.fusion.merged_steps`), and their values so laid out."""
     fma_dots = dtype == torch.float32 and dot_precision(dtype) == "ieee"
-    merges = merged_steps(steps, batch_last, fma_dots)
-    if all(g == (1, 1) for g in merges):
-        return steps, values
-    merged = tuple(merged_step(step, *g) for step, g in zip(steps, merges, strict=True))
+    merged, merges = merged_steps(steps, batch_last, fma_dots)
     return merged, [_merged_values(v, *g) for v, g in zip(values, merges, strict=True)]
 
 
