@@ -87,7 +87,7 @@ def model_bytes(patterns, dtype: torch.dtype, batch_last: bool, n: int, ceil=Non
     ``ceil``: the :class:`~ksfx.codegen.fusion.Ceilings` the op cuts the chain with on a GPU
     (``None``: the interpreter's cut)."""
     from ksfx.codegen import traffic
-    from ksfx.codegen.fusion import fused_tile, merged_steps, on_chip_steps, segments
+    from ksfx.codegen.fusion import fma_dots, fused_tile, merged_steps, on_chip_steps, segments
     from ksfx.codegen.tiling import forward_heuristic
     from ksfx.ops.triton_path import dot_precision
     from ksfx.pattern import Chain, KSPattern, split_chain
@@ -105,12 +105,10 @@ def model_bytes(patterns, dtype: torch.dtype, batch_last: bool, n: int, ceil=Non
         steps = on_chip_steps(plan[segment.start : segment.stop])
         if segment.fused:
             name, precision = str(dtype).removeprefix("torch."), dot_precision(dtype)
-            fma_dots = name == "float32" and precision == "ieee"
-            steps, _ = merged_steps(steps, batch_last, fma_dots)  # small blocks merged, as the op runs them
+            dots = fma_dots(name, precision)
+            steps, _ = merged_steps(steps, batch_last, dots)  # small blocks merged, as the op runs them
             tile = fused_tile(steps, n, batch_last, name, precision)
-            fused.append(
-                traffic.segment_bytes(steps, n, batch_last, tile.block_m, itemsize, 32, tile.num_warps, fma_dots)
-            )
+            fused.append(traffic.segment_bytes(steps, n, batch_last, tile.block_m, itemsize, 32, tile.num_warps, dots))
         else:
             fused.append(per_factor(steps[0]))
     factors = [per_factor(s) for s in plan]

@@ -122,11 +122,11 @@ def test_a_trace_and_a_cuda_graph_capture_time_nothing_and_use_what_was_decided(
     with torch._subclasses.FakeTensorMode():
         fake = torch.empty(4, 8)
     real = torch.empty(4, 8)
-    assert race.decide(None, real, sides, "s", False, default="a") == "a"  # a symbolic batch without a hint
-    assert race.decide("k", fake, sides, "s", False, default="a") == "a"  # nothing decided yet
+    assert race.decide(None, real, sides, lambda: "s", False, default="a") == "a"  # a symbolic batch without a hint
+    assert race.decide("k", fake, sides, lambda: "s", False, default="a") == "a"  # nothing decided yet
     assert not calls and not race.races()
-    assert race.decide("k", real, sides, "s", False, default="a") == "b"
-    assert race.decide("k", fake, sides, "s", False, default="a") == "b" and calls == [1]
+    assert race.decide("k", real, sides, lambda: "s", False, default="a") == "b"
+    assert race.decide("k", fake, sides, lambda: "s", False, default="a") == "b" and calls == [1]
     race.forget()
     assert race.bucket(25088) == 32768 and race.bucket(1) == 1 and race.bucket(4) == 4
 

@@ -33,6 +33,7 @@ from ksfx.codegen.fusion import (
     DotTiles,
     dot_tiles,
     first_rows_from_memory,
+    fma_dots,
     fused_warps,
     is_dot,
     reads_input_whole,
@@ -140,7 +141,7 @@ class _Options:
     @property
     def fma_dots(self) -> bool:
         """Whether the tensor-core factors' ``tl.dot`` runs as FMAs (fp32 under IEEE)."""
-        return self.dtype == "float32" and self.precision == "ieee"
+        return fma_dots(self.dtype, self.precision)
 
 
 def _itemsize(dtype: str) -> int:

@@ -356,6 +356,12 @@ def on_chip_steps(steps: list[FactorStep] | tuple[FactorStep, ...]) -> tuple[Fac
     return _on_chip(tuple(steps))
 
 
+def fma_dots(dtype: str, precision: str) -> bool:
+    """Whether a segment's tensor-core factors run ``tl.dot`` as FMAs: fp32 under IEEE
+    (``dtype`` / ``precision`` as in the kernel key)."""
+    return dtype == "float32" and precision == "ieee"
+
+
 #: Fewest rows and columns of a block that a fused tensor-core factor multiplies: smaller
 #: blocks are merged, several to a block padded with zeros (:func:`merged_steps`).
 MERGED_BLOCK = 32
@@ -437,8 +443,8 @@ def fused_warps(steps: tuple[FactorStep, ...], batch_last: bool, dtype: str, pre
     3.6). The 16-row Monarch n = 1024 segment spills nothing on 8 warps, and on 16 its
     values tiles are one 4-byte load a thread (8/78 loads wide).
     """
-    fma_dots = dtype == "float32" and precision == "ieee" and _fewest_rows(steps, batch_last) == MIN_ROWS
-    if fma_dots and segment_rows(steps, batch_last) >= 2 * MIN_ROWS:
+    dots = fma_dots(dtype, precision) and _fewest_rows(steps, batch_last) == MIN_ROWS
+    if dots and segment_rows(steps, batch_last) >= 2 * MIN_ROWS:
         return FMA_DOT_WARPS
     return FUSED_WARPS
 

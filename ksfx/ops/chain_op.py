@@ -20,7 +20,7 @@ import torch
 
 from ksfx.codegen.fusion import backward_plan, on_chip_steps
 from ksfx.ops import race, stats, torch_path
-from ksfx.ops.dispatch import chain_implementation, chain_segments, step_implementation
+from ksfx.ops.dispatch import chain_implementation, chain_segments, step_implementation, torch_path_name
 from ksfx.pattern import Chain, FactorStep, PermStep, split_chain
 
 log = logging.getLogger("ksfx.ops")
@@ -72,7 +72,7 @@ def _fall_back(x: torch.Tensor, error: Exception) -> tuple[str, ModuleType]:
     if str(error) not in _WARNED:
         _WARNED.add(str(error))
         log.warning("%s; running it with the plain-torch path instead", error)
-    name = "cpu" if x.device.type == "cpu" else f"torch-{x.device.type}"
+    name = torch_path_name(x)
     stats.record(f"{name}.fallback")
     return name, torch_path
 
@@ -85,7 +85,6 @@ def _run_step(x, step: FactorStep, batch_last: bool, kind: str, run, variant: tu
     name, impl = step_implementation(x, step, batch_last)
     generated_name, generated = chain_implementation(x)
     if generated is not torch_path and race.dispatch_applies(x):
-        torch_name = "cpu" if x.device.type == "cpu" else f"torch-{x.device.type}"
 
         def generated_side():
             try:
@@ -94,11 +93,11 @@ def _run_step(x, step: FactorStep, batch_last: bool, kind: str, run, variant: tu
                 return None
 
         sides = {"generated kernel": generated_side, "torch": lambda: run(torch_path)}
-        subject = f"{kind.replace('_', ' ')} of {step}"
+        subject = lambda: f"{kind.replace('_', ' ')} of {step}"  # noqa: E731
         key = race.race_key(("step", kind, step, variant), batch_last, x)
         default = "generated kernel" if impl is generated else "torch"
         winner = race.decide(key, x, sides, subject, batch_last, default)
-        name, impl = (generated_name, generated) if winner == "generated kernel" else (torch_name, torch_path)
+        name, impl = (generated_name, generated) if winner == "generated kernel" else (torch_path_name(x), torch_path)
     if impl is not torch_path:
         try:
             out = run(impl)
@@ -227,7 +226,7 @@ def _runs_fused(x, values, steps, batch_last: bool, bias, taps: bool, one_by_one
     if not race.fusion_applies(x):
         return True
     sides = {"fused": lambda: _fused(x, values, steps, batch_last, bias, taps=taps), "one by one": one_by_one}
-    subject = "fusing " + " -> ".join(map(str, steps)) + (", storing every step" if taps else "")
+    subject = lambda: "fusing " + " -> ".join(map(str, steps)) + (", storing every step" if taps else "")  # noqa: E731
     key = race.race_key(("fused", steps, taps, bias is not None), batch_last, x)
     return race.decide(key, x, sides, subject, batch_last, default="one by one") == "fused"
 

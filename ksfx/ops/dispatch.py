@@ -46,7 +46,12 @@ def chain_implementation(x: torch.Tensor) -> tuple[str, ModuleType]:
         from ksfx.ops import triton_path
 
         return ("triton" if x.is_cuda else "triton-interpret"), triton_path
-    return ("cpu" if x.device.type == "cpu" else f"torch-{x.device.type}"), torch_path
+    return torch_path_name(x), torch_path
+
+
+def torch_path_name(x: torch.Tensor) -> str:
+    """What ``ksfx.stats()`` calls the plain-torch path on ``x``'s device."""
+    return "cpu" if x.device.type == "cpu" else f"torch-{x.device.type}"
 
 
 def step_implementation(x: torch.Tensor, step: FactorStep, batch_last: bool) -> tuple[str, ModuleType]:

@@ -108,14 +108,15 @@ def decide(
     key,
     x: torch.Tensor,
     sides: dict[str, Callable[[], object | None]],
-    subject: str,
+    subject: Callable[[], str],
     batch_last: bool,
     default: str,
 ) -> str:
     """The label of the side that runs ``key``'s choice: the fastest of its first timed call.
 
     Each side runs the choice on the call's own inputs and returns ``None`` where it
-    cannot; ``default`` where nothing can be timed and nothing was decided.
+    cannot; ``default`` where nothing can be timed and nothing was decided. ``subject``
+    names the choice in its record (called only when it is timed: this runs every call).
     """
     if key is None:
         return default
@@ -131,7 +132,7 @@ def decide(
         return default
     n = x.shape[1] if batch_last else x.shape[0]
     layout = "batch-last" if batch_last else "batch-first"
-    race = Race(subject, layout, str(x.dtype).removeprefix("torch."), int(n), tuple(times.items()))
+    race = Race(subject(), layout, str(x.dtype).removeprefix("torch."), int(n), tuple(times.items()))
     with _lock:
         race = _races.setdefault(key, race)
     log.info("ksfx: timed %s", race)

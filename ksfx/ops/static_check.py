@@ -18,7 +18,7 @@ import torch
 from ksfx.codegen import census as sass
 from ksfx.codegen import get_kernel, traffic
 from ksfx.codegen.devices import DEVICES, SHARED_PER_BLOCK, Device, roofline_seconds, unit_of
-from ksfx.codegen.fusion import Segment, backward_plan, ceilings, on_chip_steps, segments
+from ksfx.codegen.fusion import Segment, backward_plan, ceilings, fma_dots, on_chip_steps, segments
 from ksfx.codegen.tiling import uses_tensor_cores
 from ksfx.config import config
 from ksfx.ops import triton_path
@@ -161,9 +161,9 @@ def _launch_bytes(launch: PlannedLaunch) -> traffic.Traffic | None:
         return None
     if launch.fused:
         tile = launch.tile
-        fma_dots = launch.key.dtype == "float32" and launch.key.precision == "ieee"
+        dots = fma_dots(launch.key.dtype, launch.key.precision)
         return traffic.segment_bytes(
-            launch.steps, launch.n, launch.batch_last, tile.block_m, itemsize, 32, tile.num_warps, fma_dots
+            launch.steps, launch.n, launch.batch_last, tile.block_m, itemsize, 32, tile.num_warps, dots
         )
     return traffic.bytes_moved(launch.step, launch.n, launch.batch_last, launch.tile, itemsize, sector=32)
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from ksfx.codegen import ChainKernelKey, KernelKey, TileConfig, get_autotuned, get_kernel, kernel_mode
-from ksfx.codegen.fusion import fused_tile, merged_steps, table_in_tile_order
+from ksfx.codegen.fusion import fma_dots, fused_tile, merged_steps, table_in_tile_order
 from ksfx.codegen.fusion import values_order as fused_values_order
 from ksfx.codegen.tiling import (
     cdiv,
@@ -473,8 +473,8 @@ def chain_arguments(x, values, y, steps: tuple[FactorStep, ...], batch_last: boo
 def merged_segment(steps: tuple[FactorStep, ...], values: list[torch.Tensor], batch_last: bool, dtype):
     """The segment as its kernel runs it: small tensor-core blocks merged into larger ones
     padded with zeros (:func:`~ksfx.codegen.fusion.merged_steps`), and their values so laid out."""
-    fma_dots = dtype == torch.float32 and dot_precision(dtype) == "ieee"
-    merged, merges = merged_steps(steps, batch_last, fma_dots)
+    dots = fma_dots(str(dtype).removeprefix("torch."), dot_precision(dtype))
+    merged, merges = merged_steps(steps, batch_last, dots)
     return merged, [_merged_values(v, *g) for v, g in zip(values, merges, strict=True)]
 
 
